@@ -1,0 +1,12 @@
+"""neucodec: an EnCodec-compatible neural audio codec (library and command-line tool)."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import CodecConfig, LMConfig, RVQConfig, SEANetConfig  # noqa: E402
+from .errors import NeucodecError  # noqa: E402
+from .hub import load_codec, load_lm  # noqa: E402
+from .model import Codec, EncodedAudio  # noqa: E402
+
+__all__ = ["__version__", "Codec", "CodecConfig", "EncodedAudio", "LMConfig", "NeucodecError",
+           "RVQConfig", "SEANetConfig", "load_codec", "load_lm"]

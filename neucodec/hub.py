@@ -1,0 +1,59 @@
+"""Build ready-to-use models from a name or path: `load_codec` and `load_lm`."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import WeightsUnavailable
+from .lm import LanguageModel
+from .model import Codec
+from .weights import DEFAULT_MODEL, LM_FOR, Weights, load_weights, resolve
+
+
+def _load(name_or_path: str | os.PathLike[str] | None) -> Weights:
+    return load_weights(resolve(DEFAULT_MODEL if name_or_path is None else name_or_path))
+
+
+def _strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise WeightsUnavailable(f"{what} does not match its architecture ({first[:200]})") from None
+
+
+def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu") -> Codec:
+    """The codec for a model name (`neucodec_24khz`, `encodec_24khz`, `encodec_48khz`) or a path.
+
+    Returns a `Codec` in inference mode (eval, weight norm folded) on `device`, with `.model_id`
+    and `.fingerprint` identifying its weights. None loads the packaged default model.
+    """
+    weights = _load(name_or_path)
+    if weights.codec_config is None:
+        raise WeightsUnavailable(f"{weights.source} holds LM weights, not a codec; pass a codec checkpoint")
+    codec = Codec(weights.codec_config)
+    _strict(codec, weights.state, str(weights.source))
+    codec.prepare_for_inference().to(device)
+    codec.model_id = weights.name  # type: ignore[assignment]
+    codec.fingerprint = weights.fingerprint  # type: ignore[assignment]
+    return codec
+
+
+def load_lm(name_or_path: str | os.PathLike[str] | None = None) -> LanguageModel:
+    """The entropy-coding LM: for a codec name (its LM), an LM checkpoint, or a release package.
+
+    Always on the CPU in float32 so that coded files decode anywhere.
+    """
+    key = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    weights = _load(LM_FOR.get(key, name_or_path))
+    if weights.lm_config is None or weights.lm_state is None:
+        raise WeightsUnavailable(f"{weights.source} has no entropy-coding LM; encode with --no-lm")
+    lm = LanguageModel(weights.lm_config)
+    _strict(lm, weights.lm_state, str(weights.source))
+    lm.eval()
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    lm.model_id = weights.name  # type: ignore[assignment]
+    lm.fingerprint = weights.fingerprint  # type: ignore[assignment]
+    return lm

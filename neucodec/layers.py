@@ -1,0 +1,255 @@
+"""Convolutions with EnCodec's exact padding rule and norms, the LSTM block, and their streaming state.
+
+Every layer has a one-pass `forward` and, for causal layers, a `stream(x, state, final)` that
+processes a long signal chunk by chunk and returns the same output (up to float rounding) with
+memory bounded by the chunk. States are explicit dataclasses; `None` means "nothing seen yet".
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+def extra_padding_for_conv1d(length: int, kernel_size: int, stride: int, padding_total: int) -> int:
+    """Right padding that makes the last window full: ideal length minus actual length.
+
+    Integer form of the reference rule (which divides in floats): the number of windows is
+    ceil((length - kernel_size + padding_total) / stride) + 1.
+    """
+    windows_minus_one = -(-(length - kernel_size + padding_total) // stride)
+    ideal_length = windows_minus_one * stride + kernel_size - padding_total
+    return ideal_length - length
+
+
+def pad1d(x: Tensor, paddings: tuple[int, int], mode: str = "constant") -> Tensor:
+    """`F.pad` that also reflect-pads inputs shorter than the pad (zero-extends them first)."""
+    left, right = paddings
+    if mode == "reflect":
+        length = x.shape[-1]
+        max_pad = max(left, right)
+        extra = 0
+        if length <= max_pad:
+            extra = max_pad - length + 1
+            x = F.pad(x, (0, extra))
+        padded = F.pad(x, paddings, mode)
+        return padded[..., : padded.shape[-1] - extra]
+    return F.pad(x, paddings, "constant" if mode == "zero" else mode)
+
+
+def unpad1d(x: Tensor, paddings: tuple[int, int]) -> Tensor:
+    left, right = paddings
+    return x[..., left: x.shape[-1] - right]
+
+
+# ---------------------------------------------------------------- weight norm (state_dict compatible)
+
+def _apply_weight_norm(conv: nn.Module) -> None:
+    """Replace `weight` by `weight_g` (norm over all dims but 0) and `weight_v`, as the old
+    `torch.nn.utils.weight_norm(dim=0)` did, so the official checkpoint keys load as they are."""
+    weight = conv.weight.detach()
+    del conv._parameters["weight"]
+    conv.weight_g = nn.Parameter(torch.norm_except_dim(weight, 2, 0))
+    conv.weight_v = nn.Parameter(weight.clone())
+
+
+def _effective_weight(conv: nn.Module) -> Tensor:
+    if "weight" in conv._parameters:
+        return conv._parameters["weight"]
+    return torch._weight_norm(conv.weight_v, conv.weight_g, 0)
+
+
+def fold_weight_norm(module: nn.Module) -> nn.Module:
+    """Compute g * v / |v| once and keep it as a plain `weight` (for inference; changes keys)."""
+    for sub in module.modules():
+        if "weight_g" in sub._parameters:
+            weight = _effective_weight(sub).detach()
+            del sub._parameters["weight_g"], sub._parameters["weight_v"]
+            sub._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+    return module
+
+
+class _Conv1d(nn.Conv1d):
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, _effective_weight(self), self.bias)
+
+
+class _ConvTranspose1d(nn.ConvTranspose1d):
+    def forward(self, x: Tensor, bias: bool = True) -> Tensor:  # type: ignore[override]
+        return F.conv_transpose1d(x, _effective_weight(self), self.bias if bias else None,
+                                  self.stride, self.padding, self.output_padding, self.groups,
+                                  self.dilation)
+
+
+def _norm_module(norm: str, channels: int) -> nn.Module:
+    if norm == "time_group_norm":
+        return nn.GroupNorm(1, channels)
+    if norm in ("weight_norm", "none"):
+        return nn.Identity()
+    raise ValueError(f"unknown norm {norm!r}; use 'weight_norm', 'time_group_norm' or 'none'")
+
+
+class NormConv1d(nn.Module):
+    """Conv1d (`.conv`) followed by its norm (`.norm`): the official `conv.conv` / `conv.norm` keys."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 dilation: int = 1, norm: str = "none") -> None:
+        super().__init__()
+        self.conv = _Conv1d(in_channels, out_channels, kernel_size, stride, dilation=dilation)
+        if norm == "weight_norm":
+            _apply_weight_norm(self.conv)
+        self.norm = _norm_module(norm, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(x))
+
+
+class NormConvTranspose1d(nn.Module):
+    """ConvTranspose1d (`.convtr`) followed by its norm (`.norm`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 norm: str = "none") -> None:
+        super().__init__()
+        self.convtr = _ConvTranspose1d(in_channels, out_channels, kernel_size, stride)
+        if norm == "weight_norm":
+            _apply_weight_norm(self.convtr)
+        self.norm = _norm_module(norm, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.convtr(x))
+
+
+# ---------------------------------------------------------------- streaming states
+
+@dataclasses.dataclass
+class ConvState:
+    """Input samples a causal conv has received but not yet consumed (left-padded once started)."""
+
+    buffer: Tensor
+    started: bool
+
+
+@dataclasses.dataclass
+class ConvTrState:
+    """Partial output of a causal transposed conv still waiting for the next frame's overlap."""
+
+    tail: Tensor
+
+
+@dataclasses.dataclass
+class LSTMState:
+    h: Tensor
+    c: Tensor
+
+
+# ---------------------------------------------------------------- layers
+
+class SConv1d(nn.Module):
+    """Conv1d with EnCodec's padding: causal (all left) or centred, plus the extra right pad."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 dilation: int = 1, causal: bool = False, norm: str = "none",
+                 pad_mode: str = "reflect") -> None:
+        super().__init__()
+        self.conv = NormConv1d(in_channels, out_channels, kernel_size, stride, dilation, norm)
+        self.causal = causal
+        self.pad_mode = pad_mode
+        self.stride = stride
+        self.kernel_size = (kernel_size - 1) * dilation + 1
+        self.padding_total = self.kernel_size - stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        extra = extra_padding_for_conv1d(x.shape[-1], self.kernel_size, self.stride, self.padding_total)
+        if self.causal:
+            x = pad1d(x, (self.padding_total, extra), self.pad_mode)
+        else:
+            right = self.padding_total // 2
+            x = pad1d(x, (self.padding_total - right, right + extra), self.pad_mode)
+        return self.conv(x)
+
+    def stream(self, x: Tensor, state: ConvState | None, final: bool) -> tuple[Tensor, ConvState]:
+        """Causal chunked forward: windows are computed as soon as they are complete."""
+        assert self.causal, "only causal convolutions can stream"
+        buffer = x if state is None else torch.cat([state.buffer, x], dim=-1)
+        started = state is not None and state.started
+        if not started:
+            if final:  # the whole signal fits in what we hold: exactly the one-pass rule
+                return self.forward(buffer), ConvState(buffer[..., :0], True)
+            if buffer.shape[-1] <= self.padding_total:
+                return buffer[..., :0].new_zeros(*buffer.shape[:-2], self.conv.conv.out_channels, 0), \
+                    ConvState(buffer, False)
+            buffer = pad1d(buffer, (self.padding_total, 0), self.pad_mode)
+        if final:
+            extra = extra_padding_for_conv1d(buffer.shape[-1] - self.padding_total, self.kernel_size,
+                                             self.stride, self.padding_total)
+            buffer = pad1d(buffer, (0, extra), self.pad_mode)
+        windows = max(0, (buffer.shape[-1] - self.kernel_size) // self.stride + 1)
+        used = (windows - 1) * self.stride + self.kernel_size if windows else 0
+        y = self.conv(buffer[..., :used]) if windows else \
+            buffer.new_zeros(buffer.shape[0], self.conv.conv.out_channels, 0)
+        return y, ConvState(buffer[..., windows * self.stride:], True)
+
+
+class SConvTranspose1d(nn.Module):
+    """ConvTranspose1d that trims k - stride samples: all on the right if causal, else centred."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 causal: bool = False, norm: str = "none") -> None:
+        super().__init__()
+        self.convtr = NormConvTranspose1d(in_channels, out_channels, kernel_size, stride, norm)
+        self.causal = causal
+        self.stride = stride
+        self.padding_total = kernel_size - stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.convtr(x)
+        right = self.padding_total if self.causal else self.padding_total // 2
+        return unpad1d(y, (self.padding_total - right, right))
+
+    def stream(self, x: Tensor, state: ConvTrState | None, final: bool) -> tuple[Tensor, ConvTrState]:
+        """Causal chunked forward: emits `stride` samples per input frame, keeps the overlap tail."""
+        assert self.causal and isinstance(self.convtr.norm, nn.Identity), "only causal, norm-free convtr streams"
+        conv = self.convtr.convtr
+        if x.shape[-1] == 0:
+            y = x.new_zeros(x.shape[0], conv.out_channels, self.padding_total)
+        else:
+            y = conv(x, bias=False)
+        if state is not None:
+            y[..., : self.padding_total] += state.tail
+        emitted = y.shape[-1] - self.padding_total
+        out = y[..., :emitted]
+        if conv.bias is not None:
+            out = out + conv.bias[:, None]
+        return out, ConvTrState(y[..., emitted:])
+
+
+class SLSTM(nn.Module):
+    """Multi-layer LSTM over [B, C, T] in time-major layout, with a residual skip."""
+
+    def __init__(self, dimension: int, num_layers: int = 2, skip: bool = True) -> None:
+        super().__init__()
+        self.skip = skip
+        self.lstm = nn.LSTM(dimension, dimension, num_layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, _ = self.stream(x, None)
+        return y
+
+    def stream(self, x: Tensor, state: LSTMState | None) -> tuple[Tensor, LSTMState | None]:
+        if x.shape[-1] == 0:
+            return x, state
+        xt = x.permute(2, 0, 1)
+        y, (h, c) = self.lstm(xt, None if state is None else (state.h, state.c))
+        if self.skip:
+            y = y + xt
+        return y.permute(1, 2, 0), LSTMState(h, c)
+
+
+def num_frames(length: int, hop_length: int) -> int:
+    """Frames the encoder emits for `length` samples: ceil(length / hop), exact integers."""
+    return -(-length // hop_length)
+

@@ -1,0 +1,175 @@
+"""Entropy-coding language model: the codes of step t-1 -> probabilities of the codes of step t.
+
+The paper's small transformer (post-norm layers, sinusoidal positions, attention limited to
+`past_context` steps), with the reference's parameter names so official LM checkpoints load as they
+are. Inference streams with a cache of projected keys/values (the reference re-projects its cached
+inputs every step) and runs a batch of independent sequences in one call per step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LMConfig
+
+Tensor = torch.Tensor
+
+
+def sin_embedding(positions: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """[..., 1] positions -> [..., dim]: cos then sin of p / max_period^(i / (dim/2 - 1))."""
+    half = dim // 2
+    adim = torch.arange(half, device=positions.device).view(1, 1, -1)
+    phase = positions / (max_period ** (adim / (half - 1)))
+    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention holding `in_proj_weight/bias` and `out_proj` (nn.MultiheadAttention keys)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """[B, T, D] -> q, k, v each [B, H, T, D/H]."""
+        B, T, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return tuple(t.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2)
+                     for t in qkv.chunk(3, dim=-1))  # type: ignore[return-value]
+
+    def zero_token(self, batch: int) -> tuple[Tensor, Tensor]:
+        """Keys/values of the all-zero token every sequence starts with: the projection biases."""
+        D = self.out_proj.in_features
+        _, bk, bv = self.in_proj_bias.chunk(3)
+        shape = (batch, self.num_heads, 1, D // self.num_heads)
+        return bk.view(1, self.num_heads, 1, -1).expand(shape), bv.view(1, self.num_heads, 1, -1).expand(shape)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        B, H, T, Dh = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+class TransformerLayer(nn.Module):
+    """Post-norm layer: x = norm1(x + SA(x)); x = norm2(x + FF(x)), GELU feed-forward."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(dim, num_heads)
+        self.linear1 = nn.Linear(dim, hidden)
+        self.linear2 = nn.Linear(hidden, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        return self.norm2(x + self.linear2(F.gelu(self.linear1(x))))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(cfg.dim)
+        self.layers = nn.ModuleList([TransformerLayer(cfg.dim, cfg.num_heads, cfg.dim * cfg.hidden_scale)
+                                     for _ in range(cfg.num_layers)])
+
+
+@dataclasses.dataclass
+class LMState:
+    """Per layer, projected keys/values of the last `past_context` inputs (zero token included)."""
+
+    keys: list[Tensor]  # [B, H, <=past_context, Dh]
+    values: list[Tensor]
+    offset: int  # position of the next step
+
+
+class LanguageModel(nn.Module):
+    """Per-codebook embeddings summed -> transformer -> per-codebook linear heads + softmax."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = Transformer(cfg)
+        self.emb = nn.ModuleList([nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)])
+        self.linears = nn.ModuleList([nn.Linear(cfg.dim, cfg.card) for _ in range(cfg.n_q)])
+
+    def _embed(self, inputs: Tensor) -> Tensor:
+        """inputs [B, K, T] (codes + 1, 0 = none) -> [B, T, D] normalised, with positions added later."""
+        x = sum(self.emb[k](inputs[:, k]) for k in range(inputs.shape[1]))
+        return self.transformer.norm_in(x)  # type: ignore[arg-type]
+
+    def _logits(self, x: Tensor, K: int) -> Tensor:
+        """[B, T, D] -> [B, K, T, card]."""
+        return torch.stack([self.linears[k](x) for k in range(K)], dim=1)
+
+    def forward(self, codes: Tensor, offset: int = 0) -> Tensor:
+        """Teacher-forced logits for every step: codes [B, K, T] -> logits [B, K, T, card].
+
+        Step t sees codes[:, :, :t] only (and at most `past_context` of them), exactly as `step`.
+        """
+        B, K, T = codes.shape
+        if K > self.cfg.n_q:
+            raise ValueError(f"the LM models {self.cfg.n_q} codebooks, got {K}")
+        inputs = torch.cat([codes.new_zeros(B, K, 1), codes[..., :-1] + 1], dim=-1)
+        x = self._embed(inputs)
+        positions = torch.arange(T, device=codes.device).view(1, -1, 1) + offset
+        x = x + sin_embedding(positions, self.cfg.dim, self.cfg.max_period)
+        # key j (0 = zero token, j >= 1 = input j - 1) is visible to query t iff 0 <= t + 1 - j <= past
+        q_pos = torch.arange(T, device=codes.device).view(-1, 1) + 1
+        k_pos = torch.arange(T + 1, device=codes.device).view(1, -1)
+        delta = q_pos - k_pos
+        mask = (delta >= 0) & (delta <= self.cfg.past_context)
+        for layer in self.transformer.layers:
+            attn = layer.self_attn
+            q, k, v = attn.project(x)
+            k0, v0 = attn.zero_token(B)
+            a = attn.attend(q, torch.cat([k0, k], 2), torch.cat([v0, v], 2), mask)
+            x = layer.feed_forward(layer.norm1(x + a))
+        return self._logits(x, K)
+
+    def init_state(self, batch: int) -> LMState:
+        keys, values = [], []
+        for layer in self.transformer.layers:
+            k0, v0 = layer.self_attn.zero_token(batch)
+            keys.append(k0.contiguous())
+            values.append(v0.contiguous())
+        return LMState(keys, values, 0)
+
+    def step(self, previous: Tensor | None, state: LMState, n_q: int) -> tuple[Tensor, LMState]:
+        """One streaming step for a batch of independent sequences.
+
+        Args:
+            previous: codes of the previous step [B, K], or None at the first step.
+            state: from `init_state` or the previous call.
+            n_q: K, the number of codebooks coded.
+        Returns:
+            probabilities [B, K, card] (float32 softmax) and the new state.
+        """
+        B = state.keys[0].shape[0]
+        if previous is None:
+            inputs = torch.zeros(B, n_q, 1, dtype=torch.long, device=state.keys[0].device)
+        else:
+            inputs = (previous + 1).view(B, n_q, 1)
+        x = self._embed(inputs)
+        positions = torch.full((1, 1, 1), state.offset, device=x.device)
+        x = x + sin_embedding(positions, self.cfg.dim, self.cfg.max_period)
+        keys, values = [], []
+        past = self.cfg.past_context
+        for layer, k_cache, v_cache in zip(self.transformer.layers, state.keys, state.values):
+            attn = layer.self_attn
+            q, k, v = attn.project(x)
+            k_all = torch.cat([k_cache, k], dim=2)
+            v_all = torch.cat([v_cache, v], dim=2)
+            a = attn.attend(q, k_all, v_all, None)
+            x = layer.feed_forward(layer.norm1(x + a))
+            keys.append(k_all[:, :, -past:])
+            values.append(v_all[:, :, -past:])
+        probs = torch.softmax(self._logits(x, n_q)[:, :, 0].float(), dim=-1)
+        return probs, LMState(keys, values, state.offset + 1)

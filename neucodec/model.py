@@ -1,0 +1,254 @@
+"""The codec: audio [B, C, T] <-> codes [B, K, frames] (+ per-segment scales), one pass or chunked.
+
+No file I/O here. The causal model encodes long inputs chunk by chunk with its streaming state, so
+memory does not grow with length; the segmented (48 kHz) model batches its independent segments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+
+import torch
+from torch import nn
+
+from .config import CodecConfig
+from .errors import UnsupportedAudio
+from .layers import fold_weight_norm, num_frames
+from .quantization import QuantizedResult, ResidualVectorQuantizer
+from .seanet import SEANetDecoder, SEANetEncoder, SEANetState
+
+Tensor = torch.Tensor
+
+
+@dataclasses.dataclass
+class EncodedAudio:
+    """Codes of a batch of signals.
+
+    codes: [B, K, frames] int64; segments are concatenated along frames.
+    scales: [B, S] float32 per-segment volume for normalising models, else None.
+    length: samples per channel of the original signal.
+    """
+
+    codes: Tensor
+    scales: Tensor | None
+    length: int
+
+
+@dataclasses.dataclass
+class Segment:
+    offset: int  # first sample
+    length: int  # samples
+    frames: int  # code frames: ceil(length / hop)
+
+
+class Codec(nn.Module):
+    """SEANet encoder + residual vector quantizer + SEANet decoder, configured by `CodecConfig`."""
+
+    def __init__(self, config: CodecConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = SEANetEncoder(config.seanet)
+        self.decoder = SEANetDecoder(config.seanet)
+        self.quantizer = ResidualVectorQuantizer(config.quantizer)
+
+    # ------------------------------------------------------------- properties
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def channels(self) -> int:
+        return self.config.channels
+
+    @property
+    def hop_length(self) -> int:
+        return self.config.hop_length
+
+    @property
+    def frame_rate(self) -> int:
+        return self.config.frame_rate
+
+    @property
+    def n_q(self) -> int:
+        return self.config.quantizer.n_q
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def n_q_for_bandwidth(self, bandwidth: float | None) -> int:
+        if bandwidth is not None and bandwidth not in self.config.bandwidths:
+            supported = ", ".join(f"{b:g}" for b in self.config.bandwidths)
+            raise UnsupportedAudio(f"{self.config.name} does not support {bandwidth:g} kbps; use one of {supported}")
+        return self.config.n_q_for_bandwidth(bandwidth)
+
+    def prepare_for_inference(self) -> "Codec":
+        """eval(), no gradients, weight norm folded into plain weights (faster; keys change)."""
+        self.eval()
+        fold_weight_norm(self)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    # ------------------------------------------------------------- segments
+    def segments(self, length: int) -> list[Segment]:
+        """Segment layout of a signal: one segment, or fixed segments with 1 % overlap."""
+        seg_len, stride = self.config.segment_length, self.config.segment_stride
+        if seg_len is None or stride is None:
+            return [Segment(0, length, num_frames(length, self.hop_length))]
+        out = []
+        for offset in range(0, max(length, 1), stride):
+            n = min(length - offset, seg_len)
+            out.append(Segment(offset, n, num_frames(n, self.hop_length)))
+        return out
+
+    def check_audio(self, wav: Tensor) -> None:
+        if not isinstance(wav, Tensor) or wav.dim() != 3:
+            shape = tuple(wav.shape) if isinstance(wav, Tensor) else type(wav).__name__
+            raise UnsupportedAudio(f"expected audio of shape [batch, channels, samples], got {shape}; "
+                                   "add dimensions with wav[None] or wav.view(1, C, T)")
+        if wav.shape[1] != self.channels:
+            raise UnsupportedAudio(f"{self.config.name} takes {self.channels} channel(s), got {wav.shape[1]}; "
+                                   "downmix or duplicate channels first (neucodec.audio_io.convert)")
+        if wav.shape[-1] == 0:
+            raise UnsupportedAudio("audio is empty (0 samples)")
+        if not wav.is_floating_point():
+            raise UnsupportedAudio(f"expected float audio in [-1, 1], got {wav.dtype}; convert with wav.float() / 32768")
+
+    # ------------------------------------------------------------- one segment
+    def _normalize(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self.config.normalize:
+            return x, None
+        mono = x.mean(dim=1, keepdim=True)
+        scale = 1e-8 + mono.pow(2).mean(dim=2, keepdim=True).sqrt()
+        return x / scale, scale.view(-1)
+
+    def _encode_segments(self, x: Tensor, n_q: int) -> tuple[Tensor, Tensor | None]:
+        """Same-length segments [N, C, L] -> codes [N, K, F], scales [N] or None."""
+        x, scale = self._normalize(x)
+        return self.quantizer.encode(self.encoder(x), n_q), scale
+
+    def _decode_segments(self, codes: Tensor, scale: Tensor | None) -> Tensor:
+        out = self.decoder(self.quantizer.decode(codes))
+        return out if scale is None else out * scale.view(-1, 1, 1)
+
+    # ------------------------------------------------------------- public API
+    @torch.no_grad()
+    def encode(self, wav: Tensor, bandwidth: float | None = None, chunk_seconds: float | None = 10.0) -> EncodedAudio:
+        """Audio [B, C, T] -> codes [B, K, ceil(T / hop) per segment].
+
+        `bandwidth` (kbps) picks K; None uses every codebook. A causal model processes inputs longer
+        than `chunk_seconds` chunk by chunk with its streaming state (bounded memory; codes equal to
+        a one-pass encode up to float rounding); None forces one pass.
+        """
+        self.check_audio(wav)
+        n_q = self.n_q_for_bandwidth(bandwidth)
+        B, C, T = wav.shape
+        segs = self.segments(T)
+        if len(segs) == 1:
+            chunk = None if chunk_seconds is None else int(chunk_seconds * self.sample_rate)
+            if self.config.seanet.causal and chunk is not None and T > chunk:
+                codes = torch.cat(list(self.encode_stream(wav.split(chunk, dim=-1), n_q)), dim=-1)
+                return EncodedAudio(codes, None, T)
+            codes, scale = self._encode_segments(wav, n_q)
+            return EncodedAudio(codes, None if scale is None else scale.view(B, 1), T)
+        # full-length segments go through as one batch [B * S, C, L]; the shorter last one alone
+        full = [s for s in segs if s.length == segs[0].length]
+        rest = segs[len(full):]
+        batch = torch.stack([wav[..., s.offset: s.offset + s.length] for s in full], dim=1)
+        codes, scales = self._encode_segments(batch.flatten(0, 1), n_q)
+        codes = codes.view(B, len(full), n_q, -1)
+        all_codes = [codes[:, i] for i in range(len(full))]
+        all_scales = [scales.view(B, len(full))] if scales is not None else []
+        for s in rest:
+            c, sc = self._encode_segments(wav[..., s.offset: s.offset + s.length], n_q)
+            all_codes.append(c)
+            if sc is not None:
+                all_scales.append(sc.view(B, 1))
+        return EncodedAudio(torch.cat(all_codes, dim=-1), torch.cat(all_scales, 1) if all_scales else None, T)
+
+    @torch.no_grad()
+    def decode(self, encoded: EncodedAudio) -> Tensor:
+        """Codes -> audio [B, C, length]; segments are recombined with triangular overlap-add."""
+        codes, length = encoded.codes, encoded.length
+        segs = self.segments(length)
+        expected = sum(s.frames for s in segs)
+        if codes.dim() != 3 or codes.shape[-1] != expected:
+            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit {length} samples: "
+                             f"expected [B, K, {expected}]")
+        if len(segs) == 1:
+            scale = None if encoded.scales is None else encoded.scales[:, 0]
+            return self._decode_segments(codes, scale)[..., :length]
+        assert encoded.scales is not None or not self.config.normalize
+        B, K, _ = codes.shape
+        full = [s for s in segs if s.length == segs[0].length]
+        F0 = segs[0].frames
+        batch = codes[..., : F0 * len(full)].view(B, K, len(full), F0).permute(0, 2, 1, 3).flatten(0, 1)
+        scales = encoded.scales
+        out = self._decode_segments(batch, None if scales is None else scales[:, : len(full)].flatten())
+        frames = list(out.view(B, len(full), *out.shape[1:]).unbind(1))
+        start = F0 * len(full)
+        for i, s in enumerate(segs[len(full):]):
+            sc = None if scales is None else scales[:, len(full) + i]
+            frames.append(self._decode_segments(codes[..., start: start + s.frames], sc))
+            start += s.frames
+        return overlap_add(frames, self.config.segment_stride or 1)[..., :length]
+
+    def encode_stream(self, chunks: tp.Iterable[Tensor], n_q: int) -> tp.Iterator[Tensor]:
+        """Causal model: audio chunks [B, C, t] -> code chunks [B, K, f] as soon as frames complete."""
+        if not self.config.seanet.causal:
+            raise ValueError(f"{self.config.name} is not causal and cannot stream; use encode()")
+        state: SEANetState | None = None
+        it = iter(chunks)
+        chunk = next(it, None)
+        while chunk is not None:
+            following = next(it, None)
+            z, state = self.encoder.stream(chunk, state, final=following is None)
+            if z.shape[-1]:
+                yield self.quantizer.encode(z, n_q)
+            chunk = following
+
+    def decode_stream(self, chunks: tp.Iterable[Tensor]) -> tp.Iterator[Tensor]:
+        """Causal model: code chunks [B, K, f] -> audio chunks [B, C, f * hop] (untrimmed)."""
+        if not self.config.seanet.causal:
+            raise ValueError(f"{self.config.name} is not causal and cannot stream; use decode()")
+        state: SEANetState | None = None
+        it = iter(chunks)
+        chunk = next(it, None)
+        while chunk is not None:
+            following = next(it, None)
+            y, state = self.decoder.stream(self.quantizer.decode(chunk), state, final=following is None)
+            if y.shape[-1]:
+                yield y
+            chunk = following
+
+    def forward(self, wav: Tensor, n_q: int) -> tuple[Tensor, QuantizedResult]:
+        """Training pass on equal-length items [B, C, T]: (reconstruction [B, C, T], quantizer result)."""
+        z = self.encoder(wav)
+        q = self.quantizer(z, n_q)
+        return self.decoder(q.quantized)[..., : wav.shape[-1]], q
+
+
+def overlap_add(frames: list[Tensor], stride: int) -> Tensor:
+    """Recombine overlapping decoded segments with triangular weights.
+
+    Each segment i starts at i * stride. Its samples are weighted by a ramp that rises from ~0 at
+    its edges to 0.5 in its middle (0.5 - |t - 0.5|, t in (0, 1) over the first segment's length;
+    a shorter last segment uses the start of that ramp). The sum is divided by the summed weights,
+    so where only one segment covers a sample it passes unchanged::
+
+        seg 0: /‾‾‾‾‾‾‾‾\\
+        seg 1:          /‾‾‾‾‾‾‾‾\\
+    """
+    first = frames[0]
+    total = stride * (len(frames) - 1) + frames[-1].shape[-1]
+    t = torch.linspace(0, 1, first.shape[-1] + 2, device=first.device, dtype=first.dtype)[1:-1]
+    weight = 0.5 - (t - 0.5).abs()
+    out = first.new_zeros(*first.shape[:-1], total)
+    sum_weight = first.new_zeros(total)
+    for i, frame in enumerate(frames):
+        n = frame.shape[-1]
+        offset = i * stride
+        out[..., offset: offset + n] += weight[:n] * frame
+        sum_weight[offset: offset + n] += weight[:n]
+    return out / sum_weight

@@ -1,0 +1,246 @@
+"""Find, verify and load weights: official EnCodec checkpoints (.th) and neucodec release packages.
+
+Resolution order for a name: explicit path -> cache folder ($NEUCODEC_CACHE, default
+~/.cache/neucodec) -> packaged release models -> download from the official URL (unless
+$NEUCODEC_OFFLINE is set) -> a `WeightsUnavailable` error naming the file and where to put it.
+Official checkpoints are read with `torch.load(weights_only=True)` and verified against the
+SHA-256 prefix in their name; release packages are safetensors + a JSON config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import typing as tp
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import config as cfg
+from .errors import UnknownModel, WeightsUnavailable
+
+OFFICIAL_URL_ROOT = "https://dl.fbaipublicfiles.com/encodec/v0/"
+OFFICIAL_FILES = {
+    "encodec_24khz": "encodec_24khz-d7cc33bc.th",
+    "encodec_48khz": "encodec_48khz-7e698e3e.th",
+    "encodec_lm_24khz": "encodec_lm_24khz-1608e3c0.th",
+    "encodec_lm_48khz": "encodec_lm_48khz-7add9fc3.th",
+}
+LM_FOR = {"encodec_24khz": "encodec_lm_24khz", "encodec_48khz": "encodec_lm_48khz"}
+PACKAGED_DIR = Path(__file__).parent / "models"
+DEFAULT_MODEL = "neucodec_24khz"
+_CHECKSUM_NAME = re.compile(r"^(?P<name>.+)-(?P<sha>[0-9a-f]{8})\.th$")
+
+
+@dataclasses.dataclass
+class Weights:
+    """Loaded tensors plus what identifies them."""
+
+    name: str  # model id, e.g. "encodec_24khz" or "neucodec_24khz"
+    state: dict[str, torch.Tensor]
+    fingerprint: str  # first 16 hex digits of the SHA-256 of the weight file
+    source: Path
+    codec_config: cfg.CodecConfig | None = None
+    lm_config: cfg.LMConfig | None = None
+    lm_state: dict[str, torch.Tensor] | None = None
+    metadata: dict[str, tp.Any] = dataclasses.field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NEUCODEC_CACHE") or Path.home() / ".cache" / "neucodec")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksum(path: Path) -> str:
+    """Check the 8-hex SHA-256 prefix in an official-style name; returns the full digest."""
+    digest = sha256(path)
+    m = _CHECKSUM_NAME.match(path.name)
+    if m and not digest.startswith(m["sha"]):
+        raise WeightsUnavailable(f"{path} is damaged or not what its name says (SHA-256 {digest[:8]}, "
+                                 f"name says {m['sha']}); delete it and download it again")
+    return digest
+
+
+def release_names() -> list[str]:
+    """Names of the release packages shipped inside neucodec."""
+    return sorted(p.stem for p in PACKAGED_DIR.glob("*.json"))
+
+
+def known_names() -> list[str]:
+    return sorted(set(release_names()) | {n for n in OFFICIAL_FILES if not n.startswith("encodec_lm")})
+
+
+def _cached_official(name: str) -> Path | None:
+    """The official file in the cache, or another file of the same pattern (e.g. test weights)."""
+    folder = cache_dir()
+    exact = folder / OFFICIAL_FILES[name]
+    if exact.is_file():
+        return exact
+    others = sorted(p for p in folder.glob(f"{name}-*.th") if _CHECKSUM_NAME.match(p.name))
+    return others[0] if others else None
+
+
+def download(name: str, url_root: str | None = None, folder: Path | None = None) -> Path:
+    """Fetch an official checkpoint into the cache (atomically), verifying its checksum."""
+    if name not in OFFICIAL_FILES:
+        raise UnknownModel(f"no official checkpoint named {name!r}; known: {', '.join(OFFICIAL_FILES)}")
+    filename = OFFICIAL_FILES[name]
+    root = url_root or os.environ.get("NEUCODEC_URL_ROOT") or OFFICIAL_URL_ROOT
+    folder = folder or cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / filename
+    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(root + filename, timeout=60) as resp:
+            shutil.copyfileobj(resp, out, 1 << 20)
+        digest = sha256(Path(tmp))
+        if not digest.startswith(_CHECKSUM_NAME.match(filename)["sha"]):  # type: ignore[index]
+            raise WeightsUnavailable(f"downloaded {filename} has SHA-256 {digest[:8]}: corrupt download; try again")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise WeightsUnavailable(
+            f"{filename} is not in {folder} and could not be downloaded ({getattr(e, 'reason', e)}); "
+            f"fetch {root}{filename} on a connected machine and copy it into {folder}, "
+            "or pass the file's path") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def resolve(name_or_path: str | os.PathLike[str], allow_download: bool | None = None) -> Path:
+    """Path of the weights for a model name or path (see module docstring for the order)."""
+    path = Path(name_or_path)
+    if path.suffix in (".th", ".json", ".safetensors") or path.exists():
+        if not path.exists():
+            raise WeightsUnavailable(f"weights file {path} does not exist; check the path")
+        return path.with_suffix(".json") if path.suffix == ".safetensors" else path
+    name = str(name_or_path)
+    if name in OFFICIAL_FILES:
+        cached = _cached_official(name)
+        if cached is not None:
+            return cached
+        if allow_download is None:
+            allow_download = not os.environ.get("NEUCODEC_OFFLINE")
+        if not allow_download:
+            raise WeightsUnavailable(f"{OFFICIAL_FILES[name]} is not in {cache_dir()}; copy it there, "
+                                     f"run `neucodec download {name}` when online, or pass its path")
+        return download(name)
+    for folder in (cache_dir(), PACKAGED_DIR):
+        if (folder / f"{name}.json").is_file():
+            return folder / f"{name}.json"
+    raise UnknownModel(f"unknown model {name!r}; known models: {', '.join(known_names())} (or a path to weights)")
+
+
+def _official_config(state: dict[str, torch.Tensor], path: Path) -> tuple[str, tp.Any]:
+    """Architecture of an official-layout state_dict, from its name or, failing that, its keys."""
+    m = _CHECKSUM_NAME.match(path.name)
+    stem = m["name"] if m else path.stem
+    if "transformer.norm_in.weight" in state:
+        n_q = sum(1 for k in state if k.startswith("emb.") and k.endswith(".weight"))
+        codec = cfg.encodec_48khz() if ("48" in stem or n_q == 16) else cfg.encodec_24khz()
+        return (stem if stem in OFFICIAL_FILES else f"lm_{codec.name}"), cfg.lm_for(codec, n_q=n_q)
+    if "encoder.model.0.conv.norm.weight" in state:
+        return (stem if stem in OFFICIAL_FILES else "encodec_48khz"), cfg.encodec_48khz()
+    if "encoder.model.0.conv.conv.weight_g" in state:
+        return (stem if stem in OFFICIAL_FILES else "encodec_24khz"), cfg.encodec_24khz()
+    raise WeightsUnavailable(f"{path} does not hold EnCodec codec or LM weights")
+
+
+def load_weights(path: Path) -> Weights:
+    """Read (and verify) a resolved weights file: an official .th or a release .json package."""
+    if path.suffix == ".json":
+        return _load_release(path)
+    digest = verify_checksum(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused or damaged file
+        raise WeightsUnavailable(f"{path} is not a loadable checkpoint ({type(e).__name__}); "
+                                 "pass an official EnCodec .th file or a neucodec release .json") from None
+    if not isinstance(state, dict):
+        raise WeightsUnavailable(f"{path} does not hold a state_dict")
+    name, config = _official_config(state, path)
+    if isinstance(config, cfg.LMConfig):
+        return Weights(name, {}, digest[:16], path, lm_config=config, lm_state=state)
+    return Weights(name, state, digest[:16], path, codec_config=config)
+
+
+def _load_release(path: Path) -> Weights:
+    from safetensors.torch import load_file
+
+    meta = json.loads(path.read_text())
+    if meta.get("format") != "neucodec-release":
+        raise WeightsUnavailable(f"{path} is not a neucodec release package")
+    tensors_path = path.with_name(meta.get("weights", path.with_suffix(".safetensors").name))
+    if not tensors_path.is_file():
+        raise WeightsUnavailable(f"{tensors_path} is missing next to {path}; reinstall neucodec or re-export")
+    digest = sha256(tensors_path)
+    tensors = load_file(str(tensors_path))
+    codec_state = complete_codebooks(
+        {k[len("codec."):]: v.float() for k, v in tensors.items() if k.startswith("codec.")})
+    lm_state = {k[len("lm."):]: v.float() for k, v in tensors.items() if k.startswith("lm.")}
+    lm_config = cfg.lm_from_dict(meta["lm"]) if meta.get("lm") else None
+    return Weights(meta["name"], codec_state, digest[:16], path, cfg.codec_from_dict(meta["codec"]),
+                   lm_config, lm_state or None, meta.get("training", {}))
+
+
+def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.CodecConfig,
+                 lm: nn.Module | None = None, lm_config: cfg.LMConfig | None = None,
+                 training: dict[str, tp.Any] | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Write `name.safetensors` + `name.json` (atomically) that `load_codec` reads."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    folder = path.parent if path.suffix else path
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = path.stem if path.suffix else name
+    tensors = {f"codec.{k}": _store(v, dtype) for k, v in codec.state_dict().items()
+               if not k.endswith(_TRAINING_ONLY)}
+    if lm is not None:
+        tensors.update({f"lm.{k}": _store(v, dtype) for k, v in lm.state_dict().items()})
+    meta = {"format": "neucodec-release", "version": 1, "name": name, "weights": f"{stem}.safetensors",
+            "codec": cfg.to_dict(codec_config), "lm": cfg.to_dict(lm_config) if lm_config else None,
+            "training": training or {}}
+    tmp_t = folder / f".{stem}.safetensors.tmp"
+    save_file(tensors, str(tmp_t))
+    tmp_j = folder / f".{stem}.json.tmp"
+    tmp_j.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp_t, folder / f"{stem}.safetensors")
+    os.replace(tmp_j, folder / f"{stem}.json")
+    return folder / f"{stem}.json"
+
+
+_TRAINING_ONLY = ("._codebook.embed_avg", "._codebook.cluster_size")
+
+
+def _store(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = t.detach().cpu().contiguous()
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def complete_codebooks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Release packages omit the codebooks' EMA statistics; rebuild neutral ones for strict loading."""
+    for key in [k for k in state if k.endswith("._codebook.embed")]:
+        base = key[: -len("embed")]
+        state.setdefault(base + "embed_avg", state[key].clone())
+        state.setdefault(base + "cluster_size", torch.ones(state[key].shape[0]))
+        state.setdefault(base + "inited", torch.ones(1))
+    return state
+
+
+def lm_name_for(weights: Weights) -> str | None:
+    return LM_FOR.get(weights.name)
