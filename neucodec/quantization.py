@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -71,8 +72,8 @@ class EuclideanCodebook(nn.Module):
         embed = self.embed.t()
         out = []
         for block in x.split(_ENCODE_BLOCK):
-            dist = -(block.pow(2).sum(1, keepdim=True) - 2 * block @ embed + embed.pow(2).sum(0, keepdim=True))
-            out.append(dist.max(dim=-1).indices)
+            neg_dist = -(block.pow(2).sum(1, keepdim=True) - 2 * block @ embed + embed.pow(2).sum(0, keepdim=True))
+            out.append(neg_dist.max(dim=-1).indices)
         return torch.cat(out) if out else x.new_zeros(0, dtype=torch.long)
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -93,18 +94,26 @@ class EuclideanCodebook(nn.Module):
         if not self.inited.item():
             self.init_from(x)
         onehot = F.one_hot(codes, self.bins).to(x.dtype)
-        self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(onehot.t() @ x, alpha=1 - self.decay)
+        counts, sums = onehot.sum(0), onehot.t() @ x
+        if dist.is_available() and dist.is_initialized():  # every worker sees the same codebook
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (total + self.bins * self.eps) * total
         self.embed.copy_(self.embed_avg / smoothed[:, None])
         dead = self.cluster_size < self.threshold_ema_dead_code
         n_dead = int(dead.sum())
         if n_dead:
+            # a replaced code starts at the mean usage, a grace period before it can expire again
             fresh = _sample_vectors(x, n_dead)
+            if dist.is_available() and dist.is_initialized():
+                dist.broadcast(fresh, 0)
+            grace = self.cluster_size.mean().clamp(min=self.threshold_ema_dead_code * 2)
             self.embed[dead] = fresh
-            self.embed_avg[dead] = fresh * self.threshold_ema_dead_code
-            self.cluster_size[dead] = self.threshold_ema_dead_code
+            self.embed_avg[dead] = fresh * grace
+            self.cluster_size[dead] = grace
         return n_dead
 
 

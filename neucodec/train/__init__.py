@@ -1,0 +1,1 @@
+"""Training of the codec and of its entropy-coding LM (never imported by the core package)."""

@@ -1,0 +1,304 @@
+"""Codec training loop: losses, balancer, adversary, RVQ, checkpoints, evaluation, export.
+
+One process on CPU or CUDA (bf16 autocast), or several under torchrun (DistributedDataParallel,
+gloo on CPU, nccl on GPU). Everything needed to resume (weights, optimizers, discriminator,
+balancer, step, RNG states) is in `run_dir/checkpoint.pt`, written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import random
+import time
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import config as cfg
+from ..model import Codec
+from ..weights import complete_codebooks, load_weights, resolve, save_release
+from .data import Batches, load_corpus
+from .discriminators import MultiScaleSTFTDiscriminator
+from .losses import (Balancer, MultiScaleMelLoss, hinge_discriminator_loss, hinge_generator_loss, mel_distance,
+                     relative_feature_loss, si_snr)
+
+Tensor = torch.Tensor
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run needs besides the data; saved into the checkpoint and the release."""
+
+    codec: cfg.CodecConfig = cfg.CodecConfig(name="neucodec_24khz")
+    steps: int = 100_000
+    batch_size: int = 8
+    segment_seconds: float = 1.0
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    weights: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"l1": 0.1, "mel": 1.0, "adv": 3.0, "feat": 3.0})
+    commit_weight: float = 1.0
+    balancer: bool = True
+    adversarial: bool = True
+    adversarial_start: int = 0  # step from which the adversarial and feature losses are on
+    disc_prob: float = 2 / 3  # probability of a discriminator update per step
+    quantizer_start: int = 0  # steps of plain autoencoder before the RVQ is switched on
+    kmeans_batches: int = 16  # batches of latents for the k-means initialisation of the codebooks
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 1000
+    checkpoint_every: int = 500
+    grad_clip: float = 0.0
+
+    def to_dict(self) -> dict[str, tp.Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, tp.Any]) -> "TrainConfig":
+        data = dict(data)
+        codec = cfg.codec_from_dict(data.pop("codec")) if "codec" in data else cls.codec
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        return cls(codec=codec, **data)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Solver:
+    """Trains a `Codec` on batches from `Batches`; call `run()`."""
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path, batches: Batches,
+                 dev_clips: list[Path] | None = None, device: str = "cpu") -> None:
+        self.cfg, self.run_dir, self.batches = config, Path(run_dir), batches
+        self.dev_clips = dev_clips or []
+        self.device = torch.device(device)
+        self.rank, self.world = _world()
+        torch.manual_seed(config.seed)
+        self.codec = Codec(config.codec).to(self.device)
+        self.disc = MultiScaleSTFTDiscriminator(config.codec.channels).to(self.device)
+        self.model: nn.Module = self.codec
+        self.disc_model: nn.Module = self.disc
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.codec, device_ids=ids)
+            self.disc_model = nn.parallel.DistributedDataParallel(self.disc, device_ids=ids)
+        self.opt = torch.optim.Adam(self.codec.parameters(), lr=config.lr, betas=config.betas)
+        self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=config.lr, betas=config.betas)
+        self.mel_loss = MultiScaleMelLoss(config.codec.sample_rate).to(self.device)
+        self.balancer = Balancer(config.weights) if config.balancer else None
+        self.step = 0
+        self.seconds = 0.0  # training wall time, accumulated across resumes
+        self.bw_rng = random.Random(config.seed)  # same on every rank: same n_q per step
+        self.n_qs = sorted({config.codec.n_q_for_bandwidth(b) for b in config.codec.bandwidths})
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config": json.dumps(self.cfg.to_dict()), "step": self.step, "seconds": self.seconds,
+            "codec": self.codec.state_dict(), "disc": self.disc.state_dict(),
+            "opt": self.opt.state_dict(), "disc_opt": self.disc_opt.state_dict(),
+            "balancer": json.dumps(self.balancer.state_dict()) if self.balancer else "",
+            "torch_rng": torch.get_rng_state(), "data_rng": json.dumps(self.batches.state()),
+            "bw_rng": json.dumps(self.bw_rng.getstate()),
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load(self) -> bool:
+        """Resume from `run_dir/checkpoint.pt` if it exists."""
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        self.codec.load_state_dict(state["codec"])
+        self.disc.load_state_dict(state["disc"])
+        self.opt.load_state_dict(state["opt"])
+        self.disc_opt.load_state_dict(state["disc_opt"])
+        if self.balancer and state["balancer"]:
+            self.balancer.load_state_dict(json.loads(state["balancer"]))
+        self.step, self.seconds = int(state["step"]), float(state["seconds"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        data_rng = json.loads(state["data_rng"])
+        self.batches.set_state(data_rng)
+        bw = json.loads(state["bw_rng"])
+        self.bw_rng.setstate((bw[0], tuple(bw[1]), bw[2]))
+        return True
+
+    def init_from_release(self, name_or_path: str) -> None:
+        """Start from released codec weights (a fresh machine without the training checkpoint)."""
+        w = load_weights(resolve(name_or_path))
+        self.codec.load_state_dict(complete_codebooks(dict(w.state)))
+        self.step = int(w.metadata.get("steps", 0))
+        self.seconds = float(w.metadata.get("train_hours", 0.0)) * 3600
+
+    # ------------------------------------------------------------------ quantizer init
+    @torch.no_grad()
+    def init_codebooks(self) -> None:
+        """k-means on latents of `kmeans_batches` batches, residual layer by residual layer."""
+        z = torch.cat([self.codec.encoder(self.batches.next().to(self.device)) for _ in range(self.cfg.kmeans_batches)])
+        residual = z.transpose(1, 2).reshape(-1, z.shape[1])
+        for i in range(self.codec.n_q):
+            book = self.codec.quantizer._codebook(i)
+            book.init_from(residual)
+            if self.world > 1:
+                for b in (book.embed, book.embed_avg, book.cluster_size):
+                    dist.broadcast(b, 0)
+            residual = residual - book.decode(book.encode(residual))
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, wav: Tensor) -> dict[str, float]:
+        c = self.cfg
+        quantize = self.step >= c.quantizer_start
+        if quantize and not bool(self.codec.quantizer._codebook(0).inited.item()):
+            self.init_codebooks()
+        n_q = self.bw_rng.choice(self.n_qs) if quantize else 0
+        adversarial = c.adversarial and self.step >= c.adversarial_start
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        self.model.train()
+        with autocast:
+            x_hat, q = self.model(wav, n_q)
+        x_hat32 = x_hat.float()
+        losses = {"l1": (x_hat32 - wav).abs().mean(), "mel": self.mel_loss(x_hat32, wav)}
+        metrics: dict[str, float] = {}
+        if adversarial:
+            with autocast:
+                logits_fake, fmap_fake = self.disc_model(x_hat32)
+                with torch.no_grad():
+                    _, fmap_real = self.disc_model(wav)
+            losses["adv"] = hinge_generator_loss([lg.float() for lg in logits_fake])
+            losses["feat"] = relative_feature_loss([[f.float() for f in fr] for fr in fmap_real],
+                                                   [[f.float() for f in ff] for ff in fmap_fake])
+        self.opt.zero_grad(set_to_none=True)
+        commit = c.commit_weight * q.commit_loss
+        if self.balancer is not None:
+            out_grad = self.balancer.gradient(losses, x_hat32)
+            tensors, grads = [x_hat32], [out_grad]
+            metrics.update(self.balancer.metrics)
+        else:
+            total = sum(c.weights.get(k, 0.0) * v for k, v in losses.items())
+            tensors, grads = [total], [torch.ones_like(total)]  # type: ignore[list-item]
+        if commit.requires_grad:
+            tensors.append(commit)
+            grads.append(torch.ones_like(commit))
+        torch.autograd.backward(tensors, grads)  # one backward pass (DDP-friendly)
+        if c.grad_clip:
+            nn.utils.clip_grad_norm_(self.codec.parameters(), c.grad_clip)
+        self.opt.step()
+        if adversarial and random.random() < c.disc_prob:
+            with autocast:
+                real, _ = self.disc_model(wav)
+                fake, _ = self.disc_model(x_hat32.detach())
+            d_loss = hinge_discriminator_loss([r.float() for r in real], [f.float() for f in fake])
+            self.disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.disc_opt.step()
+            metrics["d_loss"] = float(d_loss)
+        metrics.update({k: float(v) for k, v in losses.items()})
+        metrics["commit"] = float(q.commit_loss)
+        metrics["n_q"] = n_q
+        with torch.no_grad():
+            metrics["si_snr"] = float(si_snr(x_hat32, wav).mean())
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, bandwidths: tp.Sequence[float] = (1.5, 6.0)) -> dict[str, float]:
+        """Mean SI-SNR and mel distance on the dev clips, per category and bandwidth."""
+        self.codec.eval()
+        out: dict[str, list[float]] = {}
+        for path in self.dev_clips:
+            x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+            wav = torch.from_numpy(x.mean(1))[None, None].to(self.device)
+            cat = path.stem.split("_")[0]
+            for bw in bandwidths:
+                n_q = self.codec.config.n_q_for_bandwidth(bw)
+                z = self.codec.encoder(wav)
+                q = self.codec.quantizer(z, n_q)
+                y = self.codec.decoder(q.quantized)[..., : wav.shape[-1]]
+                out.setdefault(f"{cat}_{bw:g}k_si_snr", []).append(float(si_snr(y, wav).mean()))
+                out.setdefault(f"{cat}_{bw:g}k_mel", []).append(mel_distance(y, wav, self.codec.sample_rate))
+        return {k: float(np.mean(v)) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ loop
+    def run(self, export_to: Path | None = None, max_seconds: float | None = None) -> None:
+        start, last_save = time.time(), time.time()
+        log_path = self.run_dir / "log.csv"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        acc: dict[str, list[float]] = {}
+        t_last = time.time()
+        while self.step < self.cfg.steps:
+            if max_seconds is not None and time.time() - start > max_seconds:
+                break
+            wav = self.batches.next().to(self.device)
+            m = self.train_step(wav)
+            self.step += 1
+            now = time.time()
+            self.seconds += now - t_last
+            t_last = now
+            for k, v in m.items():
+                acc.setdefault(k, []).append(v)
+            if self.rank == 0 and self.step % self.cfg.log_every == 0:
+                row = {"step": self.step, "hours": round(self.seconds / 3600, 4),
+                       **{k: round(float(np.mean(v)), 5) for k, v in acc.items()}}
+                acc = {}
+                self._log(log_path, row)
+            if self.rank == 0 and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.dev_clips:
+                ev = self.evaluate()
+                self._log(self.run_dir / "eval.csv", {"step": self.step, **{k: round(v, 4) for k, v in ev.items()}})
+            if self.step % self.cfg.checkpoint_every == 0 or time.time() - last_save > 600:
+                self.save()
+                if export_to is not None and self.rank == 0:
+                    self.export(export_to)
+                last_save = time.time()
+        self.save()
+        if export_to is not None and self.rank == 0:
+            self.export(export_to)
+
+    def _log(self, path: Path, row: dict[str, tp.Any]) -> None:
+        print(json.dumps(row), flush=True)
+        existing = path.read_text().splitlines()[0].split(",") if path.is_file() and path.stat().st_size else None
+        if existing is not None and existing != list(row):
+            path = path.with_name(f"{path.stem}.{len(row)}{path.suffix}")
+            existing = path.read_text().splitlines()[0].split(",") if path.is_file() else None
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if existing is None:
+                w.writeheader()
+            w.writerow(row)
+
+    def export(self, path: Path, lm: nn.Module | None = None, lm_config: cfg.LMConfig | None = None) -> Path:
+        """Release package (fp16 safetensors + JSON) of the current weights."""
+        meta = {"steps": self.step, "train_hours": round(self.seconds / 3600, 3),
+                "batch_size": self.cfg.batch_size * self.world, "segment_seconds": self.cfg.segment_seconds}
+        return save_release(path, self.cfg.codec.name, self.codec, self.cfg.codec, lm, lm_config, meta)
+
+
+def dev_clip_paths(corpus_root: str | Path) -> list[Path]:
+    return sorted((Path(corpus_root) / "dev" / "clips").glob("*.wav"))
+
+
+def build(config: TrainConfig, run_dir: Path, corpus: Path, device: str = "cpu") -> Solver:
+    rank, _ = _world()
+    pools = load_corpus(corpus, "train")
+    batches = Batches(pools, config.batch_size, int(config.segment_seconds * config.codec.sample_rate),
+                      seed=config.seed + 1000 * rank)
+    return Solver(config, run_dir, batches, dev_clip_paths(corpus), device)
+
