@@ -12,6 +12,12 @@ evaluation clips under ``corpus/dev/clips/``. Each step is resumable: it is skip
 when its output exists and matches its input, and every output file is written to
 a temporary name first and renamed, so a crash leaves nothing half-written.
 
+Each ``{category}.json`` lists ``{"source", "path", "tier", "native_sr", "offset", "length",
+"start"}`` per entry: ``offset``/``length`` locate it in the .npy (samples at 24 kHz), ``path``
+is ``<inventory>/<path in package>`` under ``unpacked/`` and ``start`` is where the entry
+begins inside that file (non-zero only for the pieces around a 60 s dev excerpt). Samples
+are clipped to [-1, 1] and stored as ``round(x * 32767)``, without normalisation.
+
 Usage::
 
     python bin/build_corpus.py [--root DIR] [--steps download,unpack,index,convert,clips]
@@ -265,26 +271,32 @@ class Layout:
 
     @property
     def debs(self) -> Path:
+        """Downloaded .deb files."""
         return self.root / "debs"
 
     @property
     def unpacked(self) -> Path:
+        """One folder per package or zip inventory."""
         return self.root / "unpacked"
 
     @property
     def corpus(self) -> Path:
+        """The converted corpus."""
         return self.root / "corpus"
 
     @property
     def index(self) -> Path:
+        """Selected files with their metadata."""
         return self.root / "index.json"
 
     @property
     def manifest(self) -> Path:
+        """Totals, versions and licences; written last by the convert step."""
         return self.corpus / "manifest.json"
 
     @property
     def clips(self) -> Path:
+        """The 10 s dev evaluation clips."""
         return self.corpus / "dev" / "clips"
 
 
@@ -336,7 +348,8 @@ def step_download(layout: Layout, packages: list[str]) -> None:
         state = "present" if had else "downloaded"
         log(f"[download] {i}/{len(packages)} {state} {deb.name} ({deb.stat().st_size / 1e6:.1f} MB)")
     total = sum(d.stat().st_size for d in layout.debs.glob("*.deb"))
-    log(f"[download] done in {time.monotonic() - start:.0f} s; {total / 1e9:.2f} GB of .deb files; failed: {failed or 'none'}")
+    log(f"[download] done in {time.monotonic() - start:.0f} s; {total / 1e9:.2f} GB of .deb files; "
+        f"failed: {failed or 'none'}")
 
 
 # ---------------------------------------------------------------------------- unpack
@@ -641,7 +654,14 @@ def plan_other_source(groups: dict[str, list[dict[str, Any]]], target_s: float) 
 
 
 def plan_split(items: list[dict[str, Any]], fraction: float) -> dict[str, Assignment]:
-    """Deterministic dev/train assignment per group key, decided per source (see module docs)."""
+    """Deterministic dev/train assignment per group key, decided per source.
+
+    Groups (files; for stems, song folders) are ordered by the sha1 of their key. Speech and
+    sfx sources with at least four files hold out whole files in that order until about
+    ``fraction`` of the source's duration (see ``plan_other_source``); music sources hold out
+    one track or one 60 s excerpt (see ``plan_music_source``). FORCED_DEV files always go to dev
+    and count towards the target.
+    """
     by_source: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for item in items:
         by_source[item["source"]][group_key(item)].append(item)
@@ -944,7 +964,9 @@ def write_corpus(layout: Layout, state: ConvertState, packages: list[str], fract
             log(f"[convert] {split}/{category}: {t['files']} files, {t['entries']} entries, {t['minutes']:.1f} min")
 
 
-def step_convert(layout: Layout, packages: list[str], n_workers: int, fraction: float, force: bool) -> None:
+def step_convert(
+    layout: Layout, packages: list[str], n_workers: int, fraction: float, force: bool
+) -> None:
     """Decode every indexed file to int16 mono 24 kHz and write the train/dev corpus."""
     index = read_json(layout.index)
     if not index:
@@ -958,7 +980,7 @@ def step_convert(layout: Layout, packages: list[str], n_workers: int, fraction: 
     if any(j.decoder == "g722" for j in jobs) and not wait_for_ffmpeg():
         log("[convert] WARNING: ffmpeg never appeared; the G.722 files will be dropped")
     plan = plan_split(index["items"], fraction)  # a stem mix follows its song folder's group
-    log(f"[convert] {len(jobs)} jobs, {sum(i['seconds'] for i in index['items']) / 3600:.2f} h of source audio, "
+    log(f"[convert] {len(jobs)} jobs, {sum(j.seconds for j in jobs) / 3600:.2f} h of source audio (stem mixes included), "
         f"{sum(a.split != 'train' for a in plan.values())} groups held out, {n_workers} workers")
     layout.manifest.unlink(missing_ok=True)
     start = time.monotonic()
@@ -978,6 +1000,7 @@ class DevSet:
     entries: list[dict[str, Any]]
 
     def audio(self, entry: dict[str, Any]) -> np.ndarray:
+        """The int16 samples of one entry."""
         return np.asarray(self.samples[entry["offset"]: entry["offset"] + entry["length"]])
 
 
@@ -1030,7 +1053,9 @@ def voice_of(entry: dict[str, Any]) -> str:
     m = re.search(pattern, entry["path"]) if pattern else None
     if m:
         return m.group(1) or ("untagged" if entry["source"] == "tuxpaint-desc" else "en")
-    return entry["source"].rsplit("-", 1)[-1] if entry["source"].startswith(("asterisk", "fillets")) else entry["source"]
+    if entry["source"].startswith(("asterisk", "fillets")):
+        return entry["source"].rsplit("-", 1)[-1]
+    return entry["source"]
 
 
 def speech_groups(dev: DevSet) -> dict[str, list[tuple[str, list[dict[str, Any]]]]]:
@@ -1067,7 +1092,9 @@ def speech_clips(dev: DevSet, count: int) -> list[tuple[np.ndarray, dict[str, An
     return clips
 
 
-def simple_clips(dev: DevSet, category: str, preferred: tuple[str, ...], count: int) -> list[tuple[np.ndarray, dict[str, Any]]]:
+def simple_clips(
+    dev: DevSet, category: str, preferred: tuple[str, ...], count: int
+) -> list[tuple[np.ndarray, dict[str, Any]]]:
     """One clip per source (music: from one held-out track; sfx: sounds of one source)."""
     by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for e in dev.entries:
@@ -1154,6 +1181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the requested steps in order."""
     args = parse_args(argv)
     packages = all_packages()
     if args.only_packages:

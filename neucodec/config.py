@@ -78,11 +78,12 @@ class CodecConfig:
         return None if length is None else max(1, int((1 - self.overlap) * length))
 
     def n_q_for_bandwidth(self, bandwidth: float | None) -> int:
-        """Codebooks for `bandwidth` kbps: floor(bw * 1000 / (bits per codebook * frame rate)), at least 1."""
+        """Codebooks for `bandwidth` kbps: floor(bw * 1000 / (bits per codebook * frame rate)),
+        at least 1 and at most the quantizer's `n_q`."""
         if bandwidth is None or bandwidth <= 0:
             return self.quantizer.n_q
         bits_per_q = math.log2(self.quantizer.bins) * self.frame_rate
-        return int(max(1, math.floor(bandwidth * 1000 / bits_per_q)))
+        return min(self.quantizer.n_q, int(max(1, math.floor(bandwidth * 1000 / bits_per_q))))
 
 
 @dataclasses.dataclass(frozen=True)

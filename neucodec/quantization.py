@@ -26,6 +26,7 @@ class QuantizedResult:
     codes: Tensor  # [B, K, T]
     commit_loss: Tensor  # scalar, summed over layers
     n_q: int
+    layer_losses: list[Tensor] = dataclasses.field(default_factory=list)  # commitment per layer
 
 
 def _sample_vectors(samples: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
@@ -37,9 +38,24 @@ def _sample_vectors(samples: Tensor, num: int, generator: torch.Generator | None
     return samples[idx]
 
 
+def _kmeans_plus_plus(samples: Tensor, num_clusters: int) -> Tensor:
+    """k-means++ seeding: each new centre is drawn with probability proportional to D(x)^2."""
+    centers = [samples[int(torch.randint(0, samples.shape[0], ()))]]
+    d2 = (samples - centers[0]).pow(2).sum(1)
+    for _ in range(1, num_clusters):
+        total = d2.sum()
+        if total <= 0:  # fewer distinct points than clusters
+            idx = int(torch.randint(0, samples.shape[0], ()))
+        else:
+            idx = int(torch.multinomial(d2 / total, 1))
+        centers.append(samples[idx])
+        d2 = torch.minimum(d2, (samples - samples[idx]).pow(2).sum(1))
+    return torch.stack(centers)
+
+
 def kmeans(samples: Tensor, num_clusters: int, iters: int = 50) -> tuple[Tensor, Tensor]:
-    """Lloyd's k-means on [N, D] samples; returns (means [num_clusters, D], cluster sizes)."""
-    means = _sample_vectors(samples, num_clusters)
+    """Lloyd's k-means with k-means++ seeding on [N, D] samples; returns (means, cluster sizes)."""
+    means = _kmeans_plus_plus(samples, num_clusters)
     bins = torch.zeros(num_clusters, device=samples.device)
     for _ in range(iters):
         dists = (samples.pow(2).sum(1, keepdim=True) - 2 * samples @ means.t()
@@ -177,7 +193,7 @@ class ResidualVectorQuantizer(nn.Module):
         flat = z.transpose(1, 2).reshape(B * T, D)
         residual = flat
         quantized = torch.zeros_like(flat)
-        commit = z.new_zeros(())
+        layer_losses = []
         codes = []
         for i in range(n_q):
             book = self._codebook(i)
@@ -185,7 +201,7 @@ class ResidualVectorQuantizer(nn.Module):
                 book.init_from(residual.detach())
             idx = book.encode(residual.detach())
             q = book.decode(idx).detach()
-            commit = commit + F.mse_loss(residual, q)
+            layer_losses.append(F.mse_loss(residual, q))
             if self.training:
                 book.ema_update(residual.detach(), idx)
             residual = residual - q
@@ -194,4 +210,4 @@ class ResidualVectorQuantizer(nn.Module):
         if self.training:
             quantized = flat + (quantized - flat).detach()  # straight-through, once, on the sum
         out = quantized.view(B, T, D).transpose(1, 2)
-        return QuantizedResult(out, torch.stack(codes, 1), commit, n_q)
+        return QuantizedResult(out, torch.stack(codes, 1), torch.stack(layer_losses).sum(), n_q, layer_losses)

@@ -55,7 +55,7 @@ class Pool:
             at = int(rng.integers(0, length - clip.length + 1))
             out[at: at + clip.length] = clip.data[clip.offset: clip.offset + clip.length]
         if clip.data.dtype == np.int16:
-            out /= 32768.0
+            out /= 32767.0  # the corpus stores int16 at scale 32767 (manifest.json)
         return out
 
 

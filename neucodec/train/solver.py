@@ -202,7 +202,7 @@ class Solver:
         if c.grad_clip:
             nn.utils.clip_grad_norm_(self.codec.parameters(), c.grad_clip)
         self.opt.step()
-        if adversarial and random.random() < c.disc_prob:
+        if adversarial and self.bw_rng.random() < c.disc_prob:
             with autocast:
                 real, _ = self.disc_model(wav)
                 fake, _ = self.disc_model(x_hat32.detach())
@@ -211,7 +211,7 @@ class Solver:
             d_loss.backward()
             self.disc_opt.step()
             metrics["d_loss"] = float(d_loss)
-        metrics.update({k: float(v) for k, v in losses.items()})
+        metrics.update({k: float(v.detach()) for k, v in losses.items()})
         metrics["commit"] = float(q.commit_loss)
         metrics["n_q"] = n_q
         with torch.no_grad():
