@@ -28,3 +28,11 @@ class UnsupportedFormatVersion(CorruptStream):
 
 class ModelMismatch(NeucodecError):
     """An .ecdc file that needs other weights than the ones given."""
+
+
+class OutputError(NeucodecError):
+    """An output that cannot or must not be written: it exists (no --force), equals the input, disk full."""
+
+
+class DeviceUnavailable(NeucodecError):
+    """A requested compute device (e.g. CUDA) that this machine does not have."""

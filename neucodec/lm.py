@@ -18,6 +18,8 @@ from .config import LMConfig
 
 Tensor = torch.Tensor
 
+ROW_BLOCK = 8  # streaming matmuls run on at least this many rows, so results do not depend on B (see step)
+
 
 def sin_embedding(positions: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """[..., 1] positions -> [..., dim]: cos then sin of p / max_period^(i / (dim/2 - 1))."""
@@ -83,11 +85,19 @@ class Transformer(nn.Module):
 
 @dataclasses.dataclass
 class LMState:
-    """Per layer, projected keys/values of the last `past_context` inputs (zero token included)."""
+    """Streaming state: per layer, projected keys/values of the last `past_context` inputs.
 
-    keys: list[Tensor]  # [B, H, <=past_context, Dh]
+    `keys[i][:, :, start:end]` are the cached keys of layer i (the zero token first); the buffers
+    have room for more, so a step writes in place instead of re-allocating the cache. A state
+    is therefore consumed by `step`: keep using the returned one.
+    """
+
+    keys: list[Tensor]  # [B, H, capacity, Dh]
     values: list[Tensor]
     offset: int  # position of the next step
+    batch: int  # B, rows of the caches
+    start: int = 0
+    end: int = 1
 
 
 class LanguageModel(nn.Module):
@@ -134,42 +144,90 @@ class LanguageModel(nn.Module):
             x = layer.feed_forward(layer.norm1(x + a))
         return self._logits(x, K)
 
+    # ------------------------------------------------------------- streaming inference
+    def _stacked(self, K: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Embedding tables and heads of the first K codebooks stacked into single tensors.
+
+        Built once and rebuilt only when a parameter changes (e.g. `load_state_dict`), so a step
+        does one gather and one matmul instead of K of each.
+        """
+        params = [e.weight for e in self.emb[:K]] + [p for lin in self.linears[:K] for p in (lin.weight, lin.bias)]
+        key = (K,) + tuple((p.data_ptr(), p._version) for p in params)
+        cached = self.__dict__.get("_stacked_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                emb = torch.cat([e.weight for e in self.emb[:K]], 0).contiguous()
+                head_w = torch.cat([lin.weight for lin in self.linears[:K]], 0).contiguous()
+                head_b = torch.cat([lin.bias for lin in self.linears[:K]], 0).contiguous()
+            cached = (key, emb, head_w, head_b)
+            self.__dict__["_stacked_cache"] = cached
+        return cached[1], cached[2], cached[3]
+
     def init_state(self, batch: int) -> LMState:
+        """Fresh streaming state for `batch` independent sequences (each starts at position 0)."""
+        capacity = 2 * (self.cfg.past_context + 1)
         keys, values = [], []
         for layer in self.transformer.layers:
             k0, v0 = layer.self_attn.zero_token(batch)
-            keys.append(k0.contiguous())
-            values.append(v0.contiguous())
-        return LMState(keys, values, 0)
+            k = k0.new_empty(batch, k0.shape[1], capacity, k0.shape[3])
+            v = torch.empty_like(k)
+            k[:, :, :1] = k0
+            v[:, :, :1] = v0
+            keys.append(k)
+            values.append(v)
+        return LMState(keys, values, 0, batch, 0, 1)
 
     def step(self, previous: Tensor | None, state: LMState, n_q: int) -> tuple[Tensor, LMState]:
         """One streaming step for a batch of independent sequences.
 
+        Matrix products run on rows padded to a multiple of `ROW_BLOCK`: with at least that many
+        rows the CPU kernels give each row the same result whatever the batch size, so a
+        sequence's probabilities do not depend on which other sequences share its batch.
+
         Args:
             previous: codes of the previous step [B, K], or None at the first step.
-            state: from `init_state` or the previous call.
+            state: from `init_state` or the previous call (updated in place).
             n_q: K, the number of codebooks coded.
         Returns:
             probabilities [B, K, card] (float32 softmax) and the new state.
         """
-        B = state.keys[0].shape[0]
-        if previous is None:
-            inputs = torch.zeros(B, n_q, 1, dtype=torch.long, device=state.keys[0].device)
-        else:
-            inputs = (previous + 1).view(B, n_q, 1)
-        x = self._embed(inputs)
-        positions = torch.full((1, 1, 1), state.offset, device=x.device)
-        x = x + sin_embedding(positions, self.cfg.dim, self.cfg.max_period)
-        keys, values = [], []
+        B = state.batch
+        _, H, capacity, Dh = state.keys[0].shape
+        D = H * Dh
+        Bp = max(ROW_BLOCK, -(-B // ROW_BLOCK) * ROW_BLOCK)
+        card = self.cfg.card
         past = self.cfg.past_context
-        for layer, k_cache, v_cache in zip(self.transformer.layers, state.keys, state.values):
+        emb, head_w, head_b = self._stacked(n_q)
+        device = emb.device
+        inputs = torch.zeros(Bp, n_q, dtype=torch.long, device=device)
+        if previous is not None:
+            inputs[:B] = previous.view(B, n_q).to(device) + 1
+        inputs += torch.arange(n_q, device=device) * (card + 1)
+        x = emb[inputs].sum(1)
+        x = F.layer_norm(x, (D,), self.transformer.norm_in.weight, self.transformer.norm_in.bias,
+                         self.transformer.norm_in.eps)
+        positions = torch.full((1, 1, 1), state.offset, device=device)
+        x = x + sin_embedding(positions, self.cfg.dim, self.cfg.max_period).view(1, D)
+        start, end = state.start, state.end
+        if end == capacity:  # move the window to the front of the buffers
+            for buf in state.keys + state.values:
+                buf[:, :, : end - start] = buf[:, :, start:end].clone()
+            start, end = 0, end - start
+        a_full = x.new_zeros(Bp, D)
+        for layer, k_buf, v_buf in zip(self.transformer.layers, state.keys, state.values):
             attn = layer.self_attn
-            q, k, v = attn.project(x)
-            k_all = torch.cat([k_cache, k], dim=2)
-            v_all = torch.cat([v_cache, v], dim=2)
-            a = attn.attend(q, k_all, v_all, None)
-            x = layer.feed_forward(layer.norm1(x + a))
-            keys.append(k_all[:, :, -past:])
-            values.append(v_all[:, :, -past:])
-        probs = torch.softmax(self._logits(x, n_q)[:, :, 0].float(), dim=-1)
-        return probs, LMState(keys, values, state.offset + 1)
+            qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)[:B].view(B, 3, H, 1, Dh)
+            k_buf[:, :, end: end + 1] = qkv[:, 1]
+            v_buf[:, :, end: end + 1] = qkv[:, 2]
+            a = F.scaled_dot_product_attention(qkv[:, 0], k_buf[:, :, start: end + 1], v_buf[:, :, start: end + 1])
+            a_full[:B] = a.view(B, D)
+            x = F.layer_norm(x + F.linear(a_full, attn.out_proj.weight, attn.out_proj.bias), (D,),
+                             layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+            h = F.linear(F.gelu(F.linear(x, layer.linear1.weight, layer.linear1.bias)),
+                         layer.linear2.weight, layer.linear2.bias)
+            x = F.layer_norm(x + h, (D,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+        end += 1
+        start = max(start, end - past)
+        logits = F.linear(x[:B] if B >= ROW_BLOCK else x, head_w, head_b)[:B].view(B, n_q, card)
+        probs = torch.softmax(logits.float(), dim=-1)
+        return probs, LMState(state.keys, state.values, state.offset + 1, B, start, end)

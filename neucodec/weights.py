@@ -98,19 +98,27 @@ def download(name: str, url_root: str | None = None, folder: Path | None = None)
     """Fetch an official checkpoint into the cache (atomically), verifying its checksum."""
     if name not in OFFICIAL_FILES:
         raise UnknownModel(f"no official checkpoint named {name!r}; known: {', '.join(OFFICIAL_FILES)}")
-    filename = OFFICIAL_FILES[name]
+    return fetch(OFFICIAL_FILES[name], url_root, folder)
+
+
+def fetch(filename: str, url_root: str | None = None, folder: Path | None = None) -> Path:
+    """Download `url_root + filename` (a `name-<sha8>.th` file) into `folder`; nothing is left
+    behind unless the SHA-256 prefix in the name matches."""
+    m = _CHECKSUM_NAME.match(filename)
+    if m is None:
+        raise WeightsUnavailable(f"{filename} does not follow the name-<sha256 prefix>.th pattern")
     root = url_root or os.environ.get("NEUCODEC_URL_ROOT") or OFFICIAL_URL_ROOT
     folder = folder or cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / filename
     fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=folder)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(root + filename, timeout=60) as resp:
             shutil.copyfileobj(resp, out, 1 << 20)
         digest = sha256(Path(tmp))
-        if not digest.startswith(_CHECKSUM_NAME.match(filename)["sha"]):  # type: ignore[index]
-            raise WeightsUnavailable(f"downloaded {filename} has SHA-256 {digest[:8]}: corrupt download; try again")
-        os.replace(tmp, target)
+        if not digest.startswith(m["sha"]):
+            raise WeightsUnavailable(f"downloaded {filename} has SHA-256 {digest[:8]}, not {m['sha']}: "
+                                     "corrupt download; try again")
+        os.replace(tmp, folder / filename)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise WeightsUnavailable(
             f"{filename} is not in {folder} and could not be downloaded ({getattr(e, 'reason', e)}); "
@@ -119,7 +127,7 @@ def download(name: str, url_root: str | None = None, folder: Path | None = None)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
+    return folder / filename
 
 
 def resolve(name_or_path: str | os.PathLike[str], allow_download: bool | None = None) -> Path:

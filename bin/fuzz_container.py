@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Fuzz the .ecdc reader: decode N mutated files, count outcomes by exception type.
+
+Anything other than a clean decode or a `NeucodecError` with a one-line message (a bare
+exception, a multi-line message, a hang past --max-seconds) counts as a failure; the exit code
+is the number of failures (capped at 100). Base files: packed and LM-coded 24 kHz-style streams,
+a 48 kHz-style segmented stream and a reference version-0 stream, all from tiny fixed-seed models.
+
+    python bin/fuzz_container.py -n 10000 --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from _bitstream import skewed_codes, skewed_lm, tiny_codec24, tiny_codec48  # noqa: E402
+from neucodec import container, ecdc, entropy  # noqa: E402
+from neucodec.errors import NeucodecError  # noqa: E402
+
+
+def base_files() -> list[tuple[str, bytes, object, object]]:
+    torch.manual_seed(0)
+    c24, c48, lm = tiny_codec24(), tiny_codec48(), skewed_lm()
+    packed = ecdc.encode_bytes(c24, 0.1 * torch.randn(2, 1, 6000), 6.0, segment_seconds=0.1)
+    codes = skewed_codes(1, 8, 40)
+    real = c24.quantizer.encode
+    c24.quantizer.encode = lambda z, n_q: codes[:, :n_q, : z.shape[-1]]  # type: ignore[method-assign]
+    try:
+        lm_file = ecdc.encode_bytes(c24, 0.1 * torch.randn(1, 1, 40 * 320), 6.0, lm, segment_seconds=0.2)
+    finally:
+        c24.quantizer.encode = real  # type: ignore[method-assign]
+    seg48 = ecdc.encode_bytes(c48, 0.1 * torch.randn(1, 2, 50000), 6.0)
+    v0 = container.v0_header_bytes({"m": "encodec_24khz", "al": 3000, "nc": 2, "lm": False}) + \
+        entropy.pack(torch.randint(0, 1024, (1, 2, 10)))
+    from neucodec.config import encodec_24khz
+    from neucodec.model import Codec
+
+    big24 = Codec(encodec_24khz()).prepare_for_inference()
+    return [("packed", packed, c24, None), ("lm", lm_file, c24, lm), ("segmented", seg48, c48, None),
+            ("v0", v0, big24, None)]
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.choice(["flip", "byte", "cut", "insert", "delete", "dup", "int"])
+        pos = rng.randrange(max(1, len(b)))
+        if not b:
+            break
+        if op == "flip":
+            b[pos] ^= 1 << rng.randrange(8)
+        elif op == "byte":
+            b[pos] = rng.randrange(256)
+        elif op == "cut":
+            del b[pos:]
+        elif op == "insert":
+            b[pos:pos] = rng.randbytes(rng.randint(1, 16))
+        elif op == "delete":
+            del b[pos: pos + rng.randint(1, 16)]
+        elif op == "dup":
+            b[pos:pos] = b[pos: pos + rng.randint(1, 64)]
+        else:  # a plausible-looking but wrong 32-bit integer
+            b[pos: pos + 4] = rng.choice([0, 1, 0xFFFFFFFF, 0x7FFFFFFF, rng.randrange(1 << 32)]).to_bytes(4, "little")
+    return bytes(b)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-seconds", type=float, default=5.0, help="a single decode slower than this is a failure")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rng = random.Random(args.seed)
+    bases = base_files()
+    counts: collections.Counter[str] = collections.Counter()
+    failures: list[str] = []
+    slowest = 0.0
+    start = time.perf_counter()
+    for i in range(args.n):
+        name, data, codec, lm = bases[i % len(bases)]
+        bad = mutate(data, rng)
+        t0 = time.perf_counter()
+        try:
+            ecdc.decode_bytes(bad, codec, lm)  # type: ignore[arg-type]
+            outcome = "decoded"
+        except NeucodecError as e:
+            outcome = type(e).__name__
+            if "\n" in str(e) or not str(e):
+                failures.append(f"{name} #{i}: bad message {str(e)!r}")
+        except Exception as e:  # noqa: BLE001 - this is what the fuzzer hunts
+            outcome = f"FAIL {type(e).__name__}"
+            failures.append(f"{name} #{i}: {type(e).__name__}: {str(e)[:200]}")
+        dt = time.perf_counter() - t0
+        slowest = max(slowest, dt)
+        if dt > args.max_seconds:
+            failures.append(f"{name} #{i}: took {dt:.1f} s")
+        counts[outcome] += 1
+    total = time.perf_counter() - start
+    print(f"{args.n} mutated files in {total:.1f} s ({1e3 * total / max(1, args.n):.2f} ms each, "
+          f"slowest {1e3 * slowest:.0f} ms)")
+    for outcome, n in counts.most_common():
+        print(f"  {outcome:28s} {n}")
+    print(f"failures: {len(failures)}")
+    for f in failures[:20]:
+        print("  " + f)
+    return min(len(failures), 100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Rebuild the golden .ecdc test vectors under tests/golden/ (run only when the format version changes).
+
+Writes a tiny fixed-seed release package (codec + LM, `weights.save_release`), three .ecdc files
+(LM-coded mono, packed 2-group, packed 48 kHz-style segmented) and expected.json with the codes
+and decoded-audio hashes that tests/test_golden.py asserts. Existing golden files must never be
+regenerated for the same format version: they pin what every later neucodec must decode.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from _bitstream import skewed_lm, tiny_codec24, tiny_codec48  # noqa: E402
+from neucodec import ecdc  # noqa: E402
+from neucodec.hub import load_codec, load_lm  # noqa: E402
+from neucodec.weights import save_release  # noqa: E402
+
+OUT = ROOT / "tests" / "golden"
+
+
+def audio_hash(x: torch.Tensor) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x.numpy(), dtype="<f4").tobytes()).hexdigest()
+
+
+def unigram_bias(lm: torch.nn.Module, codes: torch.Tensor) -> None:
+    """Give the LM heads the log-frequencies of `codes` [1, K, F] so that LM coding beats packing."""
+    with torch.no_grad():
+        for k, lin in enumerate(lm.linears[: codes.shape[1]]):
+            counts = torch.bincount(codes[0, k], minlength=lin.bias.shape[0]).float()
+            lin.weight.mul_(0.1)
+            lin.bias.copy_(torch.log(counts + 0.05))
+
+
+def main() -> None:
+    torch.set_num_threads(1)  # decoded-audio hashes are taken with 1 thread (conv results depend on it)
+    OUT.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1234)
+    t = torch.arange(36000) / 24000
+    tone = (0.3 * torch.sin(2 * torch.pi * 220 * t) + 0.01 * torch.randn(36000, generator=g)).view(1, 1, -1)
+    c24 = tiny_codec24(seed=0, prepared=False)
+    lm = skewed_lm(n_q=4, seed=0, favoured=0)
+    unigram_bias(lm, tiny_codec24(seed=0).encode(tone, 3.0).codes)
+    save_release(OUT / "golden_24khz.json", "golden_24khz", c24, c24.config, lm, lm.cfg)
+    c48 = tiny_codec48(seed=0, prepared=False)
+    save_release(OUT / "golden_48khz.json", "golden_48khz", c48, c48.config)
+    c24, lm = load_codec(OUT / "golden_24khz.json"), load_lm(OUT / "golden_24khz.json")
+    c48 = load_codec(OUT / "golden_48khz.json")
+    cases = {
+        "lm_mono_24khz.ecdc": (c24, tone, 3.0, lm, 0.5),
+        "packed_2groups_24khz.ecdc": (c24, torch.cat([tone, -0.5 * tone]), 1.5, None, 1.0),
+        "packed_48khz.ecdc": (c48, 0.1 * torch.randn(1, 2, 60000, generator=g), 6.0, None, 10.0),
+    }
+    expected = {"torch": torch.__version__, "files": {}}
+    for name, (codec, wav, bw, model_lm, seg) in cases.items():
+        data = ecdc.encode_bytes(codec, wav, bw, model_lm, segment_seconds=seg)
+        (OUT / name).write_bytes(data)
+        info, audio = ecdc.decode_bytes(data, codec, model_lm)
+        expected["files"][name] = {
+            "model": f"{info.model_id}.json", "length": info.length, "segments": info.segments,
+            "lm_segments": info.lm_segments, "sha256": hashlib.sha256(data).hexdigest(),
+            "audio_sha256": audio_hash(audio), "audio_rms": float(audio.pow(2).mean().sqrt())}
+        print(name, len(data), "bytes", info.segments, "segments", info.lm_segments, "LM-coded")
+    (OUT / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Train the entropy-coding LM on codes of a frozen codec, and add it to the codec's release package.
+
+    python bin/train_lm.py --codec ~/.cache/neucodec-train/release/neucodec_24khz.json \
+        --corpus ~/.cache/neucodec-train/corpus --run-dir ~/.cache/neucodec-train/lm --steps 3000
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from neucodec import config as cfg
+from neucodec.hub import load_codec
+from neucodec.train.data import Batches, load_corpus
+from neucodec.train.lm_solver import LMSolver, code_dataset
+from neucodec.weights import load_weights, resolve, save_release
+from neucodec.model import Codec
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--codec", required=True, help="release package of the frozen codec")
+    p.add_argument("--corpus", type=Path, default=Path.home() / ".cache/neucodec-train/corpus")
+    p.add_argument("--run-dir", type=Path, default=Path.home() / ".cache/neucodec-train/lm")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--max-hours", type=float)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--crops", type=int, default=64, help="batches of 8 x 5 s crops to code for training")
+    p.add_argument("--lm", default="{}", help="LMConfig overrides as JSON, e.g. '{\"dim\": 128}'")
+    p.add_argument("--export", type=Path, help="write codec + LM release package here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    codec = load_codec(args.codec)
+    weights = load_weights(resolve(args.codec))
+    codec_config = weights.codec_config
+    assert codec_config is not None
+    lm_config = dataclasses.replace(cfg.lm_for(codec_config), **json.loads(args.lm))
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    cache = args.run_dir / f"codes-{weights.fingerprint}.pt"
+    if cache.is_file():
+        codes, dev = torch.load(cache, weights_only=True).values()
+    else:
+        length = 5 * codec_config.sample_rate
+        codes = code_dataset(codec, Batches(load_corpus(args.corpus, "train"), 8, length, seed=1), args.crops)
+        dev = code_dataset(codec, Batches(load_corpus(args.corpus, "dev"), 8, length, seed=2), 4)
+        torch.save({"codes": codes, "dev": dev}, cache)
+    print(f"{len(codes)} training sequences, {len(dev)} dev sequences", flush=True)
+    solver = LMSolver(lm_config, codec_config, codes, args.run_dir, dev_codes=dev)
+    if solver.load():
+        print(f"resumed LM at step {solver.step}", flush=True)
+
+    def export() -> None:
+        if args.export is None:
+            return
+        train_codec = Codec(codec_config)
+        train_codec.load_state_dict(dict(weights.state))
+        meta = dict(weights.metadata, lm_steps=solver.step, lm_hours=round(solver.seconds / 3600, 3),
+                    lm_eval=solver.evaluate())
+        save_release(args.export, codec_config.name, train_codec, codec_config, solver.lm, lm_config, meta)
+
+    solver.run(args.steps, None if args.max_hours is None else args.max_hours * 3600, on_checkpoint=export)
+    export()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""The .ecdc container as bytes: header, CRC-framed segment records, end marker and index (no torch).
+
+Layout (all integers little-endian; full specification in docs/FORMAT.md)::
+
+    prelude  b"NCDC" | version u8 | flags u8 | header length u32 | header JSON | CRC32 u32
+    record   kind u8 | flags u8 | items u16 | payload length u32 | frames u32
+             | payload CRC32 u32 | codes CRC32 u32 | record-head CRC32 u32 | payload
+    ...      one 'S' record per segment, then one 'E' (end) record, then one 'X' (index) record
+    trailer  b"NCDX" | index record offset u64 | CRC32 u32 of the 12 bytes before it
+
+Every length is covered by a CRC before it is trusted and capped by a fixed bound, so damaged or
+hostile input raises `CorruptStream` naming the segment and byte offset, never a huge allocation.
+A writer needs no seeking: the total length travels in the end record and the index holds offsets
+counted while writing. Version-0 files of the reference tool (magic b"ECDC") are recognised here;
+their payload is read by `neucodec.ecdc`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import typing as tp
+import zlib
+
+from .errors import CorruptStream, UnsupportedFormatVersion
+
+MAGIC = b"NCDC"
+V0_MAGIC = b"ECDC"
+FORMAT_VERSION = 1
+INDEX_MAGIC = b"NCDX"
+
+KIND_SEGMENT = 0x53  # 'S'
+KIND_END = 0x45  # 'E'
+KIND_INDEX = 0x58  # 'X'
+
+SEGMENT_PACKED = 0  # flags of a segment record: how its codes are coded
+SEGMENT_LM = 1
+
+MAX_HEADER_BYTES = 1 << 16
+MAX_PAYLOAD_BYTES = 1 << 26  # 64 MiB: far above any real segment
+MAX_SEGMENTS = 1 << 24
+
+_PRELUDE = struct.Struct("<4sBBI")  # magic, version, flags, header length
+_V0_PRELUDE = struct.Struct("!4sBI")  # reference: magic, version, JSON length (big-endian)
+_HEAD = struct.Struct("<BBHIIII")  # kind, flags, items, payload length, frames, payload CRC, codes CRC
+_RECORD = struct.Struct("<BBHIIIII")  # _HEAD + CRC32 of _HEAD
+_END = struct.Struct("<QI")  # total length (samples per channel), segment count
+_TRAILER = struct.Struct("<4sQI")
+RECORD_HEAD_BYTES = _RECORD.size
+TRAILER_BYTES = _TRAILER.size
+
+Json = dict[str, tp.Any]
+
+
+def crc32(data: bytes | bytearray | memoryview) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@dataclasses.dataclass
+class SegmentRecord:
+    """One segment as stored: its coded payload plus what frames it and checks it."""
+
+    index: int  # 0-based position among the segments
+    offset: int  # byte offset of the record head from the start of the container
+    flags: int  # SEGMENT_PACKED or SEGMENT_LM
+    items: int  # independent sequences (coded channel groups) in the segment
+    frames: int
+    payload: bytes
+    codes_crc: int  # CRC32 of the decoded codes, see `codes_crc32` in neucodec.entropy
+
+
+@dataclasses.dataclass
+class EndRecord:
+    length: int  # samples per channel at the codec rate
+    segments: int
+    frames: int  # total frames of all segments
+    offset: int
+
+
+# ---------------------------------------------------------------- reading helpers
+def read_exactly(fo: tp.BinaryIO, size: int, what: str) -> bytes:
+    """Read `size` bytes (in bounded pieces, so a lying length cannot force a big allocation)."""
+    parts: list[bytes] = []
+    left = size
+    while left > 0:
+        piece = fo.read(min(left, 1 << 20))
+        if not piece:
+            got = size - left
+            raise CorruptStream(f"{what}: file truncated ({got} of {size} bytes present)")
+        parts.append(piece)
+        left -= len(piece)
+    return b"".join(parts)
+
+
+def _read_upto(fo: tp.BinaryIO, size: int) -> bytes:
+    parts: list[bytes] = []
+    left = size
+    while left > 0:
+        piece = fo.read(left)
+        if not piece:
+            break
+        parts.append(piece)
+        left -= len(piece)
+    return b"".join(parts)
+
+
+@dataclasses.dataclass
+class Prelude:
+    """What the first bytes of a file say: its format version and header."""
+
+    version: int
+    header: Json
+    size: int  # bytes consumed from the start of the container
+
+
+def read_prelude(fo: tp.BinaryIO) -> Prelude:
+    """Read magic, version and header of a v1 (NCDC) or v0 (reference ECDC) file; validate them."""
+    first = _read_upto(fo, 4)
+    if len(first) == 0:
+        raise CorruptStream("empty input: not an .ecdc file (0 bytes)")
+    if len(first) < 4 or first not in (MAGIC, V0_MAGIC):
+        raise CorruptStream(f"not an .ecdc file: starts with {first[:4]!r}, expected {MAGIC!r} "
+                            f"(or {V0_MAGIC!r} from the reference encodec tool)")
+    if first == V0_MAGIC:
+        rest = read_exactly(fo, _V0_PRELUDE.size - 4, "header at byte 4")
+        _, version, size = _V0_PRELUDE.unpack(first + rest)
+        if version != 0:
+            raise UnsupportedFormatVersion(f"reference ECDC file of version {version}; only version 0 is known")
+        if size > MAX_HEADER_BYTES:
+            raise CorruptStream(f"header at byte 9: length {size} exceeds the limit of {MAX_HEADER_BYTES}")
+        raw = read_exactly(fo, size, "header at byte 9")
+        return Prelude(0, _parse_json(raw, 9), _V0_PRELUDE.size + size)
+    rest = read_exactly(fo, _PRELUDE.size - 4, "header at byte 4")
+    _, version, flags, size = _PRELUDE.unpack(first + rest)
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormatVersion(
+            f"format version {version} is not supported by this neucodec (reads versions 0 and "
+            f"{FORMAT_VERSION}); upgrade neucodec" if version > FORMAT_VERSION else
+            f"unknown format version {version}")
+    if size > MAX_HEADER_BYTES:
+        raise CorruptStream(f"header at byte {_PRELUDE.size}: length {size} exceeds the limit of "
+                            f"{MAX_HEADER_BYTES} (file damaged)")
+    raw = read_exactly(fo, size, f"header at byte {_PRELUDE.size}")
+    (stored,) = struct.unpack("<I", read_exactly(fo, 4, f"header CRC at byte {_PRELUDE.size + size}"))
+    if crc32(first + rest + raw) != stored:
+        raise CorruptStream(f"header at byte {_PRELUDE.size}: CRC mismatch (file damaged)")
+    if flags != 0:
+        raise UnsupportedFormatVersion(f"header flags {flags:#x} are not known to this neucodec; upgrade neucodec")
+    return Prelude(version, _parse_json(raw, _PRELUDE.size), _PRELUDE.size + size + 4)
+
+
+def _parse_json(raw: bytes, offset: int) -> Json:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CorruptStream(f"header at byte {offset}: not valid UTF-8 JSON (file damaged)") from None
+    if not isinstance(header, dict):
+        raise CorruptStream(f"header at byte {offset}: expected a JSON object, got {type(header).__name__}")
+    return header
+
+
+class ContainerReader:
+    """Sequential reader of the records after the prelude (works on pipes).
+
+    Iterating yields `SegmentRecord`s in order and stops after the end record, which is then
+    available as `.end`. `seek_segment(i)` uses the trailing index when the file is seekable.
+    """
+
+    def __init__(self, fo: tp.BinaryIO, prelude: Prelude, base: int = 0) -> None:
+        self.fo = fo
+        self.prelude = prelude
+        self.base = base  # absolute file position of the magic (for seeking)
+        self.position = prelude.size  # bytes consumed, relative to the magic
+        self.next_index = 0
+        self.end: EndRecord | None = None
+
+    def _read_record_head(self) -> tuple[int, int, int, int, int, int, int]:
+        where = f"segment {self.next_index} at byte {self.position}"
+        raw = _read_upto(self.fo, RECORD_HEAD_BYTES)
+        if len(raw) < RECORD_HEAD_BYTES:
+            raise CorruptStream(f"{where}: file truncated (record head has {len(raw)} of "
+                                f"{RECORD_HEAD_BYTES} bytes; the end marker is missing)")
+        *head, stored = _RECORD.unpack(raw)
+        if crc32(raw[: _HEAD.size]) != stored:
+            raise CorruptStream(f"{where}: CRC mismatch in record head (file damaged)")
+        kind, flags, items, plen, frames, pcrc, ccrc = head
+        if plen > MAX_PAYLOAD_BYTES:
+            raise CorruptStream(f"{where}: payload length {plen} exceeds the limit of {MAX_PAYLOAD_BYTES}")
+        return kind, flags, items, plen, frames, pcrc, ccrc
+
+    def read_record(self) -> SegmentRecord | EndRecord:
+        """The next record: a segment, or the end record (after which iteration stops)."""
+        if self.end is not None:
+            raise CorruptStream("read past the end record")
+        start = self.position
+        where = f"segment {self.next_index} at byte {start}"
+        kind, flags, items, plen, frames, pcrc, ccrc = self._read_record_head()
+        self.position += RECORD_HEAD_BYTES
+        payload = read_exactly(self.fo, plen, where)
+        self.position += plen
+        if crc32(payload) != pcrc:
+            raise CorruptStream(f"{where}: CRC mismatch (file damaged)")
+        if kind == KIND_SEGMENT:
+            if flags not in (SEGMENT_PACKED, SEGMENT_LM):
+                raise UnsupportedFormatVersion(f"{where}: unknown coder flags {flags:#x}; upgrade neucodec")
+            if self.next_index >= MAX_SEGMENTS:
+                raise CorruptStream(f"{where}: more than {MAX_SEGMENTS} segments")
+            record = SegmentRecord(self.next_index, start, flags, items, frames, payload, ccrc)
+            self.next_index += 1
+            return record
+        if kind == KIND_END:
+            if plen != _END.size:
+                raise CorruptStream(f"end record at byte {start}: payload of {plen} bytes, expected {_END.size}")
+            length, count = _END.unpack(payload)
+            if count != self.next_index:
+                raise CorruptStream(f"end record at byte {start}: says {count} segments, "
+                                    f"found {self.next_index} (segments lost)")
+            self.end = EndRecord(length, count, frames, start)
+            return self.end
+        raise CorruptStream(f"{where}: unknown record kind {kind:#x} (file damaged)")
+
+    def __iter__(self) -> tp.Iterator[SegmentRecord]:
+        while self.end is None:
+            record = self.read_record()
+            if isinstance(record, SegmentRecord):
+                yield record
+
+    def read_index(self) -> list[int] | None:
+        """Segment offsets from the trailing index, or None when the stream cannot seek or has none."""
+        fo = self.fo
+        try:
+            if not fo.seekable():
+                return None
+            here = fo.tell()
+            fo.seek(0, 2)
+            total = fo.tell() - self.base
+        except (OSError, AttributeError, ValueError):
+            return None
+        try:
+            if total < self.prelude.size + TRAILER_BYTES:
+                return None
+            fo.seek(self.base + total - TRAILER_BYTES)
+            raw = _read_upto(fo, TRAILER_BYTES)
+            magic, offset, stored = _TRAILER.unpack(raw)
+            if magic != INDEX_MAGIC or crc32(raw[:12]) != stored:
+                return None
+            if not self.prelude.size <= offset <= total - TRAILER_BYTES - RECORD_HEAD_BYTES:
+                raise CorruptStream(f"index at byte {total - TRAILER_BYTES}: offset {offset} outside the file")
+            fo.seek(self.base + offset)
+            head = _read_upto(fo, RECORD_HEAD_BYTES)
+            if len(head) < RECORD_HEAD_BYTES:
+                raise CorruptStream(f"index at byte {offset}: truncated")
+            *fields, hcrc = _RECORD.unpack(head)
+            kind, _, _, plen, _, pcrc, _ = fields
+            if crc32(head[: _HEAD.size]) != hcrc or kind != KIND_INDEX or plen % 8 or plen > MAX_PAYLOAD_BYTES:
+                raise CorruptStream(f"index at byte {offset}: damaged record head")
+            payload = read_exactly(fo, plen, f"index at byte {offset}")
+            if crc32(payload) != pcrc:
+                raise CorruptStream(f"index at byte {offset}: CRC mismatch (file damaged)")
+            offsets = list(struct.unpack(f"<{plen // 8}Q", payload))
+            if any(not self.prelude.size <= o < offset for o in offsets) or offsets != sorted(offsets):
+                raise CorruptStream(f"index at byte {offset}: segment offsets outside the body")
+            return offsets
+        finally:
+            fo.seek(here)
+
+    def seek_segment(self, i: int, offsets: list[int]) -> None:
+        """Position the reader at segment `i` (offsets from `read_index`)."""
+        if not 0 <= i < len(offsets):
+            raise IndexError(f"segment {i} out of range (file has {len(offsets)})")
+        self.fo.seek(self.base + offsets[i])
+        self.position = offsets[i]
+        self.next_index = i
+        self.end = None
+
+
+# ---------------------------------------------------------------- writing
+class ContainerWriter:
+    """Writes prelude, segments, end record, index and trailer to a stream that need not seek."""
+
+    def __init__(self, fo: tp.BinaryIO, header: Json) -> None:
+        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        if len(raw) > MAX_HEADER_BYTES:
+            raise ValueError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+        prelude = _PRELUDE.pack(MAGIC, FORMAT_VERSION, 0, len(raw)) + raw
+        self.fo = fo
+        self.offsets: list[int] = []
+        self.frames = 0
+        self.position = 0
+        self.closed = False
+        self._write(prelude + struct.pack("<I", crc32(prelude)))
+
+    def _write(self, data: bytes) -> None:
+        self.fo.write(data)
+        self.position += len(data)
+
+    def _record(self, kind: int, flags: int, items: int, frames: int, payload: bytes, codes_crc: int) -> bytes:
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+        head = _HEAD.pack(kind, flags, items, len(payload), frames, crc32(payload), codes_crc)
+        return head + struct.pack("<I", crc32(head)) + payload
+
+    def write_segment(self, payload: bytes, frames: int, items: int, flags: int, codes_crc: int) -> None:
+        """Append one segment record and flush, so a reader on a pipe gets it at once."""
+        self.offsets.append(self.position)
+        self.frames += frames
+        self._write(self._record(KIND_SEGMENT, flags, items, frames, payload, codes_crc))
+        flush = getattr(self.fo, "flush", None)
+        if flush is not None:
+            flush()
+
+    def close(self, length: int) -> int:
+        """Write the end record (total `length` samples), the index and the trailer; returns bytes written."""
+        self._write(self._record(KIND_END, 0, 0, self.frames, _END.pack(length, len(self.offsets)), 0))
+        index_offset = self.position
+        index = struct.pack(f"<{len(self.offsets)}Q", *self.offsets)
+        self._write(self._record(KIND_INDEX, 0, 0, 0, index, 0))
+        trailer = _TRAILER.pack(INDEX_MAGIC, index_offset, 0)[:12]
+        self._write(trailer + struct.pack("<I", crc32(trailer)))
+        self.closed = True
+        flush = getattr(self.fo, "flush", None)
+        if flush is not None:
+            flush()
+        return self.position
+
+
+def v0_header_bytes(header: Json) -> bytes:
+    """A reference (version 0) header: b"ECDC", 0, big-endian JSON length, `json.dumps` JSON."""
+    raw = json.dumps(header).encode("utf-8")
+    return _V0_PRELUDE.pack(V0_MAGIC, 0, len(raw)) + raw

@@ -1,0 +1,624 @@
+"""Streaming .ecdc writer and reader: audio chunks -> codes -> container, and back, in bounded memory.
+
+`encode_stream` writes one container segment per `segment_seconds` of frames for a causal codec
+(via `Codec.encode_stream`), or one per model segment (1 s with overlap) for a segmented codec,
+and flushes each batch of segments as soon as it is coded. `decode_stream` yields audio chunks
+after the first batch of segments. Version-0 files of the reference encodec tool (no LM) are read
+too. Byte layout: docs/FORMAT.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import math
+import struct
+import typing as tp
+
+import numpy as np
+import torch
+
+from . import __version__, container, entropy
+from .errors import CorruptStream, ModelMismatch, NeucodecError, UnsupportedAudio, UnsupportedFormatVersion
+from .lm import LanguageModel
+from .model import Codec, overlap_add
+
+Tensor = torch.Tensor
+
+LM_BATCH = 8  # segments coded/decoded together in one batched LM run
+_V0_CHUNK_FRAMES = 800  # 800 * K * 10 bits is always whole bytes
+
+
+# ---------------------------------------------------------------- identity
+def model_identity(model: torch.nn.Module) -> tuple[str, str]:
+    """(model_id, fingerprint) of a codec or LM: attributes set by `neucodec.hub`, else derived.
+
+    A model built in code (tests, training) gets the id of its config and a fingerprint from the
+    SHA-256 of its state_dict, computed once and cached on the module.
+    """
+    mid = getattr(model, "model_id", None)
+    fp = getattr(model, "fingerprint", None)
+    if mid is not None and fp is not None:
+        return str(mid), str(fp)
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().float().numpy().tobytes())
+    cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
+    mid = mid or getattr(cfg, "name", None) or type(model).__name__.lower()
+    fp = "sd:" + h.hexdigest()[:16]
+    model.model_id = mid  # type: ignore[assignment]
+    model.fingerprint = fp  # type: ignore[assignment]
+    return str(mid), fp
+
+
+# ---------------------------------------------------------------- info
+@dataclasses.dataclass
+class StreamInfo:
+    """Everything the header says, plus totals found while reading (`length`, `segments`, `bytes`)."""
+
+    format_version: int
+    model_id: str
+    model_fingerprint: str | None
+    lm_id: str | None
+    lm_fingerprint: str | None
+    sample_rate: int
+    channels: int  # channels of the model
+    groups: int  # coded channel groups G (a mono model coding stereo: 2)
+    source_sample_rate: int
+    source_channels: int
+    frame_rate: int
+    hop_length: int
+    n_q: int
+    bandwidth: float | None
+    bits_per_code: int
+    layout: str  # "stream" (causal, consecutive segments) or "overlap" (1 s segments, overlap-add)
+    segment_frames: int  # frames per full segment
+    segment_length: int | None  # samples per full segment ("overlap")
+    segment_stride: int | None  # samples between segment starts ("overlap")
+    scales: bool  # per-segment volume scales stored
+    coder: dict[str, tp.Any] | None  # LM coder settings, None without LM
+    length: int | None = None  # samples per channel at the codec rate (known after the end marker)
+    segments: int = 0
+    lm_segments: int = 0
+    frames: int = 0
+    bytes: int = 0
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.length is None else self.length / self.sample_rate
+
+    def to_dict(self) -> dict[str, tp.Any]:
+        d = dataclasses.asdict(self)
+        d["duration"] = self.duration
+        d["kbps"] = (8 * self.bytes / 1000 / self.duration) if self.duration else None
+        return d
+
+
+def _header(info: StreamInfo) -> dict[str, tp.Any]:
+    d = dataclasses.asdict(info)
+    for key in ("format_version", "length", "segments", "lm_segments", "frames", "bytes"):
+        d.pop(key)
+    d["encoder"] = f"neucodec {__version__}"
+    return d
+
+
+_INT_FIELDS = {  # name: (min, max)
+    "sample_rate": (1, 1 << 20), "channels": (1, 64), "groups": (1, 1024), "source_sample_rate": (1, 1 << 20),
+    "source_channels": (1, 1024), "frame_rate": (1, 1 << 20), "hop_length": (1, 1 << 20), "n_q": (1, 1024),
+    "bits_per_code": (1, 16), "segment_frames": (1, 1 << 22),
+}
+
+
+def _info_from_header(h: dict[str, tp.Any]) -> StreamInfo:
+    def need(key: str, types: tuple[type, ...], optional: bool = False) -> tp.Any:
+        if key not in h:
+            raise CorruptStream(f"header: field {key!r} missing (file damaged or not written by neucodec)")
+        value = h[key]
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise CorruptStream(f"header: field {key!r} has a bad value {str(value)[:40]!r}")
+        return value
+
+    values: dict[str, tp.Any] = {}
+    for key, (lo, hi) in _INT_FIELDS.items():
+        v = need(key, (int,))
+        if not lo <= v <= hi:
+            raise CorruptStream(f"header: field {key!r} = {v} out of range [{lo}, {hi}]")
+        values[key] = v
+    layout = need("layout", (str,))
+    if layout not in ("stream", "overlap"):
+        raise UnsupportedFormatVersion(f"header: unknown segment layout {layout!r}; upgrade neucodec")
+    seg_len = need("segment_length", (int,), optional=True)
+    seg_stride = need("segment_stride", (int,), optional=True)
+    if layout == "overlap" and not (isinstance(seg_len, int) and isinstance(seg_stride, int)
+                                    and 1 <= seg_stride <= seg_len <= 1 << 24):
+        raise CorruptStream("header: overlap layout without a valid segment length and stride")
+    coder = need("coder", (dict,), optional=True)
+    bw = need("bandwidth", (int, float), optional=True)
+    return StreamInfo(
+        format_version=container.FORMAT_VERSION, model_id=need("model_id", (str,)),
+        model_fingerprint=need("model_fingerprint", (str,), optional=True),
+        lm_id=need("lm_id", (str,), optional=True), lm_fingerprint=need("lm_fingerprint", (str,), optional=True),
+        layout=layout, segment_length=seg_len, segment_stride=seg_stride, scales=need("scales", (bool,)),
+        coder=coder, bandwidth=None if bw is None else float(bw), **values)
+
+
+# ---------------------------------------------------------------- encoding
+def _counted(chunks: tp.Iterable[Tensor], codec: Codec, first: Tensor | None, rest: tp.Iterator[Tensor],
+             progress: tp.Callable[[int], None] | None, total: list[int]) -> tp.Iterator[Tensor]:
+    chunk = first
+    while chunk is not None:
+        if chunk.dim() != 3 or chunk.shape[1] != codec.channels or (first is not None and chunk.shape[0] != first.shape[0]):
+            raise UnsupportedAudio(f"audio chunks must be [groups, {codec.channels}, samples] with a fixed number "
+                                   f"of groups, got {tuple(chunk.shape)}")
+        total[0] += chunk.shape[-1]
+        if progress is not None:
+            progress(chunk.shape[-1])
+        if chunk.shape[-1]:
+            yield chunk.to(codec.device, torch.float32)
+        chunk = next(rest, None)
+
+
+class _SegmentSink:
+    """Collects finished segments, codes them in batches and writes them."""
+
+    def __init__(self, writer: container.ContainerWriter, info: StreamInfo, lm: LanguageModel | None) -> None:
+        self.writer, self.info, self.lm = writer, info, lm
+        self.pending: list[tuple[Tensor, Tensor | None]] = []
+        self.batch = LM_BATCH if lm is not None else 1
+
+    def add(self, codes: Tensor, scales: Tensor | None) -> None:
+        self.pending.append((codes.detach().cpu(), None if scales is None else scales.detach().cpu().float()))
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        coded = entropy.encode_segments([c for c, _ in self.pending], self.lm, self.info.bits_per_code)
+        for (codes, scales), seg in zip(self.pending, coded):
+            prefix = b"" if scales is None else np.ascontiguousarray(scales.numpy(), dtype="<f4").tobytes()
+            self.writer.write_segment(prefix + seg.payload, codes.shape[-1], codes.shape[0], seg.flags, seg.codes_crc)
+            self.info.segments += 1
+            self.info.frames += codes.shape[-1]
+            self.info.lm_segments += seg.flags == container.SEGMENT_LM
+        self.pending = []
+
+
+def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *, bandwidth: float | None,
+                  lm: LanguageModel | None, source_sample_rate: int, source_channels: int,
+                  segment_seconds: float = 10.0, progress: tp.Callable[[int], None] | None = None) -> StreamInfo:
+    """Encode audio chunks into an .ecdc stream written to `fo` (which need not seek).
+
+    Args:
+        fo: binary output; flushed after each written batch of segments.
+        codec: the codec (any device); its `model_id`/`fingerprint` go into the header.
+        chunks: audio at `codec.sample_rate`, each [G, codec.channels, t] with a fixed G.
+        bandwidth: kbps (picks the number of codebooks); None uses all.
+        lm: entropy-coding LM (runs on the CPU), or None for plain 10-bit packing.
+        source_sample_rate, source_channels: of the original file, restored by the decoder.
+        segment_seconds: causal codecs: length of a container segment (unit of damage and of
+            random access; the LM restarts at each).
+        progress: called with the number of samples of each chunk consumed.
+    Returns:
+        the `StreamInfo` of the written stream (length, segments and bytes filled in).
+    """
+    n_q = codec.n_q_for_bandwidth(bandwidth)
+    model_id, model_fp = model_identity(codec)
+    lm_id, lm_fp = model_identity(lm) if lm is not None else (None, None)
+    if lm is not None and lm.cfg.n_q < n_q:
+        raise UnsupportedAudio(f"the LM models {lm.cfg.n_q} codebooks but {n_q} are coded; lower the bandwidth")
+    it = iter(chunks)
+    first = next(it, None)
+    groups = int(first.shape[0]) if first is not None and first.dim() == 3 else 1
+    cfg = codec.config
+    causal = cfg.segment_length is None
+    if causal and not cfg.seanet.causal:
+        raise UnsupportedAudio(f"{cfg.name} is neither causal nor segmented; it cannot be encoded in a stream")
+    seg_frames = max(1, round(segment_seconds * codec.frame_rate)) if causal else \
+        -(-tp.cast(int, cfg.segment_length) // codec.hop_length)
+    coder = None if lm is None else {
+        "name": "constriction.queue.RangeEncoder", "model": "Categorical(perfect=False)", "dtype": "float32",
+        "prob_grid": entropy.PROB_GRID, "lm_threads": entropy.LM_THREADS, "word": "uint32le"}
+    info = StreamInfo(
+        format_version=container.FORMAT_VERSION, model_id=model_id, model_fingerprint=model_fp, lm_id=lm_id,
+        lm_fingerprint=lm_fp, sample_rate=codec.sample_rate, channels=codec.channels, groups=groups,
+        source_sample_rate=int(source_sample_rate), source_channels=int(source_channels),
+        frame_rate=codec.frame_rate, hop_length=codec.hop_length, n_q=n_q, bandwidth=bandwidth,
+        bits_per_code=int(math.log2(cfg.quantizer.bins)), layout="stream" if causal else "overlap",
+        segment_frames=seg_frames, segment_length=cfg.segment_length, segment_stride=cfg.segment_stride,
+        scales=bool(cfg.normalize), coder=coder)
+    writer = container.ContainerWriter(fo, _header(info))
+    sink = _SegmentSink(writer, info, lm)
+    total = [0]
+    audio = _counted(chunks, codec, first, it, progress, total)
+    with torch.inference_mode():
+        if causal:
+            buf: list[Tensor] = []
+            have = 0
+            for codes in codec.encode_stream(audio, n_q):
+                buf.append(codes)
+                have += codes.shape[-1]
+                while have >= seg_frames:
+                    allc = torch.cat(buf, -1)
+                    sink.add(allc[..., :seg_frames], None)
+                    buf, have = [allc[..., seg_frames:]], have - seg_frames
+            if have:
+                sink.add(torch.cat(buf, -1), None)
+        else:
+            _encode_overlap(codec, audio, n_q, sink, total)
+    sink.flush()
+    length = total[0]
+    if info.frames != -(-length // codec.hop_length) and causal:
+        raise NeucodecError(f"internal error: {info.frames} frames for {length} samples")
+    info.length = length
+    info.bytes = writer.close(length)
+    return info
+
+
+def _encode_overlap(codec: Codec, audio: tp.Iterator[Tensor], n_q: int, sink: _SegmentSink, total: list[int]) -> None:
+    """Segmented codec: cut the stream into overlapping segments and encode them a few at a time."""
+    seg_len = tp.cast(int, codec.config.segment_length)
+    stride = tp.cast(int, codec.config.segment_stride)
+    buf = torch.zeros(0)
+    buf_start = 0  # absolute sample index of buf[..., 0]
+    next_offset = 0
+    ready: list[Tensor] = []
+
+    def run(batch: list[Tensor]) -> None:
+        G = batch[0].shape[0]
+        codes, scales = codec._encode_segments(torch.cat(batch, 0), n_q)
+        for i in range(len(batch)):
+            sink.add(codes[i * G:(i + 1) * G], None if scales is None else scales[i * G:(i + 1) * G])
+
+    for chunk in audio:
+        buf = chunk if buf.numel() == 0 else torch.cat([buf, chunk], -1)
+        while buf_start + buf.shape[-1] >= next_offset + seg_len:
+            ready.append(buf[..., next_offset - buf_start: next_offset - buf_start + seg_len])
+            next_offset += stride
+            if len(ready) >= LM_BATCH:
+                run(ready)
+                ready = []
+        drop = next_offset - buf_start
+        if drop > 0:
+            buf = buf[..., drop:].clone()
+            buf_start = next_offset
+    if ready:
+        run(ready)
+    length = total[0]
+    while next_offset < length:  # the shorter tail segments, each alone
+        piece = buf[..., next_offset - buf_start: next_offset - buf_start + seg_len]
+        run([piece])
+        next_offset += stride
+
+
+# ---------------------------------------------------------------- decoding
+def _check_model(codec: Codec, info: StreamInfo) -> None:
+    mid, fp = model_identity(codec)
+    if info.model_fingerprint is not None and fp != info.model_fingerprint:
+        raise ModelMismatch(f"this file was encoded with model {info.model_id} (weights {info.model_fingerprint}); "
+                            f"the given model is {mid} (weights {fp}); pass the matching weights")
+    if (codec.sample_rate, codec.channels, codec.hop_length) != (info.sample_rate, info.channels, info.hop_length) \
+            or codec.n_q < info.n_q:
+        raise ModelMismatch(f"this file needs a {info.sample_rate} Hz, {info.channels}-channel model with hop "
+                            f"{info.hop_length} and {info.n_q} codebooks ({info.model_id}); got {mid}")
+
+
+def _resolve_codec(codec: Codec | None, info: StreamInfo) -> Codec:
+    if codec is None:
+        from .hub import load_codec
+        codec = load_codec(info.model_id)
+    _check_model(codec, info)
+    return codec
+
+
+def _resolve_lm(lm: LanguageModel | None, info: StreamInfo) -> LanguageModel:
+    if info.lm_id is None:
+        raise CorruptStream("a segment is LM-coded but the header names no LM (file damaged)")
+    if lm is None:
+        from .hub import load_lm
+        lm = load_lm(info.lm_id)
+    mid, fp = model_identity(lm)
+    if info.lm_fingerprint is not None and fp != info.lm_fingerprint:
+        raise ModelMismatch(f"this file was entropy-coded with LM {info.lm_id} (weights {info.lm_fingerprint}); "
+                            f"the given LM is {mid} (weights {fp}); pass the matching LM")
+    return lm
+
+
+def _payload_bound(info: StreamInfo, items: int, frames: int) -> int:
+    return 4 * items * info.scales + items * info.n_q * frames * 4 + 64
+
+
+def _segment_codes(reader: container.ContainerReader, info: StreamInfo, codec: Codec,
+                   lm_box: list[LanguageModel | None]) -> tp.Iterator[tuple[Tensor, Tensor | None]]:
+    """Read, check and decode segments (LM ones in batches): yields (codes [G, K, F], scales [G] | None)."""
+    G, K = info.groups, info.n_q
+    batch: list[container.SegmentRecord] = []
+
+    def decode(records: list[container.SegmentRecord]) -> list[tuple[Tensor, Tensor | None]]:
+        todo, scales = [], []
+        for r in records:
+            where = f"segment {r.index} at byte {r.offset}"
+            payload = r.payload
+            sc = None
+            if info.scales:
+                sc = torch.from_numpy(np.frombuffer(payload[: 4 * G], dtype="<f4").astype(np.float32))
+                if not torch.isfinite(sc).all():
+                    raise CorruptStream(f"{where}: invalid volume scale (file damaged)")
+                payload = payload[4 * G:]
+            todo.append((r.flags, payload, (G, K, r.frames), where))
+            scales.append(sc)
+        if any(t[0] == container.SEGMENT_LM for t in todo) and lm_box[0] is None:
+            lm_box[0] = _resolve_lm(None, info)
+        codes = entropy.decode_segments(todo, lm_box[0], info.bits_per_code)
+        out = []
+        for r, c, sc in zip(records, codes, scales):
+            if entropy.codes_crc32(c) != r.codes_crc:
+                raise CorruptStream(f"segment {r.index} at byte {r.offset}: decoded codes fail their CRC "
+                                    "(LM probabilities differ from the encoder's machine, or file damaged)")
+            out.append((c, sc))
+        return out
+
+    for record in reader:
+        where = f"segment {record.index} at byte {record.offset}"
+        if record.items != G:
+            raise CorruptStream(f"{where}: {record.items} channel groups, header says {G} (file damaged)")
+        if not 1 <= record.frames <= info.segment_frames:
+            raise CorruptStream(f"{where}: {record.frames} frames, segments hold at most {info.segment_frames}")
+        if len(record.payload) > _payload_bound(info, G, record.frames) or \
+                (info.scales and len(record.payload) < 4 * G):
+            raise CorruptStream(f"{where}: payload of {len(record.payload)} bytes is impossible for "
+                                f"{record.frames} frames (file damaged)")
+        info.segments += 1
+        info.frames += record.frames
+        info.lm_segments += record.flags == container.SEGMENT_LM
+        batch.append(record)
+        if len(batch) >= LM_BATCH or record.flags != container.SEGMENT_LM:
+            yield from decode(batch)
+            batch = []
+    if batch:
+        yield from decode(batch)
+
+
+def _check_end(reader: container.ContainerReader, info: StreamInfo) -> int:
+    end = tp.cast(container.EndRecord, reader.end)
+    length = end.length
+    if info.layout == "stream":
+        expected = -(-length // info.hop_length)
+    else:
+        stride, seg_len = tp.cast(int, info.segment_stride), tp.cast(int, info.segment_length)
+        n = -(-length // stride) if length else 0
+        expected = 0 if n == 0 else (n - 1) * -(-seg_len // info.hop_length) + \
+            -(-(length - (n - 1) * stride) // info.hop_length)
+    if end.frames != info.frames or expected != info.frames:
+        raise CorruptStream(f"end marker at byte {end.offset}: says {length} samples ({expected} frames) but the "
+                            f"segments hold {info.frames} frames (file damaged)")
+    info.length = length
+    # end record, index record (8 bytes per segment) and trailer
+    info.bytes = end.offset + 2 * container.RECORD_HEAD_BYTES + 12 + 8 * info.segments + container.TRAILER_BYTES
+    return length
+
+
+def _audio(codes_iter: tp.Iterator[tuple[Tensor, Tensor | None]], codec: Codec, info: StreamInfo,
+           finish: tp.Callable[[], int]) -> tp.Iterator[Tensor]:
+    """Codes of consecutive segments -> audio chunks [G, C, t], trimmed to the final length."""
+    device = codec.device
+    emitted = 0
+
+    def trim(chunk: Tensor, final: bool) -> Tensor:
+        nonlocal emitted
+        if final:
+            length = finish()
+            chunk = chunk[..., : max(0, length - emitted)]
+        emitted += chunk.shape[-1]
+        return chunk
+
+    with torch.inference_mode():
+        if info.layout == "stream":
+            pieces = (c.to(device) for c, _ in codes_iter)
+            stream = codec.decode_stream(pieces)
+            prev = next(stream, None)
+            while prev is not None:
+                following = next(stream, None)
+                yield trim(prev.float().cpu(), following is None)
+                prev = following
+            if emitted == 0:
+                finish()
+            return
+        stride = tp.cast(int, info.segment_stride)
+        out: Tensor | None = None  # pending samples from absolute position `base`
+        weight_sum: Tensor | None = None
+        base = 0
+        ramp: Tensor | None = None
+        pending = next(codes_iter, None)
+        index = 0
+        while pending is not None:
+            following = next(codes_iter, None)
+            codes, scale = pending
+            frame = codec._decode_segments(codes.to(device), None if scale is None else scale.to(device)).float().cpu()
+            if ramp is None:
+                t = torch.linspace(0, 1, frame.shape[-1] + 2, dtype=frame.dtype)[1:-1]
+                ramp = 0.5 - (t - 0.5).abs()
+            offset = index * stride - base
+            n = frame.shape[-1]
+            if out is None:
+                out, weight_sum = frame.new_zeros(*frame.shape[:-1], n), frame.new_zeros(n)
+            need = offset + n
+            if need > out.shape[-1]:
+                out = torch.cat([out, out.new_zeros(*out.shape[:-1], need - out.shape[-1])], -1)
+                weight_sum = torch.cat([tp.cast(Tensor, weight_sum), weight_sum.new_zeros(need - weight_sum.shape[-1])])
+            out[..., offset: offset + n] += ramp[:n] * frame
+            tp.cast(Tensor, weight_sum)[offset: offset + n] += ramp[:n]
+            index += 1
+            if following is None:
+                yield trim(out / weight_sum, True)
+                out = None
+            else:
+                done = index * stride - base  # samples before the next segment's start are final
+                yield trim(out[..., :done] / tp.cast(Tensor, weight_sum)[:done], False)
+                out, weight_sum = out[..., done:].clone(), tp.cast(Tensor, weight_sum)[done:].clone()
+                base += done
+            pending = following
+        if index == 0:
+            finish()
+
+
+def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None,
+                  lm: LanguageModel | None = None) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
+    """Read an .ecdc stream (v1, or a reference v0 file) and decode it chunk by chunk.
+
+    Args:
+        fi: binary input (a pipe is fine).
+        codec: the codec to use; None loads the one the header names (`hub.load_codec`).
+        lm: the entropy-coding LM; None loads the one the header names when a segment needs it.
+    Returns:
+        (info, chunks): audio chunks [G, C, t] at the codec rate, `info.length` samples in all;
+        `info.length` and the totals are filled in once the iterator is exhausted.
+    Raises:
+        CorruptStream, UnsupportedFormatVersion, ModelMismatch: with a one-line message.
+    """
+    prelude = container.read_prelude(fi)
+    if prelude.version == 0:
+        return _decode_v0(fi, prelude, codec)
+    info = _info_from_header(prelude.header)
+    codec = _resolve_codec(codec, info)
+    lm_box: list[LanguageModel | None] = [None if lm is None or info.lm_id is None else _resolve_lm(lm, info)]
+    reader = container.ContainerReader(fi, prelude)
+    codes = _segment_codes(reader, info, codec, lm_box)
+
+    def finish() -> int:
+        for _ in codes:  # pragma: no cover - all consumed already
+            pass
+        return _check_end(reader, info)
+
+    return info, _guard(_audio(codes, codec, info, finish))
+
+
+def _guard(it: tp.Iterator[Tensor]) -> tp.Iterator[Tensor]:
+    """Turn low-level failures on hostile input into CorruptStream (never a bare traceback)."""
+    try:
+        yield from it
+    except NeucodecError:
+        raise
+    except (ValueError, RuntimeError, IndexError, OverflowError, struct.error) as e:
+        raise CorruptStream(f"undecodable stream ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+
+
+def read_info(fi: tp.BinaryIO) -> StreamInfo:
+    """Header plus totals (length, segments, bytes), checking every CRC, without decoding audio."""
+    prelude = container.read_prelude(fi)
+    if prelude.version == 0:
+        return _v0_info(prelude.header, None)
+    info = _info_from_header(prelude.header)
+    reader = container.ContainerReader(fi, prelude)
+    for record in reader:
+        if record.items != info.groups or not 1 <= record.frames <= info.segment_frames:
+            raise CorruptStream(f"segment {record.index} at byte {record.offset}: shape does not fit the header")
+        info.segments += 1
+        info.frames += record.frames
+        info.lm_segments += record.flags == container.SEGMENT_LM
+    _check_end(reader, info)
+    return info
+
+
+# ---------------------------------------------------------------- version 0 (reference encodec)
+_V0_MODELS = {"encodec_24khz": (24000, 1, False), "encodec_48khz": (48000, 2, True)}
+
+
+def _v0_info(h: dict[str, tp.Any], codec: Codec | None) -> StreamInfo:
+    name = h.get("m")
+    if name not in _V0_MODELS:
+        raise CorruptStream(f"reference .ecdc header names an unknown model {str(name)[:40]!r}")
+    al, nc, use_lm = h.get("al"), h.get("nc"), h.get("lm")
+    if not isinstance(al, int) or isinstance(al, bool) or not 0 <= al < 1 << 40:
+        raise CorruptStream(f"reference .ecdc header: bad audio length {str(al)[:40]!r}")
+    if not isinstance(nc, int) or isinstance(nc, bool) or not 1 <= nc <= 32:
+        raise CorruptStream(f"reference .ecdc header: bad number of codebooks {str(nc)[:40]!r}")
+    if not isinstance(use_lm, bool):
+        raise CorruptStream("reference .ecdc header: bad 'lm' flag")
+    sr, ch, segmented = _V0_MODELS[name]
+    hop = 320
+    frame_rate = math.ceil(sr / hop)
+    return StreamInfo(
+        format_version=0, model_id=name, model_fingerprint=None, lm_id=f"encodec_lm_{name[8:]}" if use_lm else None,
+        lm_fingerprint=None, sample_rate=sr, channels=ch, groups=1, source_sample_rate=sr, source_channels=ch,
+        frame_rate=frame_rate, hop_length=hop, n_q=nc, bandwidth=nc * frame_rate * 10 / 1000, bits_per_code=10,
+        layout="overlap" if segmented else "stream", segment_frames=150 if segmented else max(1, -(-al // hop)),
+        segment_length=sr if segmented else None, segment_stride=int(0.99 * sr) if segmented else None,
+        scales=segmented, coder={"name": "encodec-arithmetic-v0"} if use_lm else None, length=al)
+
+
+def _decode_v0(fi: tp.BinaryIO, prelude: container.Prelude, codec: Codec | None) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
+    info = _v0_info(prelude.header, codec)
+    if info.coder is not None:
+        raise UnsupportedFormatVersion("reference .ecdc file entropy-coded with the LM (lm: true) is not supported; "
+                                       "re-encode it with the reference tool's --no-lm or decode it there")
+    if codec is None:
+        from .hub import load_codec
+        codec = load_codec(info.model_id)
+    expect = _V0_MODELS[info.model_id]
+    if (codec.sample_rate, codec.channels, codec.config.normalize) != expect or codec.hop_length != 320 \
+            or codec.n_q < info.n_q:
+        raise ModelMismatch(f"this reference file needs {info.model_id}; the given model is "
+                            f"{getattr(codec, 'model_id', codec.config.name)}")
+    length, K = tp.cast(int, info.length), info.n_q
+    pos = [prelude.size]
+
+    def read(n: int, what: str) -> bytes:
+        data = container.read_exactly(fi, n, f"{what} at byte {pos[0]}")
+        pos[0] += n
+        return data
+
+    def codes_iter() -> tp.Iterator[tuple[Tensor, Tensor | None]]:
+        if info.layout == "stream":
+            frames = -(-length // 320)
+            for start in range(0, frames, _V0_CHUNK_FRAMES):
+                F = min(_V0_CHUNK_FRAMES, frames - start)
+                nbytes = entropy.packed_size(1, K, F)
+                data = read(nbytes, "segment 0")
+                if F < _V0_CHUNK_FRAMES:  # last piece: the padding bits of the flush must be zero
+                    yield entropy.unpack(data, 1, K, F, where=f"segment 0 at byte {pos[0] - nbytes}"), None
+                else:
+                    yield entropy.unpack(data, 1, K, F), None
+            return
+        seg_len, stride = tp.cast(int, info.segment_length), tp.cast(int, info.segment_stride)
+        for i, offset in enumerate(range(0, length, stride)):
+            F = -(-min(length - offset, seg_len) // 320)
+            (scale,) = struct.unpack("!f", read(4, f"segment {i} scale"))
+            if not math.isfinite(scale):
+                raise CorruptStream(f"segment {i} at byte {pos[0] - 4}: invalid volume scale")
+            data = read(entropy.packed_size(1, K, F), f"segment {i}")
+            yield entropy.unpack(data, 1, K, F, where=f"segment {i}"), torch.tensor([scale])
+
+    def finish() -> int:
+        return length
+
+    it = codes_iter()
+    if length == 0:
+        return info, iter([])
+    return info, _guard(_audio(it, codec, info, finish))
+
+
+# ---------------------------------------------------------------- convenience
+def encode_bytes(codec: Codec, wav: Tensor, bandwidth: float | None, lm: LanguageModel | None = None,
+                 **kw: tp.Any) -> bytes:
+    """Whole signal [G, C, T] -> .ecdc bytes (keyword arguments go to `encode_stream`)."""
+    if wav.dim() != 3:
+        raise UnsupportedAudio(f"expected audio [groups, channels, samples], got {tuple(wav.shape)}")
+    kw.setdefault("source_sample_rate", codec.sample_rate)
+    kw.setdefault("source_channels", wav.shape[0] * wav.shape[1])
+    chunk = int(kw.pop("chunk_seconds", 10.0) * codec.sample_rate)
+    buf = io.BytesIO()
+    encode_stream(buf, codec, wav.split(chunk, -1) if wav.shape[-1] else [], bandwidth=bandwidth, lm=lm, **kw)
+    return buf.getvalue()
+
+
+def decode_bytes(data: bytes, codec: Codec | None = None, lm: LanguageModel | None = None) -> tuple[StreamInfo, Tensor]:
+    """.ecdc bytes -> (info, audio [G, C, length])."""
+    info, chunks = decode_stream(io.BytesIO(data), codec, lm)
+    parts = list(chunks)
+    if not parts:
+        return info, torch.zeros(info.groups, info.channels, 0)
+    return info, torch.cat(parts, -1)

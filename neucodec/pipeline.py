@@ -1,0 +1,359 @@
+"""File to file: `encode_file` (audio -> .ecdc) and `decode_file` (.ecdc -> audio), the whole data path.
+
+Encode: `audio_io.open_audio` -> blocks -> resample/regroup for the codec -> `ecdc.encode_stream`
+-> atomic write. Decode: `ecdc.decode_stream` -> regroup -> resample back to the source rate ->
+`audio_io.AudioWriter` -> atomic write. Both stream in blocks, so `-` (stdin/stdout) works with bounded
+memory and a causal model produces output before its input ends. The codec runs on the chosen device;
+the entropy-coding LM always runs on the CPU so files decode the same everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import audio_io
+from .atomic import atomic_output, check_target, disk_error
+from .errors import (DeviceUnavailable, NeucodecError, OutputError, UnknownModel, UnsupportedAudio,
+                     WeightsUnavailable)
+from .hub import load_codec, load_lm
+from .model import Codec
+from .weights import DEFAULT_MODEL, known_names
+
+if tp.TYPE_CHECKING:
+    from .ecdc import StreamInfo
+    from .lm import LanguageModel
+
+PathLike = tp.Union[str, "os.PathLike[str]"]
+Notify = tp.Callable[[str], None]
+#: Files longer than this get their own progress bar when `progress=True`.
+LONG_FILE_SECONDS = 30.0
+
+
+@dataclasses.dataclass
+class FileResult:
+    """What one encode or decode did."""
+
+    source: str
+    target: str
+    info: StreamInfo
+    seconds: float  # audio duration
+    bytes: int  # size of the .ecdc stream
+    elapsed: float  # wall-clock seconds
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def kbps(self) -> float:
+        """Actual bitrate of the .ecdc stream, header included."""
+        return 8 * self.bytes / max(self.seconds, 1e-9) / 1000
+
+
+# ------------------------------------------------------------------------------------------ devices
+def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`; DeviceUnavailable otherwise."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"--device {spec}: CUDA is not available here (no GPU, or torch built "
+                                    "without CUDA); use --device cpu or --device auto")
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            raise DeviceUnavailable(f"--device {spec} is not a device name; use cuda or cuda:N") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                    f"numbered 0 to {torch.cuda.device_count() - 1}")
+        return device
+    raise DeviceUnavailable(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+
+
+_CODECS: dict[tuple[str, str], Codec] = {}
+_LMS: dict[str, LanguageModel] = {}
+
+
+def get_codec(model: PathLike | None, device: torch.device) -> Codec:
+    """The codec for a model name or path on `device`, loaded once per process."""
+    key = (str(model or DEFAULT_MODEL), str(device))
+    if model is None and DEFAULT_MODEL not in known_names():
+        raise WeightsUnavailable(f"the default model {DEFAULT_MODEL} is not installed; pass -m/--model with a "
+                                 "model name from `neucodec models` or a weights path")
+    if key not in _CODECS:
+        _CODECS[key] = load_codec(key[0], device=device)
+    return _CODECS[key]
+
+
+def get_lm(model: PathLike | None) -> LanguageModel:
+    """The entropy-coding LM for a model name or path (CPU, float32), loaded once per process."""
+    key = str(model or DEFAULT_MODEL)
+    if key not in _LMS:
+        _LMS[key] = load_lm(key)
+    return _LMS[key]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _is_stdio(path: PathLike) -> bool:
+    return str(path) == audio_io.STDIO
+
+
+def _binary_stdout() -> tp.BinaryIO:
+    if sys.stdout.isatty():
+        raise OutputError("refusing to write binary data to a terminal; redirect stdout (> file) or give OUT")
+    return sys.stdout.buffer
+
+
+def _check_paths(src: PathLike, dst: PathLike, force: bool, what: str = "audio") -> None:
+    """Input first (a missing input is the more useful message), then the output rules."""
+    if not _is_stdio(src):
+        p = Path(src)
+        error = UnsupportedAudio if what == "an audio" else NeucodecError
+        if not p.exists():
+            raise error(f"{p} does not exist; check the path")
+        if not p.is_file():
+            raise error(f"{p} is not a file; give {what} file, or folders as both IN and OUT")
+    if not _is_stdio(dst):
+        check_target(Path(dst), force, None if _is_stdio(src) else Path(src))
+
+
+class _Bar:
+    """A tqdm bar in seconds of audio, or nothing."""
+
+    def __init__(self, enabled: bool, total: float | None, desc: str) -> None:
+        self._bar = None
+        if enabled and (total is None or total >= LONG_FILE_SECONDS):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=None if total is None else round(total, 1), unit="s", desc=desc,
+                             leave=False, file=sys.stderr, dynamic_ncols=True,
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]"
+                             if total else None)
+
+    def update(self, seconds: float) -> None:
+        if self._bar is not None:
+            self._bar.update(seconds)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _translate(e: BaseException, target: str) -> NeucodecError | None:
+    """Turn memory and disk failures into one-line errors."""
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return NeucodecError("the device ran out of memory; use --device cpu, fewer --jobs, or shorter files")
+    if isinstance(e, OSError) and not isinstance(e, BrokenPipeError) and target != audio_io.STDIO:
+        return disk_error(e, Path(target))
+    return None
+
+
+# ------------------------------------------------------------------------------------------- encode
+def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, bandwidth: float | None = None,
+                use_lm: bool = False, device: str | torch.device = "auto", force: bool = False,
+                progress: bool = False, notify: Notify | None = None, codec: Codec | None = None,
+                lm: LanguageModel | None = None, segment_seconds: float | None = None) -> FileResult:
+    """Compress an audio file (or `-` for stdin) into an .ecdc file (or `-` for stdout).
+
+    Args:
+        model: model name or weights path; None is the default model. Ignored when `codec` is given.
+        bandwidth: kbps, one of the model's bandwidths; None uses `default_bandwidth` (6 kbps where offered).
+        use_lm: entropy-code with the model's LM (smaller, slower; runs on the CPU).
+        force: replace an existing `dst`.
+        progress: show a bar for long files on stderr.
+        notify: called with one-line notes (resampling, per-channel bitrate).
+    Returns:
+        FileResult with the stream's StreamInfo, the audio duration and the stream size.
+    """
+    from . import ecdc
+
+    t0 = time.perf_counter()
+    src, dst = str(src), str(dst)
+    _check_paths(src, dst, force, what="an audio")
+    codec = codec or get_codec(model, pick_device(device))
+    if bandwidth is None:
+        bandwidth = default_bandwidth(codec)
+    codec.n_q_for_bandwidth(bandwidth)  # unsupported bandwidth: fail before reading audio
+    if use_lm and lm is None:
+        lm = get_lm(model)
+    notes: list[str] = []
+    with audio_io.open_audio(src) as reader:
+        notes += _encode_notes(reader, codec, bandwidth)
+        for n in notes:
+            if notify:
+                notify(n)
+        bar = _Bar(progress, reader.seconds, Path(src).name if not _is_stdio(src) else "stdin")
+        chunks = _codec_chunks(reader, codec, bar)
+        kwargs: dict[str, tp.Any] = dict(bandwidth=bandwidth, lm=lm, source_sample_rate=reader.sample_rate,
+                                         source_channels=reader.channels)
+        if segment_seconds is not None:
+            kwargs["segment_seconds"] = segment_seconds
+        try:
+            if _is_stdio(dst):
+                out = _binary_stdout()
+                info = ecdc.encode_stream(out, codec, chunks, **kwargs)
+                out.flush()
+            else:
+                with atomic_output(Path(dst), force) as tmp, open(tmp, "wb") as fo:
+                    info = ecdc.encode_stream(fo, codec, chunks, **kwargs)
+        except (RuntimeError, OSError) as e:
+            err = _translate(e, dst)
+            if err is None:
+                raise
+            raise err from None
+        finally:
+            bar.close()
+    seconds = (info.length or 0) / info.sample_rate
+    return FileResult(src, dst, info, seconds, int(info.bytes), time.perf_counter() - t0, notes)
+
+
+def default_bandwidth(codec: Codec) -> float:
+    """The bandwidth used when none is given: 6 kbps where offered, else the lowest."""
+    bws = codec.config.bandwidths
+    return 6.0 if 6.0 in bws else min(bws)
+
+
+def _encode_notes(reader: audio_io.AudioReader, codec: Codec, bandwidth: float) -> list[str]:
+    notes = []
+    if reader.sample_rate != codec.sample_rate:
+        notes.append(f"{reader.name}: resampling {reader.sample_rate} Hz -> {codec.sample_rate} Hz for the model "
+                     f"(decoding restores {reader.sample_rate} Hz)")
+    groups = audio_io.groups_for(reader.channels, codec.channels)
+    if groups > 1:
+        unit = "mono" if codec.channels == 1 else f"{codec.channels}-channel"
+        notes.append(f"{reader.name}: {reader.channels} channels coded as {groups} {unit} streams: "
+                     f"{bandwidth:g} kbps each, {groups * bandwidth:g} kbps in total")
+    elif reader.channels < codec.channels:
+        notes.append(f"{reader.name}: mono input duplicated to {codec.channels} channels for the model "
+                     "(decoding restores mono)")
+    return notes
+
+
+def _codec_chunks(reader: audio_io.AudioReader, codec: Codec, bar: _Bar) -> tp.Iterator[torch.Tensor]:
+    """Source blocks -> `[G, codec.channels, t]` float32 chunks at the codec rate, on the codec's device."""
+    resample = audio_io.Resampler(reader.sample_rate, codec.sample_rate, reader.channels)
+    device = codec.device
+
+    def chunk(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(audio_io.to_groups(x, codec.channels).copy()).to(device)
+
+    for block in reader.blocks():
+        y = resample(block)
+        if y.shape[1]:
+            yield chunk(y)
+        bar.update(block.shape[1] / reader.sample_rate)
+    tail = resample(np.zeros((reader.channels, 0), np.float32), last=True)
+    if tail.shape[1]:
+        yield chunk(tail)
+
+
+# ------------------------------------------------------------------------------------------- decode
+def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
+                device: str | torch.device = "auto", force: bool = False, subtype: str | None = None,
+                sample_rate: int | None = None, progress: bool = False, notify: Notify | None = None,
+                codec: Codec | None = None, lm: LanguageModel | None = None) -> FileResult:
+    """Decompress an .ecdc file (or `-` for stdin) into WAV/FLAC (or WAV on stdout for `-`).
+
+    The output has the source's sample rate and channel count unless `sample_rate` is given.
+    `model` overrides the weights named in the file (a path to the same weights, e.g.); the LM, if the
+    file was coded with one, is loaded on the CPU.
+    """
+    from . import ecdc
+
+    t0 = time.perf_counter()
+    src, dst = str(src), str(dst)
+    fmt, subtype = audio_io.output_format(dst, subtype)
+    _check_paths(src, dst, force, what="an .ecdc")
+    notes: list[str] = []
+    stdin = _is_stdio(src)
+    fi = sys.stdin.buffer if stdin else open(src, "rb")
+    try:
+        known: StreamInfo | None = None
+        if not stdin:  # a file: read the totals first (CRCs only, no decoding) for exact lengths
+            known = ecdc.read_info(fi)
+            fi.seek(0)
+        if codec is None and model is not None:
+            codec = get_codec(model, pick_device(device))
+        if lm is None and model is not None and (known is None or known.lm_id):
+            lm = _optional_lm(model)
+        try:
+            info, chunks = ecdc.decode_stream(fi, codec=codec, lm=lm)
+        except (UnknownModel, WeightsUnavailable) as e:
+            if model is not None:
+                raise
+            named = f"model {known.model_id}" if known is not None else "a model"
+            raise WeightsUnavailable(f"{audio_io.describe(src)} was encoded with {named}, which is not installed "
+                                     "here; pass -m/--model with its weights (see `neucodec models`)") from e
+        out_rate = sample_rate or info.source_sample_rate or info.sample_rate
+        channels = info.source_channels or info.channels
+        length = known.length if known is not None else info.length
+        total = None if length is None else audio_io.expected_length(length, info.sample_rate, out_rate)
+        source_length = getattr(known or info, "source_length", None)  # exact, when the format stores it
+        if source_length and out_rate == info.source_sample_rate:
+            total = int(source_length)
+        bar = _Bar(progress, None if length is None else length / info.sample_rate,
+                   "stdin" if stdin else Path(src).name)
+        blocks: tp.Iterable[np.ndarray] = _audio_blocks(chunks, info, out_rate, channels, bar)
+        if total is not None:
+            blocks = audio_io.fit_length(blocks, total)
+        try:
+            if _is_stdio(dst):
+                writer = audio_io.AudioWriter(_binary_stdout(), out_rate, channels, fmt, subtype, frames=total)
+                with writer:
+                    for b in blocks:
+                        writer.write(b)
+            else:
+                with atomic_output(Path(dst), force, suffix=Path(dst).suffix) as tmp:
+                    with audio_io.AudioWriter(tmp, out_rate, channels, fmt, subtype) as writer:
+                        for b in blocks:
+                            writer.write(b)
+        except (RuntimeError, OSError) as e:
+            err = _translate(e, dst)
+            if err is None:
+                raise
+            raise err from None
+        finally:
+            bar.close()
+    finally:
+        if not stdin:
+            fi.close()
+    if writer.clipped:
+        notes.append(f"{dst}: {writer.clipped} samples clipped to [-1, 1]; use --subtype FLOAT to keep them")
+    for n in notes:
+        if notify:
+            notify(n)
+    final = known if known is not None else info
+    return FileResult(src, dst, final, (final.length or 0) / final.sample_rate, int(final.bytes),
+                      time.perf_counter() - t0, notes)
+
+
+def _optional_lm(model: PathLike) -> LanguageModel | None:
+    """The LM packaged with `model`, or None when it has none (the stream may not need one)."""
+    try:
+        return get_lm(model)
+    except WeightsUnavailable:
+        return None
+
+
+def _audio_blocks(chunks: tp.Iterable[torch.Tensor], info: StreamInfo, out_rate: int, channels: int,
+                  bar: _Bar) -> tp.Iterator[np.ndarray]:
+    """Decoded `[G, C, t]` chunks -> `[channels, t]` float32 blocks at `out_rate`."""
+    resample = audio_io.Resampler(info.sample_rate, out_rate, channels)
+    for chunk in chunks:
+        x = audio_io.from_groups(chunk.detach().float().cpu().numpy(), channels)
+        bar.update(x.shape[1] / info.sample_rate)
+        y = resample(x)
+        if y.shape[1]:
+            yield y
+    tail = resample(np.zeros((channels, 0), np.float32), last=True)
+    if tail.shape[1]:
+        yield tail

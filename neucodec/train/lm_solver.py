@@ -1,0 +1,134 @@
+"""Entropy-coding LM training on the codes of a frozen codec (paper §3.3).
+
+Codes of random 5 s crops are computed once with the frozen codec and cached; each batch then uses
+a random number of codebooks (one of the codec's bandwidths) and, half the time, a random start
+position, and the LM learns to predict step t from step t-1 by cross-entropy. The metric is bits
+per code, against the log2(bins) bits of plain packing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import config as cfg
+from ..lm import LanguageModel
+from ..model import Codec
+from .data import Batches
+
+Tensor = torch.Tensor
+
+
+@torch.no_grad()
+def code_dataset(codec: Codec, batches: Batches, n_batches: int) -> Tensor:
+    """Codes [N, n_q, frames] (int16) of `n_batches` batches of crops, all codebooks."""
+    codec.eval()
+    out = [codec.encode(batches.next().to(codec.device), None, chunk_seconds=None).codes.to(torch.int16)
+           for _ in range(n_batches)]
+    return torch.cat(out)
+
+
+def lm_loss(lm: LanguageModel, codes: Tensor, offset: int = 0) -> Tensor:
+    """Mean cross-entropy (nats per code) of codes [B, K, T] under the teacher-forced LM."""
+    logits = lm(codes, offset=offset)  # [B, K, T, card]
+    return F.cross_entropy(logits.flatten(0, 2).float(), codes.flatten())
+
+
+class LMSolver:
+    """Trains a `LanguageModel` on cached codes; checkpoints to `run_dir/lm_checkpoint.pt`."""
+
+    def __init__(self, lm_config: cfg.LMConfig, codec_config: cfg.CodecConfig, codes: Tensor,
+                 run_dir: str | Path, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
+                 dev_codes: Tensor | None = None) -> None:
+        torch.manual_seed(seed)
+        self.lm = LanguageModel(lm_config)
+        self.codes, self.dev_codes = codes, dev_codes
+        self.run_dir = Path(run_dir)
+        self.batch_size = batch_size
+        self.opt = torch.optim.AdamW(self.lm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+        self.rng = random.Random(seed)
+        self.ks = sorted({min(lm_config.n_q, codec_config.n_q_for_bandwidth(b)) for b in codec_config.bandwidths})
+        self.bits = math.log2(codec_config.quantizer.bins)
+        self.step = 0
+        self.seconds = 0.0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "lm_checkpoint.pt"
+
+    def save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save({"lm": self.lm.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                    "seconds": self.seconds, "rng": json.dumps(self.rng.getstate())}, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load(self) -> bool:
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, weights_only=True)
+        self.lm.load_state_dict(state["lm"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.seconds = int(state["step"]), float(state["seconds"])
+        r = json.loads(state["rng"])
+        self.rng.setstate((r[0], tuple(r[1]), r[2]))
+        return True
+
+    def train_step(self) -> dict[str, float]:
+        self.lm.train()
+        idx = torch.tensor([self.rng.randrange(len(self.codes)) for _ in range(self.batch_size)])
+        k = self.rng.choice(self.ks)
+        codes = self.codes[idx, :k].long()
+        offset = self.rng.randrange(1000) if self.rng.random() < 0.5 else 0
+        loss = lm_loss(self.lm, codes, offset)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.lm.parameters(), 1.0)
+        self.opt.step()
+        return {"loss": float(loss.detach()), "bits_per_code": float(loss.detach()) / math.log(2), "k": k}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Bits per code on held-out codes at every K, and the saving against plain packing."""
+        if self.dev_codes is None:
+            return {}
+        self.lm.eval()
+        out = {}
+        for k in self.ks:
+            bits = float(lm_loss(self.lm, self.dev_codes[:, :k].long())) / math.log(2)
+            out[f"bits_k{k}"] = bits
+            out[f"saving_k{k}"] = 1 - bits / self.bits
+        return out
+
+    def run(self, steps: int, max_seconds: float | None = None, log_every: int = 50,
+            on_checkpoint: tp.Callable[[], None] | None = None) -> None:
+        start, t_last = time.time(), time.time()
+        acc: list[dict[str, float]] = []
+        while self.step < steps and (max_seconds is None or time.time() - start < max_seconds):
+            acc.append(self.train_step())
+            self.step += 1
+            now = time.time()
+            self.seconds += now - t_last
+            t_last = now
+            if self.step % log_every == 0:
+                row = {"step": self.step, "hours": round(self.seconds / 3600, 4),
+                       "bits_per_code": round(float(np.mean([a["bits_per_code"] for a in acc])), 4)}
+                acc = []
+                if self.step % (log_every * 10) == 0:
+                    row.update({k: round(v, 4) for k, v in self.evaluate().items()})
+                    self.save()
+                    if on_checkpoint:
+                        on_checkpoint()
+                print(json.dumps(row), flush=True)
+                with open(self.run_dir / "lm_log.csv", "a", newline="") as f:
+                    csv.writer(f).writerow([json.dumps(row)])
+        self.save()

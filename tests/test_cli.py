@@ -1,0 +1,178 @@
+"""The `neucodec` command: CliRunner for options and errors, real subprocesses for pipes, folders and signals."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from neucodec.cli import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output  # click >= 8.2: stdout and stderr interleaved
+
+
+def proc(*args: str, **kw: object) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "neucodec", *map(str, args)], env=env, **kw)  # type: ignore[call-overload]
+
+
+def test_version_help_usage() -> None:
+    code, out = run("--version")
+    assert code == 0 and "neucodec" in out
+    code, out = run("encode", "--help")
+    assert code == 0 and "--bandwidth" in out and "--device" in out
+    assert run("encode", "a.wav")[0] == 2  # missing OUT
+    assert run("encode", "a.wav", "b.ecdc", "--bogus")[0] == 2
+    assert run("bogus")[0] == 2
+
+
+def test_encode_info_decode_round_trip(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.ecdc"
+    code, text = run("encode", recordings["flac_stereo"], out, "-m", tiny_model, "-b", "3")
+    assert code == 0, text
+    assert "2 mono streams" in text and "6 kbps in total" in text
+    code, text = run("info", out)
+    assert code == 0 and "tiny_24khz" in text and "44100 Hz, 2 channel" in text
+    code, text = run("info", out, "--json")
+    assert json.loads(text[text.index("{"):])["source_channels"] == 2
+    code, text = run("decode", out, tmp_path / "s.flac", "--subtype", "PCM_24", "-q")
+    assert code == 1 and "tiny_24khz" in text and "-m/--model" in text  # not installed by name
+    code, text = run("decode", out, tmp_path / "s.flac", "--subtype", "PCM_24", "-m", tiny_model, "-q")
+    assert code == 0 and text == ""
+    info = sf.info(str(tmp_path / "s.flac"))
+    assert (info.samplerate, info.channels, info.subtype) == (44100, 2, "PCM_24")
+    # OUT a folder: IN's name with the new extension
+    code, text = run("decode", out, tmp_path, "-m", tiny_model, "-q")
+    assert code == 0 and (tmp_path / "s.wav").is_file()
+
+
+def test_errors_are_one_line(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    text_file = tmp_path / "notes.wav"
+    text_file.write_text("not audio\n")
+    corrupt = tmp_path / "x.ecdc"
+    corrupt.write_bytes(b"NCDC\x01" + b"\x00" * 100)
+    cases = [
+        (["encode", tmp_path / "missing.wav", tmp_path / "o.ecdc", "-m", tiny_model], "does not exist"),
+        (["encode", text_file, tmp_path / "o.ecdc", "-m", tiny_model], "not audio"),
+        (["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", "no_such_model"], "unknown model"),
+        (["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", tmp_path / "w.json"], "does not exist"),
+        (["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", tiny_model, "-b", "5"], "kbps"),
+        (["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", tiny_model, "--device", "tpu"], "device"),
+        (["encode", recordings["wav_mono"], recordings["wav_mono"], "-m", tiny_model, "-f"], "input file"),
+        (["decode", corrupt, tmp_path / "o.wav", "-m", tiny_model], ""),
+        (["decode", text_file, tmp_path / "o.wav", "-m", tiny_model], ""),
+        (["decode", corrupt, tmp_path / "o.mp4", "-m", tiny_model], ".wav or .flac"),
+        (["info", corrupt], ""),
+        (["download", "nothing"], "no downloadable model"),
+    ]
+    if not __import__("torch").cuda.is_available():
+        cases.append((["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", tiny_model, "--device", "cuda"],
+                      "CUDA is not available"))
+    for args, needle in cases:
+        code, text = run(*args)
+        lines = [ln for ln in text.splitlines() if ln.startswith("neucodec: error")]
+        assert code == 1 and len(lines) == 1 and needle in lines[0], (args, text)
+        assert "Traceback" not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.wav", "x.ecdc"]
+    code, text = run("info", corrupt, "-v")
+    assert code == 1 and "Traceback" in text
+
+
+def test_overwrite_needs_force(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a.ecdc"
+    out.write_bytes(b"old")
+    code, text = run("encode", recordings["wav_mono"], out, "-m", tiny_model)
+    assert code == 1 and "--force" in text and out.read_bytes() == b"old"
+    assert run("encode", recordings["wav_mono"], out, "-m", tiny_model, "-f", "-q")[0] == 0
+    assert out.read_bytes() != b"old"
+
+
+def test_models_lists_official_and_cache(tmp_path: Path) -> None:
+    code, text = run("models")
+    assert code == 0 and "encodec_24khz" in text and "neucodec download encodec_24khz" in text
+    code, text = run("models", "--json")
+    rows = json.loads(text)
+    assert {r["name"] for r in rows} >= {"encodec_24khz", "encodec_48khz"}
+    code, text = run("download", "encodec_24khz")  # offline in tests
+    assert code == 1 and "neucodec: error" in text
+
+
+def test_folder_tree_with_broken_file(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "c").mkdir()
+    shutil.copy(recordings["wav_mono"], src / "one.wav")
+    shutil.copy(recordings["ogg"], src / "a" / "b" / "two.ogg")
+    shutil.copy(recordings["flac_stereo"], src / "a" / "three.flac")
+    (src / "c" / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnope")
+    (src / "readme.txt").write_text("ignored")
+    dst = tmp_path / "out"
+    code, text = run("encode", src, dst, "-m", tiny_model, "-j", "1")
+    assert code == 1
+    assert "broken.wav" in text and "encoded 3 files" in text and "1 failed" in text
+    made = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert made == ["a/b/two.ecdc", "a/three.ecdc", "one.ecdc"]
+    (src / "c" / "broken.wav").unlink()
+    code, text = run("encode", src, dst, "-m", tiny_model)
+    assert code == 0 and "3 skipped" in text
+    code, text = run("decode", dst, tmp_path / "dec", "-m", tiny_model, "--format", "flac", "-j", "2")
+    assert code == 0, text
+    assert sorted(str(p.relative_to(tmp_path / "dec")) for p in (tmp_path / "dec").rglob("*.flac")) == \
+        ["a/b/two.flac", "a/three.flac", "one.flac"]
+    assert sf.info(str(tmp_path / "dec" / "a" / "three.flac")).channels == 2
+
+
+def test_pipes_stream_end_to_end(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    """`encode - - | decode - -` with real processes and pipes: WAV in, WAV out."""
+    enc = proc("encode", "-", "-", "-m", tiny_model, "-q", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    dec = proc("decode", "-", "-", "-m", tiny_model, "-q", stdin=enc.stdout, stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE)
+    assert enc.stdout is not None and enc.stdin is not None
+    enc.stdout.close()
+    enc.stdin.write(recordings["flac_stereo"].read_bytes())  # FLAC through a pipe is spooled
+    enc.stdin.close()
+    out, err = dec.communicate(timeout=120)
+    assert enc.wait(timeout=60) == 0 and dec.returncode == 0, err.decode()
+    path = tmp_path / "piped.wav"
+    path.write_bytes(out)
+    info = sf.info(str(path))
+    ref = sf.info(str(recordings["flac_stereo"]))
+    assert (info.samplerate, info.channels) == (ref.samplerate, ref.channels)
+    assert abs(info.frames - ref.frames) <= 1
+
+
+def test_sigint_leaves_no_output(tiny_model: Path, tmp_path: Path) -> None:
+    """Ctrl-C while stdin is still open: exit 130 and no output file, not even a temporary one."""
+    out = tmp_path / "o.ecdc"
+    p = proc("encode", "-", out, "-m", tiny_model, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdin is not None
+    x = (np.random.default_rng(0).standard_normal(24000) * 0.1).astype(np.float32)
+    header = __import__("neucodec.audio_io", fromlist=["wav_header"]).wav_header(24000, 1, "PCM_16", None)
+    p.stdin.write(header)
+    block = __import__("neucodec.audio_io", fromlist=["pcm_bytes"]).pcm_bytes(x[None], "PCM_16")
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".o.ecdc.*")) and time.time() < deadline:  # wait for the temporary file
+        p.stdin.write(block)
+        p.stdin.flush()
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".o.ecdc.*")), "no temporary output appeared"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err.decode()
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,185 @@
+"""Streaming writer/reader: round trips, pipes, models named in the header, corruption -> one-line errors."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _bitstream import skewed_codes, skewed_lm, tiny_codec24, tiny_codec48
+from neucodec import container, ecdc
+from neucodec.errors import CorruptStream, ModelMismatch, NeucodecError, UnsupportedFormatVersion
+from neucodec.weights import save_release
+
+
+@pytest.fixture(scope="module")
+def c24():
+    return tiny_codec24()
+
+
+@pytest.fixture(scope="module")
+def c48():
+    return tiny_codec48()
+
+
+class WriteOnlyPipe(io.RawIOBase):
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        self.chunks.append(bytes(b))
+        return len(b)
+
+
+def test_round_trip_24khz_groups_and_pipe(c24) -> None:
+    wav = 0.1 * torch.randn(2, 1, 24000 * 2 + 123)
+    pipe = WriteOnlyPipe()
+    seen: list[int] = []
+    info = ecdc.encode_stream(pipe, c24, wav.split(5000, -1), bandwidth=3.0, lm=None, source_sample_rate=44100,
+                              source_channels=2, segment_seconds=0.5, progress=seen.append)
+    data = b"".join(pipe.chunks)
+    assert sum(seen) == wav.shape[-1] and info.length == wav.shape[-1] and info.bytes == len(data)
+    assert info.segments == 4 and info.n_q == 4 and info.groups == 2
+    got, audio = ecdc.decode_bytes(data, c24)
+    assert audio.shape == wav.shape and got.length == wav.shape[-1] and got.source_sample_rate == 44100
+    ref = c24.decode(c24.encode(wav, 3.0))
+    assert torch.allclose(audio, ref, atol=1e-5)
+    assert ecdc.read_info(io.BytesIO(data)).to_dict() == got.to_dict()
+    json.dumps(got.to_dict())
+
+
+def test_round_trip_48khz(c48) -> None:
+    for T in (48000 * 2 + 700, 300, 48000):
+        wav = 0.1 * torch.randn(1, 2, T)
+        data = ecdc.encode_bytes(c48, wav, 6.0, chunk_seconds=0.3)
+        info, audio = ecdc.decode_bytes(data, c48)
+        assert audio.shape == wav.shape and info.layout == "overlap"
+        assert torch.allclose(audio, c48.decode(c48.encode(wav, 6.0)), atol=1e-5)
+
+
+def test_lm_round_trip_encode_2_threads_decode_1(c24, monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = skewed_lm()
+    wav = 0.1 * torch.randn(1, 1, 24000)
+    # make the codes compressible for the skewed LM: encode real audio, then swap in skewed codes
+    codes = skewed_codes(1, 8, 75)
+    monkeypatch.setattr(c24.quantizer, "encode", lambda z, n_q: codes[:, :n_q, : z.shape[-1]].to(z.device))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        data = ecdc.encode_bytes(c24, wav, 6.0, lm, segment_seconds=0.4)
+        monkeypatch.undo()
+        torch.set_num_threads(1)
+        info, audio = ecdc.decode_bytes(data, c24, lm)
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(old)
+    assert info.lm_segments == info.segments == 3 and info.coder is not None
+    assert torch.allclose(audio, c24.decode(ecdc_codes(codes)), atol=1e-5)
+    with pytest.raises(ModelMismatch, match="LM"):
+        ecdc.decode_bytes(data, c24, skewed_lm(seed=1))
+
+
+def ecdc_codes(codes: torch.Tensor):
+    from neucodec.model import EncodedAudio
+
+    return EncodedAudio(codes, None, 24000)
+
+
+def test_empty_input(c24) -> None:
+    data = ecdc.encode_bytes(c24, torch.zeros(1, 1, 0), 6.0)
+    info, audio = ecdc.decode_bytes(data, c24)
+    assert info.length == 0 and audio.shape == (1, 1, 0)
+
+
+def test_model_resolved_from_header_and_mismatch(c24, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = tiny_codec24(prepared=False)
+    save_release(tmp_path / "bs_tiny.json", "bs_tiny", raw, raw.config, dtype=torch.float32)
+    monkeypatch.setenv("NEUCODEC_CACHE", str(tmp_path))
+    from neucodec.hub import load_codec
+
+    codec = load_codec("bs_tiny")
+    data = ecdc.encode_bytes(codec, 0.1 * torch.randn(1, 1, 5000), 6.0)
+    info, audio = ecdc.decode_bytes(data)  # loads bs_tiny itself
+    assert info.model_id == "bs_tiny" and audio.shape == (1, 1, 5000)
+    with pytest.raises(ModelMismatch, match="bs_tiny"):
+        ecdc.decode_bytes(data, tiny_codec24(seed=5))
+    monkeypatch.setenv("NEUCODEC_CACHE", str(tmp_path / "nothing"))
+    with pytest.raises(NeucodecError):
+        ecdc.decode_bytes(data)
+
+
+def _file(c24) -> bytes:
+    return ecdc.encode_bytes(c24, 0.1 * torch.randn(1, 1, 24000), 6.0, segment_seconds=0.25)
+
+
+def test_corruption_classes(c24) -> None:
+    data = _file(c24)
+    fo = io.BytesIO(data)
+    reader = container.ContainerReader(fo, container.read_prelude(fo))
+    records = list(reader)
+    cases = {
+        "empty": (b"", "empty"),
+        "magic": (b"XXXX" + data[4:], "not an .ecdc file"),
+        "version": (data[:4] + b"\x09" + data[5:], "version 9"),
+        "truncated": (data[: records[2].offset + 30], f"segment 2 at byte {records[2].offset}"),
+        "flip": (data[: records[1].offset + 40] + bytes([data[records[1].offset + 40] ^ 4])
+                 + data[records[1].offset + 41:], f"segment 1 at byte {records[1].offset}: CRC mismatch"),
+        "no end": (data[: reader.end.offset], "end marker is missing"),  # type: ignore[union-attr]
+    }
+    for name, (bad, match) in cases.items():
+        with pytest.raises(CorruptStream, match=match):
+            ecdc.decode_bytes(bad, c24)
+        with pytest.raises(CorruptStream):
+            ecdc.read_info(io.BytesIO(bad))
+    with pytest.raises(UnsupportedFormatVersion):
+        ecdc.decode_bytes(cases["version"][0], c24)
+
+
+def test_header_that_lies_about_length(c24) -> None:
+    data = bytearray(_file(c24))
+    fo = io.BytesIO(bytes(data))
+    reader = container.ContainerReader(fo, container.read_prelude(fo))
+    list(reader)
+    end = reader.end
+    assert end is not None
+    # rewrite the end record with a wrong length but valid CRCs
+    payload = container._END.pack(10**12, end.segments)
+    head = container._HEAD.pack(container.KIND_END, 0, 0, len(payload), end.frames, container.crc32(payload), 0)
+    rec = head + container.crc32(head).to_bytes(4, "little") + payload
+    bad = bytes(data[: end.offset]) + rec + bytes(data[end.offset + len(rec):])
+    with pytest.raises(CorruptStream, match="end marker at byte"):
+        ecdc.decode_bytes(bad, c24)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_sample_decode(c24, data: st.DataObject) -> None:
+    base = bytearray(FUZZ_BASE)
+    for _ in range(data.draw(st.integers(1, 3))):
+        pos = data.draw(st.integers(0, len(base) - 1))
+        op = data.draw(st.sampled_from(["flip", "cut", "byte"]))
+        if op == "flip":
+            base[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "cut":
+            del base[pos:]
+            if not base:
+                break
+        else:
+            base[pos] = data.draw(st.integers(0, 255))
+    try:
+        ecdc.decode_bytes(bytes(base), c24)
+    except NeucodecError as e:
+        assert "\n" not in str(e)
+
+
+FUZZ_BASE = ecdc.encode_bytes(tiny_codec24(), 0.1 * torch.randn(1, 1, 4000), 6.0, segment_seconds=0.05)

@@ -1,0 +1,104 @@
+"""Entropy coding: packing, LM range coding (batched, thread- and batch-independent), fallback."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from _bitstream import skewed_codes, skewed_lm
+from neucodec import container, entropy
+from neucodec.errors import CorruptStream
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(0, 30), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_pack_round_trip(B: int, K: int, F: int, bits: int, seed: int) -> None:
+    codes = torch.randint(0, 1 << bits, (B, K, F), generator=torch.Generator().manual_seed(seed))
+    data = entropy.pack(codes, bits)
+    assert len(data) == entropy.packed_size(B, K, F, bits)
+    assert torch.equal(entropy.unpack(data, B, K, F, bits), codes)
+
+
+def test_pack_matches_reference_bitpacker() -> None:
+    import sys
+    import types
+
+    sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
+    from encodec.binary import BitPacker
+
+    codes = torch.randint(0, 1024, (1, 3, 17))
+    buf = io.BytesIO()
+    packer = BitPacker(10, buf)
+    for t in range(17):
+        for k in range(3):
+            packer.push(int(codes[0, k, t]))
+    packer.flush()
+    assert entropy.pack(codes) == buf.getvalue()
+
+
+def test_unpack_rejects_wrong_size_and_padding() -> None:
+    data = entropy.pack(torch.zeros(1, 1, 3, dtype=torch.long))  # 30 bits -> 4 bytes, 2 padding bits
+    with pytest.raises(CorruptStream, match="expected 4"):
+        entropy.unpack(data + b"\0", 1, 1, 3)
+    with pytest.raises(CorruptStream, match="padding"):
+        entropy.unpack(data[:3] + b"\xff", 1, 1, 3)
+
+
+def test_lm_round_trip_threads_and_batching() -> None:
+    lm = skewed_lm()
+    codes = skewed_codes(2, 8, 60)
+    other = skewed_codes(1, 8, 25, seed=1)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        payloads = entropy.lm_encode_many(lm, [codes, other])
+        torch.set_num_threads(1)
+        # decode each alone and together: same codes (batch composition does not matter)
+        assert torch.equal(entropy.lm_decode(lm, payloads[0], 2, 8, 60), codes)
+        assert torch.equal(entropy.lm_decode(lm, payloads[1], 1, 8, 25), other)
+        both = entropy.lm_decode_many(lm, payloads, [(2, 8, 60), (1, 8, 25)])
+        assert torch.equal(both[0], codes) and torch.equal(both[1], other)
+        assert entropy.lm_encode(lm, codes, 8) == payloads[0]
+    finally:
+        torch.set_num_threads(old)
+    assert torch.get_num_threads() == old
+    assert len(payloads[0]) < len(entropy.pack(codes)) / 2
+
+
+def test_encode_segments_chooses_and_falls_back() -> None:
+    lm = skewed_lm()
+    good = skewed_codes(1, 8, 40)
+    uniform = torch.randint(0, 1024, (1, 8, 40))
+    coded = entropy.encode_segments([good, uniform], lm)
+    assert coded[0].flags == container.SEGMENT_LM
+    assert coded[1].flags == container.SEGMENT_PACKED  # LM would not beat packing
+    back = entropy.decode_segments([(c.flags, c.payload, (1, 8, 40), "s") for c in coded], lm)
+    assert torch.equal(back[0], good) and torch.equal(back[1], uniform)
+
+
+def test_encode_segments_falls_back_when_verification_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = skewed_lm()
+    good = skewed_codes(1, 8, 40)
+    real = entropy.lm_decode_many
+
+    def broken(*args: object, **kw: object) -> list[torch.Tensor]:
+        return [c + 1 for c in real(*args, **kw)]  # type: ignore[arg-type]
+
+    monkeypatch.setattr(entropy, "lm_decode_many", broken)
+    assert entropy.encode_segments([good], lm)[0].flags == container.SEGMENT_PACKED
+
+
+def test_lm_decode_garbage_is_corrupt_stream() -> None:
+    lm = skewed_lm()
+    with pytest.raises(CorruptStream, match="32-bit words"):
+        entropy.lm_decode(lm, b"abc", 1, 8, 10)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        try:
+            entropy.lm_decode(lm, rng.bytes(8), 1, 8, 10)
+        except CorruptStream:
+            pass

@@ -1,0 +1,38 @@
+"""Golden .ecdc files (tests/golden, made by bin/make_golden.py) must decode bit-exact in every later version."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neucodec import ecdc
+from neucodec.hub import load_codec, load_lm
+
+GOLDEN = Path(__file__).parent / "golden"
+EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED["files"]))
+def test_golden_decodes_bit_exact(name: str) -> None:
+    exp = EXPECTED["files"][name]
+    data = (GOLDEN / name).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == exp["sha256"], "golden file modified: never regenerate it"
+    model = GOLDEN / exp["model"]
+    codec = load_codec(model)
+    lm = load_lm(model) if exp["lm_segments"] else None
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # the audio hashes were taken with 1 thread
+    try:
+        info, audio = ecdc.decode_bytes(data, codec, lm)  # codes are checked against their stored CRC32
+    finally:
+        torch.set_num_threads(old)
+    assert (info.length, info.segments, info.lm_segments) == (exp["length"], exp["segments"], exp["lm_segments"])
+    digest = hashlib.sha256(np.ascontiguousarray(audio.numpy(), dtype="<f4").tobytes()).hexdigest()
+    if torch.__version__ == EXPECTED["torch"]:
+        assert digest == exp["audio_sha256"]
+    else:  # float kernels may change between torch builds; the codes (CRC-checked) may not
+        assert abs(float(audio.pow(2).mean().sqrt()) - exp["audio_rms"]) < 1e-4

@@ -1,0 +1,130 @@
+"""pipeline: file round trips for every input kind, channel/rate restoration, safe writes, devices."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from neucodec import audio_io, decode_file, encode_file, pipeline
+from neucodec.errors import DeviceUnavailable, NeucodecError, OutputError, UnsupportedAudio
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("key", ["wav_mono", "flac_stereo", "ogg", "mp3"])
+def test_round_trip_restores_rate_channels_length(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path,
+                                                  key: str) -> None:
+    src = recordings[key]
+    ref, sr = audio_io.load(src)
+    enc = encode_file(src, tmp_path / "a.ecdc", model=tiny_model, device="cpu")
+    assert enc.info.source_sample_rate == sr and enc.info.groups == ref.shape[0]
+    assert enc.bytes == (tmp_path / "a.ecdc").stat().st_size
+    dec = decode_file(tmp_path / "a.ecdc", tmp_path / "b.wav", model=tiny_model, device="cpu")
+    out, out_sr = sf.read(tmp_path / "b.wav", always_2d=True)
+    assert out_sr == sr and out.shape[1] == ref.shape[0]
+    # exact at the codec rate; +-1 sample after resampling back (the source length is not stored)
+    assert abs(out.shape[0] - ref.shape[1]) <= (0 if sr == 24000 else 1)
+    assert dec.seconds == pytest.approx(ref.shape[1] / sr, abs=1e-3)
+
+
+def test_stereo_model_on_mono_and_lm(recordings: dict[str, Path], tiny_stereo_model: Path, tiny_model: Path,
+                                     tmp_path: Path) -> None:
+    notes: list[str] = []
+    encode_file(recordings["wav_mono"], tmp_path / "s.ecdc", model=tiny_stereo_model, device="cpu", notify=notes.append)
+    assert any("duplicated" in n for n in notes)
+    decode_file(tmp_path / "s.ecdc", tmp_path / "s.flac", model=tiny_stereo_model, subtype="PCM_24")
+    assert sf.info(str(tmp_path / "s.flac")).channels == 1
+    x, sr = sf.read(recordings["wav_mono"], frames=sf.info(str(recordings["wav_mono"])).samplerate // 2)
+    sf.write(tmp_path / "short.wav", x, sr)  # the LM coder is slow: half a second
+    res = encode_file(tmp_path / "short.wav", tmp_path / "l.ecdc", model=tiny_model, use_lm=True, bandwidth=3.0)
+    assert res.info.lm_id is not None and res.info.n_q == 4
+    decode_file(tmp_path / "l.ecdc", tmp_path / "l.wav", model=tiny_model, sample_rate=16000)
+    assert sf.info(str(tmp_path / "l.wav")).samplerate == 16000
+
+
+def test_per_channel_bitrate_note(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    notes: list[str] = []
+    encode_file(recordings["flac_stereo"], tmp_path / "a.ecdc", model=tiny_model, notify=notes.append)
+    assert any("2 mono streams" in n and "12 kbps in total" in n for n in notes)
+
+
+def test_overwrite_rules_and_same_file(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a.ecdc"
+    out.write_bytes(b"keep me")
+    with pytest.raises(OutputError, match="--force"):
+        encode_file(recordings["wav_mono"], out, model=tiny_model)
+    assert out.read_bytes() == b"keep me"
+    encode_file(recordings["wav_mono"], out, model=tiny_model, force=True)
+    assert out.read_bytes()[:4] == b"NCDC"
+    with pytest.raises(OutputError, match="input file"):
+        encode_file(recordings["wav_mono"], recordings["wav_mono"], model=tiny_model, force=True)
+    with pytest.raises(OutputError, match="does not exist"):
+        encode_file(recordings["wav_mono"], tmp_path / "no" / "a.ecdc", model=tiny_model)
+
+
+def test_failure_leaves_nothing(tmp_path: Path, tiny_model: Path) -> None:
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF....WAVEjunk" * 10)
+    with pytest.raises(UnsupportedAudio):
+        encode_file(bad, tmp_path / "bad.ecdc", model=tiny_model)
+    corrupt = tmp_path / "c.ecdc"
+    corrupt.write_bytes(b"NCDC" + os.urandom(200))
+    with pytest.raises(NeucodecError):
+        decode_file(corrupt, tmp_path / "c.wav", model=tiny_model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.wav", "c.ecdc"]
+
+
+def test_disk_full_is_reported(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from neucodec import ecdc
+
+    def full(fo, *a, **k):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ecdc, "encode_stream", full)
+    with pytest.raises(OutputError, match="disk full"):
+        encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=tiny_model)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_devices() -> None:
+    assert pipeline.pick_device("cpu").type == "cpu"
+    assert pipeline.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceUnavailable, match="unknown device"):
+        pipeline.pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailable, match="CUDA is not available"):
+            pipeline.pick_device("cuda:0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_encode_decodes_on_cpu(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    encode_file(recordings["wav_mono"], tmp_path / "g.ecdc", model=tiny_model, device="cuda", use_lm=True)
+    decode_file(tmp_path / "g.ecdc", tmp_path / "g.wav", model=tiny_model, device="cpu")
+    assert sf.info(str(tmp_path / "g.wav")).frames == sf.info(str(recordings["wav_mono"])).frames
+
+
+def test_unknown_bandwidth_fails_before_writing(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedAudio, match="kbps"):
+        encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=tiny_model, bandwidth=7)
+    assert not (tmp_path / "a.ecdc").exists()
+
+
+def test_tiny_signals(tiny_model: Path, tmp_path: Path) -> None:
+    """One sample, and a 7-channel file at an odd rate."""
+    sf.write(tmp_path / "one.wav", np.array([0.5], np.float32), 8000)
+    encode_file(tmp_path / "one.wav", tmp_path / "one.ecdc", model=tiny_model)
+    decode_file(tmp_path / "one.ecdc", tmp_path / "one_out.wav", model=tiny_model)
+    assert sf.info(str(tmp_path / "one_out.wav")).frames == 1
+    sf.write(tmp_path / "seven.wav", np.zeros((1234, 7), np.float32), 11025)
+    encode_file(tmp_path / "seven.wav", tmp_path / "seven.ecdc", model=tiny_model)
+    decode_file(tmp_path / "seven.ecdc", tmp_path / "seven_out.wav", model=tiny_model)
+    info = sf.info(str(tmp_path / "seven_out.wav"))
+    assert (info.channels, info.samplerate, info.frames) == (7, 11025, 1234)
