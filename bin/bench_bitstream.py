@@ -91,13 +91,14 @@ def main() -> None:
         print(f"model: encodec_24khz architecture with RANDOM weights ({str(e)[:80]}...)")
 
     seg = round(args.segment_seconds * codec.frame_rate)
+    span = lm.cfg.past_context  # what ecdc.encode_stream writes (header coder.span_frames)
     print("\n| bandwidth | K | packed kbps | LM kbps | saved | segments LM-coded |")
     print("|---|---|---|---|---|---|")
     for bw in codec.config.bandwidths:
         codes = codec.encode(wav, bw).codes
         items = list(codes.split(seg, -1))
-        raw = entropy.lm_encode_many(lm, items)
-        coded = entropy.encode_segments(items, lm)
+        raw = entropy.lm_encode_many(lm, items, span=span)
+        coded = entropy.encode_segments(items, lm, span=span)
         packed_bits = sum(len(entropy.pack(c)) for c in items) * 8
         lm_bits = sum(len(r) for r in raw) * 8
         n_lm = sum(c.flags == 1 for c in coded)
@@ -109,10 +110,10 @@ def main() -> None:
     # ---- speed at 6 kbps: neucodec LM path
     codes = codec.encode(wav, 6.0).codes
     items = list(codes.split(seg, -1))
-    coded = [entropy.CodedSegment(1, p, 0) for p in entropy.lm_encode_many(lm, items)]
-    t_enc = best(lambda: entropy.encode_segments(items, lm), args.repeat)
+    coded = [entropy.CodedSegment(1, p, 0) for p in entropy.lm_encode_many(lm, items, span=span)]
+    t_enc = best(lambda: entropy.encode_segments(items, lm, span=span), args.repeat)
     t_dec = best(lambda: entropy.decode_segments([(1, c.payload, tuple(i.shape), "s") for c, i in zip(coded, items)],
-                                                 lm), args.repeat)
+                                                 lm, span=span), args.repeat)
     ours = dur / (t_enc + t_dec)
     print(f"\nneucodec LM path, 6 kbps, {dur:.0f} s: encode+verify {t_enc:.2f} s, decode {t_dec:.2f} s "
           f"-> RTF {ours:.1f}")

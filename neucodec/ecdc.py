@@ -177,7 +177,8 @@ class _SegmentSink:
     def flush(self) -> None:
         if not self.pending:
             return
-        coded = entropy.encode_segments([c for c, _ in self.pending], self.lm, self.info.bits_per_code)
+        coded = entropy.encode_segments([c for c, _ in self.pending], self.lm, self.info.bits_per_code,
+                                        span=_span(self.info))
         for (codes, scales), seg in zip(self.pending, coded):
             prefix = b"" if scales is None else np.ascontiguousarray(scales.numpy(), dtype="<f4").tobytes()
             self.writer.write_segment(prefix + seg.payload, codes.shape[-1], codes.shape[0], seg.flags, seg.codes_crc)
@@ -221,7 +222,8 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
         -(-tp.cast(int, cfg.segment_length) // codec.hop_length)
     coder = None if lm is None else {
         "name": "constriction.queue.RangeEncoder", "model": "Categorical(perfect=False)", "dtype": "float32",
-        "prob_grid": entropy.PROB_GRID, "lm_threads": entropy.LM_THREADS, "word": "uint32le"}
+        "prob_grid": entropy.PROB_GRID, "lm_threads": entropy.LM_THREADS, "word": "uint32le",
+        "span_frames": lm.cfg.past_context}
     info = StreamInfo(
         format_version=container.FORMAT_VERSION, model_id=model_id, model_fingerprint=model_fp, lm_id=lm_id,
         lm_fingerprint=lm_fp, sample_rate=codec.sample_rate, channels=codec.channels, groups=groups,
@@ -327,6 +329,16 @@ def _resolve_lm(lm: LanguageModel | None, info: StreamInfo) -> LanguageModel:
     return lm
 
 
+def _span(info: StreamInfo) -> int | None:
+    """Frames per LM sequence (header `coder.span_frames`); None: one sequence per segment."""
+    span = (info.coder or {}).get("span_frames")
+    if span is None:
+        return None
+    if not isinstance(span, int) or isinstance(span, bool) or not 1 <= span <= 1 << 22:
+        raise CorruptStream(f"header: bad coder span_frames {str(span)[:20]!r}")
+    return span
+
+
 def _payload_bound(info: StreamInfo, items: int, frames: int) -> int:
     return 4 * items * info.scales + items * info.n_q * frames * 4 + 64
 
@@ -352,7 +364,7 @@ def _segment_codes(reader: container.ContainerReader, info: StreamInfo, codec: C
             scales.append(sc)
         if any(t[0] == container.SEGMENT_LM for t in todo) and lm_box[0] is None:
             lm_box[0] = _resolve_lm(None, info)
-        codes = entropy.decode_segments(todo, lm_box[0], info.bits_per_code)
+        codes = entropy.decode_segments(todo, lm_box[0], info.bits_per_code, span=_span(info))
         out = []
         for r, c, sc in zip(records, codes, scales):
             if entropy.codes_crc32(c) != r.codes_crc:

@@ -133,14 +133,43 @@ def _check_same_K(items: tp.Sequence[tuple[int, int, int]]) -> int:
     return Ks.pop()
 
 
+def _split_rows(B: int, F: int, span: int | None) -> tuple[int, np.ndarray]:
+    """Rows of a segment [B, K, F] cut into spans: row s*B + b is frames [s*span, (s+1)*span) of b."""
+    span = F if not span or span >= F else span
+    S = max(1, -(-F // span)) if F else 1
+    lengths = np.array([min(span, max(0, F - s * span)) for s in range(S) for _ in range(B)], dtype=np.int64)
+    return span, lengths
+
+
+def _to_rows(a: np.ndarray, span: int, n_rows: int) -> np.ndarray:
+    B, K, F = a.shape
+    S = n_rows // B
+    padded = np.zeros((B, K, S * span), dtype=np.int64)
+    padded[:, :, :F] = a
+    return padded.reshape(B, K, S, span).transpose(2, 0, 1, 3).reshape(S * B, K, span)
+
+
+def _from_rows(rows: np.ndarray, B: int, F: int) -> np.ndarray:
+    R, K, span = rows.shape
+    S = R // B
+    return rows.reshape(S, B, K, span).transpose(1, 2, 0, 3).reshape(B, K, S * span)[:, :, :F]
+
+
 def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray],
-                   threads: int = LM_THREADS) -> list[bytes]:
+                   threads: int = LM_THREADS, span: int | None = None) -> list[bytes]:
     """LM-code several segments in one batched LM run.
+
+    Each segment [B, K, F] is cut into spans of `span` frames (None: one span); every span of every
+    sequence is an independent LM sequence (a row of the batch, fresh state), so a long segment
+    costs ceil(F / span) times fewer LM steps. One range coder per segment codes, at each step t,
+    the symbols of its rows that are still active, in row order (span-major, then sequence, then
+    codebook).
 
     Args:
         lm: the entropy-coding LM (CPU float32).
         items: codes of each segment [B_i, K, F_i] (same K).
         threads: torch threads for the LM (must match the decoder's).
+        span: frames per LM sequence (part of the format: recorded in the header).
     Returns:
         one payload per segment: its range coder's uint32 words, little-endian.
     """
@@ -148,27 +177,32 @@ def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray],
     if not arrs:
         return []
     K = _check_same_K([a.shape for a in arrs])
-    rows = np.cumsum([0] + [a.shape[0] for a in arrs])
-    F_max = max(a.shape[2] for a in arrs)
+    layouts = [_split_rows(a.shape[0], a.shape[2], span) for a in arrs]
+    rows_arr = [_to_rows(a, sp, len(lens)) for a, (sp, lens) in zip(arrs, layouts)]
+    starts = np.cumsum([0] + [len(lens) for _, lens in layouts])
+    T = max(int(lens.max()) if len(lens) else 0 for _, lens in layouts)
     encoders = [constriction.stream.queue.RangeEncoder() for _ in arrs]
     with lm_threads(threads):
-        model = _FrameModel(lm, int(rows[-1]), K)
-        full = np.zeros((int(rows[-1]), K), dtype=np.int64)
+        model = _FrameModel(lm, int(starts[-1]), K)
+        full = np.zeros((int(starts[-1]), K), dtype=np.int64)
         previous: np.ndarray | None = None
-        for t in range(F_max):
-            probs = model.probs(previous).reshape(int(rows[-1]), K, -1)
-            for i, a in enumerate(arrs):
-                if t < a.shape[2]:
-                    symbols = np.ascontiguousarray(a[:, :, t].reshape(-1), dtype=np.int32)
-                    encoders[i].encode(symbols, _FAMILY, np.ascontiguousarray(
-                        probs[rows[i]: rows[i + 1]].reshape(-1, probs.shape[-1])))
-                    full[rows[i]: rows[i + 1]] = a[:, :, t]
+        for t in range(T):
+            probs = model.probs(previous).reshape(int(starts[-1]), K, -1)
+            for i, (rows, (_, lens)) in enumerate(zip(rows_arr, layouts)):
+                n = int((lens > t).sum())  # active rows form a prefix
+                if n == 0:
+                    continue
+                symbols = np.ascontiguousarray(rows[:n, :, t].reshape(-1), dtype=np.int32)
+                encoders[i].encode(symbols, _FAMILY, np.ascontiguousarray(
+                    probs[starts[i]: starts[i] + n].reshape(-1, probs.shape[-1])))
+                full[starts[i]: starts[i] + len(lens)] = rows[:, :, t]
             previous = full.copy()
     return [enc.get_compressed().astype("<u4").tobytes() for enc in encoders]
 
 
 def lm_decode_many(lm: LanguageModel, payloads: tp.Sequence[bytes], shapes: tp.Sequence[tuple[int, int, int]],
-                   threads: int = LM_THREADS, where: tp.Sequence[str] | None = None) -> list[Tensor]:
+                   threads: int = LM_THREADS, where: tp.Sequence[str] | None = None,
+                   span: int | None = None) -> list[Tensor]:
     """Inverse of `lm_encode_many`: payloads + shapes [(B_i, K, F_i)] -> codes [B_i, K, F_i] int64."""
     if not payloads:
         return []
@@ -179,33 +213,35 @@ def lm_decode_many(lm: LanguageModel, payloads: tp.Sequence[bytes], shapes: tp.S
         if len(p) % 4:
             raise CorruptStream(f"{w}: LM payload of {len(p)} bytes is not a whole number of 32-bit words")
         decoders.append(constriction.stream.queue.RangeDecoder(np.frombuffer(p, dtype="<u4").astype(np.uint32)))
-    rows = np.cumsum([0] + [s[0] for s in shapes])
-    F_max = max((s[2] for s in shapes), default=0)
-    outs = [np.zeros(s, dtype=np.int64) for s in shapes]
+    layouts = [_split_rows(B, F, span) for B, _, F in shapes]
+    rows_arr = [np.zeros((len(lens), K, sp), dtype=np.int64) for sp, lens in layouts]
+    starts = np.cumsum([0] + [len(lens) for _, lens in layouts])
+    T = max(int(lens.max()) if len(lens) else 0 for _, lens in layouts)
     with lm_threads(threads):
-        model = _FrameModel(lm, int(rows[-1]), K)
-        full = np.zeros((int(rows[-1]), K), dtype=np.int64)
+        model = _FrameModel(lm, int(starts[-1]), K)
+        full = np.zeros((int(starts[-1]), K), dtype=np.int64)
         previous: np.ndarray | None = None
-        for t in range(F_max):
-            probs = model.probs(previous).reshape(int(rows[-1]), K, -1)
-            for i, (B, _, F) in enumerate(shapes):
-                if t >= F:
+        for t in range(T):
+            probs = model.probs(previous).reshape(int(starts[-1]), K, -1)
+            for i, (rows, (_, lens)) in enumerate(zip(rows_arr, layouts)):
+                n = int((lens > t).sum())
+                if n == 0:
                     continue
                 try:
                     sym = decoders[i].decode(_FAMILY, np.ascontiguousarray(
-                        probs[rows[i]: rows[i + 1]].reshape(-1, probs.shape[-1])))
-                except (AssertionError, ValueError, RuntimeError) as e:
+                        probs[starts[i]: starts[i] + n].reshape(-1, probs.shape[-1])))
+                except (AssertionError, ValueError, RuntimeError, KeyError) as e:
                     raise CorruptStream(f"{where[i]}: LM stream undecodable at frame {t} "
                                         f"({str(e).splitlines()[0][:80]})") from None
-                step = sym.astype(np.int64).reshape(B, K)
-                outs[i][:, :, t] = step
-                full[rows[i]: rows[i + 1]] = step
+                rows[:n, :, t] = sym.astype(np.int64).reshape(n, K)
+                full[starts[i]: starts[i] + len(lens)] = rows[:, :, t]
             previous = full.copy()
-    return [torch.from_numpy(o) for o in outs]
+    return [torch.from_numpy(np.ascontiguousarray(_from_rows(rows, B, F)))
+            for rows, (B, _, F) in zip(rows_arr, shapes)]
 
 
 def lm_encode(lm: LanguageModel, codes: Tensor | np.ndarray, n_q: int | None = None,
-              threads: int = LM_THREADS) -> bytes:
+              threads: int = LM_THREADS, span: int | None = None) -> bytes:
     """LM-code one segment: codes [B, K, F] -> payload (B independent sequences, one coder).
 
     Args:
@@ -216,13 +252,13 @@ def lm_encode(lm: LanguageModel, codes: Tensor | np.ndarray, n_q: int | None = N
     arr = _as_numpy(codes)
     if n_q is not None and arr.shape[1] != n_q:
         raise ValueError(f"codes have {arr.shape[1]} codebooks, n_q says {n_q}")
-    return lm_encode_many(lm, [arr], threads)[0]
+    return lm_encode_many(lm, [arr], threads, span)[0]
 
 
 def lm_decode(lm: LanguageModel, payload: bytes, B: int, K: int, F: int, threads: int = LM_THREADS,
-              where: str = "segment") -> Tensor:
+              where: str = "segment", span: int | None = None) -> Tensor:
     """Inverse of `lm_encode`: payload -> codes [B, K, F] int64."""
-    return lm_decode_many(lm, [payload], [(B, K, F)], threads, [where])[0]
+    return lm_decode_many(lm, [payload], [(B, K, F)], threads, [where], span)[0]
 
 
 # ---------------------------------------------------------------- coder choice
@@ -236,7 +272,7 @@ class CodedSegment:
 
 
 def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel | None, bits: int = 10,
-                    threads: int = LM_THREADS) -> list[CodedSegment]:
+                    threads: int = LM_THREADS, span: int | None = None) -> list[CodedSegment]:
     """Code segments [B_i, K, F_i]: with the LM when given (verified by decoding), else packed.
 
     A segment whose LM payload does not decode back to its codes, or that is not smaller than
@@ -250,8 +286,8 @@ def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel |
     if lm is None or not arrs:
         return out
     try:
-        coded = lm_encode_many(lm, arrs, threads)
-        back = lm_decode_many(lm, coded, [a.shape for a in arrs], threads)
+        coded = lm_encode_many(lm, arrs, threads, span)
+        back = lm_decode_many(lm, coded, [a.shape for a in arrs], threads, span=span)
     except CorruptStream:
         return out
     for i, (a, c, b) in enumerate(zip(arrs, coded, back)):
@@ -261,7 +297,7 @@ def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel |
 
 
 def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int], str]], lm: LanguageModel | None,
-                    bits: int = 10, threads: int = LM_THREADS) -> list[Tensor]:
+                    bits: int = 10, threads: int = LM_THREADS, span: int | None = None) -> list[Tensor]:
     """Decode segments given as (flags, payload, (B, K, F), where); LM ones in one batch."""
     from .container import SEGMENT_LM
 
@@ -274,7 +310,7 @@ def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int],
         if lm is None:
             raise CorruptStream(f"{records[lm_idx[0]][3]}: LM-coded but no LM is available")
         decoded = lm_decode_many(lm, [records[i][1] for i in lm_idx], [records[i][2] for i in lm_idx],
-                                 threads, [records[i][3] for i in lm_idx])
+                                 threads, [records[i][3] for i in lm_idx], span)
         for i, d in zip(lm_idx, decoded):
             out[i] = d
     return tp.cast(list[Tensor], out)

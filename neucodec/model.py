@@ -168,8 +168,12 @@ class Codec(nn.Module):
         return EncodedAudio(torch.cat(all_codes, dim=-1), torch.cat(all_scales, 1) if all_scales else None, T)
 
     @torch.no_grad()
-    def decode(self, encoded: EncodedAudio) -> Tensor:
-        """Codes -> audio [B, C, length]; segments are recombined with triangular overlap-add."""
+    def decode(self, encoded: EncodedAudio, chunk_seconds: float | None = 10.0) -> Tensor:
+        """Codes -> audio [B, C, length]; segments are recombined with triangular overlap-add.
+
+        A causal model decodes more than `chunk_seconds` of codes chunk by chunk with its streaming
+        state (activations stay small; output equal to one pass up to float rounding).
+        """
         codes, length = encoded.codes, encoded.length
         segs = self.segments(length)
         expected = sum(s.frames for s in segs)
@@ -178,6 +182,9 @@ class Codec(nn.Module):
                              f"expected [B, K, {expected}]")
         if len(segs) == 1:
             scale = None if encoded.scales is None else encoded.scales[:, 0]
+            chunk = None if chunk_seconds is None else max(1, int(chunk_seconds * self.frame_rate))
+            if self.config.seanet.causal and scale is None and chunk is not None and codes.shape[-1] > chunk:
+                return torch.cat(list(self.decode_stream(codes.split(chunk, dim=-1))), dim=-1)[..., :length]
             return self._decode_segments(codes, scale)[..., :length]
         assert encoded.scales is not None or not self.config.normalize
         B, K, _ = codes.shape

@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+from _bitstream import tiny_codec24, tiny_codec48
 from neucodec import config, ecdc
 from neucodec.errors import CorruptStream, ModelMismatch, UnsupportedFormatVersion
 from neucodec.model import Codec
@@ -46,9 +47,9 @@ def test_reference_v0_decodes(name: str, bw: float, T: int) -> None:
     # truncation and wrong model are one-line errors
     with pytest.raises(CorruptStream, match="truncated"):
         ecdc.decode_bytes(data[:-3], ours)
-    other = "encodec_48khz" if name == "encodec_24khz" else "encodec_24khz"
+    other = tiny_codec48() if name == "encodec_24khz" else tiny_codec24()
     with pytest.raises(ModelMismatch, match=name):
-        ecdc.decode_bytes(data, pair(other)[1])
+        ecdc.decode_bytes(data, other)
 
 
 def test_v0_lm_files_are_refused_clearly() -> None:

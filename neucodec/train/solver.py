@@ -177,6 +177,8 @@ class Solver:
             x_hat, q = self.model(wav, n_q)
         x_hat32 = x_hat.float()
         losses = {"l1": (x_hat32 - wav).abs().mean(), "mel": self.mel_loss(x_hat32, wav)}
+        if c.weights.get("si_snr"):  # optional: negative SI-SNR pulls the output onto the waveform
+            losses["si_snr"] = -si_snr(x_hat32, wav).mean()
         metrics: dict[str, float] = {}
         if adversarial:
             with autocast:
