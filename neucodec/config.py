@@ -98,6 +98,7 @@ class LMConfig:
     hidden_scale: int = 4
     past_context: int = 262
     max_period: float = 10000.0
+    tie_embeddings: bool = False  # heads reuse the embedding tables (smaller; not the official layout)
 
 
 def encodec_24khz() -> CodecConfig:

@@ -100,15 +100,33 @@ class LMState:
     end: int = 1
 
 
+class TiedHead(nn.Module):
+    """Output head that reuses its codebook's input embedding as weights (only a bias of its own)."""
+
+    def __init__(self, card: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(card))
+
+
 class LanguageModel(nn.Module):
-    """Per-codebook embeddings summed -> transformer -> per-codebook linear heads + softmax."""
+    """Per-codebook embeddings summed -> transformer -> per-codebook linear heads + softmax.
+
+    With `cfg.tie_embeddings` a head's weights are its embedding table (without the "none" row),
+    which halves the size of a model whose parameters sit mostly in embeddings and heads.
+    """
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.transformer = Transformer(cfg)
         self.emb = nn.ModuleList([nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)])
-        self.linears = nn.ModuleList([nn.Linear(cfg.dim, cfg.card) for _ in range(cfg.n_q)])
+        self.linears = nn.ModuleList([TiedHead(cfg.card) if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.card)
+                                      for _ in range(cfg.n_q)])
+
+    def head_weight(self, k: int) -> Tensor:
+        """[card, dim] weights of codebook k's output head."""
+        head = self.linears[k]
+        return self.emb[k].weight[1:] if isinstance(head, TiedHead) else head.weight
 
     def _embed(self, inputs: Tensor) -> Tensor:
         """inputs [B, K, T] (codes + 1, 0 = none) -> [B, T, D] normalised, with positions added later."""
@@ -117,7 +135,7 @@ class LanguageModel(nn.Module):
 
     def _logits(self, x: Tensor, K: int) -> Tensor:
         """[B, T, D] -> [B, K, T, card]."""
-        return torch.stack([self.linears[k](x) for k in range(K)], dim=1)
+        return torch.stack([F.linear(x, self.head_weight(k), self.linears[k].bias) for k in range(K)], dim=1)
 
     def forward(self, codes: Tensor, offset: int = 0) -> Tensor:
         """Teacher-forced logits for every step: codes [B, K, T] -> logits [B, K, T, card].
@@ -151,13 +169,13 @@ class LanguageModel(nn.Module):
         Built once and rebuilt only when a parameter changes (e.g. `load_state_dict`), so a step
         does one gather and one matmul instead of K of each.
         """
-        params = [e.weight for e in self.emb[:K]] + [p for lin in self.linears[:K] for p in (lin.weight, lin.bias)]
+        params = [e.weight for e in self.emb[:K]] + [p for lin in self.linears[:K] for p in lin.parameters()]
         key = (K,) + tuple((p.data_ptr(), p._version) for p in params)
         cached = self.__dict__.get("_stacked_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 emb = torch.cat([e.weight for e in self.emb[:K]], 0).contiguous()
-                head_w = torch.cat([lin.weight for lin in self.linears[:K]], 0).contiguous()
+                head_w = torch.cat([self.head_weight(k) for k in range(K)], 0).contiguous()
                 head_b = torch.cat([lin.bias for lin in self.linears[:K]], 0).contiguous()
             cached = (key, emb, head_w, head_b)
             self.__dict__["_stacked_cache"] = cached

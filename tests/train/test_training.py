@@ -155,3 +155,25 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "ok").exists()
+
+
+def test_lm_training_learns_predictable_codes(tmp_path: Path) -> None:
+    from neucodec.train.lm_solver import LMSolver
+
+    torch.manual_seed(0)
+    # each codebook repeats one code: perfectly predictable from step t-1
+    codes = torch.randint(0, 1024, (32, 4, 1)).expand(32, 4, 30).to(torch.int16).contiguous()
+    lm_cfg = cfg.LMConfig(n_q=4, dim=32, num_layers=1, num_heads=2, past_context=20, tie_embeddings=True)
+    codec_cfg = cfg.CodecConfig(quantizer=cfg.RVQConfig(n_q=4), bandwidths=(1.5, 3.0))
+    solver = LMSolver(lm_cfg, codec_cfg, codes, tmp_path, lr=1e-2, batch_size=8, dev_codes=codes[:4])
+    before = solver.evaluate()
+    for _ in range(60):
+        solver.train_step()
+    after = solver.evaluate()
+    assert before["bits_k4"] > 8  # nothing learnt yet
+    assert after["bits_k4"] < 0.5 * before["bits_k4"] and after["saving_k4"] > 0.3
+    solver.step = 60
+    solver.save()
+    again = LMSolver(lm_cfg, codec_cfg, codes, tmp_path, dev_codes=codes[:4])
+    assert again.load() and again.step == 60
+    assert again.evaluate()["bits_k4"] == pytest.approx(after["bits_k4"])
