@@ -85,7 +85,7 @@ class Solver:
         self.device = torch.device(device)
         self.rank, self.world = _world()
         torch.manual_seed(config.seed)
-        self.codec = Codec(config.codec).to(self.device)
+        self.codec = zero_conv_biases(Codec(config.codec)).to(self.device)
         self.disc = MultiScaleSTFTDiscriminator(config.codec.channels).to(self.device)
         self.model: nn.Module = self.codec
         self.disc_model: nn.Module = self.disc
@@ -291,6 +291,21 @@ class Solver:
         meta = {"steps": self.step, "train_hours": round(self.seconds / 3600, 3),
                 "batch_size": self.cfg.batch_size * self.world, "segment_seconds": self.cfg.segment_seconds}
         return save_release(path, self.cfg.codec.name, self.codec, self.cfg.codec, lm, lm_config, meta)
+
+
+def zero_conv_biases(codec: Codec) -> Codec:
+    """Start every convolution bias at zero.
+
+    PyTorch's default biases pass through the stacked transposed convolutions as a fixed periodic
+    pattern (period = hop) that is independent of the input and swamps the signal path at
+    initialisation: the output is then uncorrelated with the input and stays so for thousands of
+    steps (measured here: SI-SNR stuck near -44 dB for 1,000 steps with default biases, several
+    items above 0 dB after 60 steps with zero biases).
+    """
+    for module in codec.modules():
+        if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    return codec
 
 
 def dev_clip_paths(corpus_root: str | Path) -> list[Path]:
