@@ -6,12 +6,14 @@
     torchrun --nproc_per_node 8 bin/train.py ... --device cuda
 
 Resumes from RUN_DIR/checkpoint.pt when present; otherwise from --init-from (release weights).
+SIGTERM or Ctrl-C finishes the current step, checkpoints, exports and exits.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -52,6 +54,11 @@ def main() -> None:
     elif args.init_from:
         solver.init_from_release(args.init_from)
         print(f"initialised from {args.init_from} (step {solver.step})", flush=True)
+    def request_stop(signum: int, frame: object) -> None:  # SIGTERM / Ctrl-C: finish the step, save, export
+        solver.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     solver.run(args.export, None if args.max_hours is None else args.max_hours * 3600)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -99,6 +99,7 @@ class Solver:
         self.balancer = Balancer(config.weights) if config.balancer else None
         self.step = 0
         self.seconds = 0.0  # training wall time, accumulated across resumes
+        self.stop_requested = False  # set from a signal handler: checkpoint, export, return
         self.bw_rng = random.Random(config.seed)  # same on every rank: same n_q per step
         self.n_qs = sorted({config.codec.n_q_for_bandwidth(b) for b in config.codec.bandwidths})
 
@@ -247,7 +248,7 @@ class Solver:
         acc: dict[str, list[float]] = {}
         t_last = time.time()
         while self.step < self.cfg.steps:
-            if max_seconds is not None and time.time() - start > max_seconds:
+            if self.stop_requested or (max_seconds is not None and time.time() - start > max_seconds):
                 break
             wav = self.batches.next().to(self.device)
             m = self.train_step(wav)
