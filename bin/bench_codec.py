@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -109,9 +108,11 @@ def peak_rss(minutes: float, threads: int) -> tuple[float, float]:
         rss = []
         for args in (["encode", str(wav_path), str(tmpd / "long.ecdc")],
                      ["decode", str(tmpd / "long.ecdc"), str(tmpd / "back.wav")]):
-            code = ("import resource, sys; from neucodec.cli import main; sys.argv = ['neucodec'] + sys.argv[1:]\n"
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so it would report this
+            # (large) benchmark process's peak instead of the command's own
+            code = ("import sys; from neucodec.cli import main; sys.argv = ['neucodec'] + sys.argv[1:]\n"
                     "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-                    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+                    "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])")
             p = subprocess.run([sys.executable, "-c", code, *args, "-m", str(ckpt), "-q", "-f"],
                                env=env, capture_output=True, text=True, check=True)
             rss.append(int(p.stdout.strip().splitlines()[-1]) / 1024)
@@ -120,7 +121,7 @@ def peak_rss(minutes: float, threads: int) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--seconds", type=float, default=60.0, help="audio per speed run; 0 skips the speed table")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--bandwidth", type=float, default=6.0)
@@ -134,7 +135,7 @@ def main() -> None:
              f"{args.seconds:g} s of real speech, {args.bandwidth:g} kbps, {args.threads} threads, identical random weights:", "",
              "| model | reference enc | neucodec enc | enc ratio | reference dec | neucodec dec | dec ratio |",
              "|---|---|---|---|---|---|---|"]
-    for name in ("encodec_24khz", "encodec_48khz"):
+    for name in ("encodec_24khz", "encodec_48khz") if args.seconds > 0 else ():
         r = speed(name, args.seconds, args.rounds, args.bandwidth)
         lines.append(f"| {name} | {r['ref_enc']:.1f} | {r['ours_enc']:.1f} | **{r['ours_enc'] / r['ref_enc']:.2f}×** | "
                      f"{r['ref_dec']:.1f} | {r['ours_dec']:.1f} | **{r['ours_dec'] / r['ref_dec']:.2f}×** |")

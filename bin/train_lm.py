@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--max-hours", type=float)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--crops", type=int, default=64, help="batches of 8 x 5 s crops to code for training")
     p.add_argument("--lm", default="{}", help="LMConfig overrides as JSON, e.g. '{\"dim\": 128}'")
     p.add_argument("--export", type=Path, help="write codec + LM release package here")
@@ -50,7 +51,7 @@ def main() -> None:
         dev = code_dataset(codec, Batches(load_corpus(args.corpus, "dev"), 8, length, seed=2), 4)
         torch.save({"codes": codes, "dev": dev}, cache)
     print(f"{len(codes)} training sequences, {len(dev)} dev sequences", flush=True)
-    solver = LMSolver(lm_config, codec_config, codes, args.run_dir, dev_codes=dev)
+    solver = LMSolver(lm_config, codec_config, codes, args.run_dir, batch_size=args.batch_size, dev_codes=dev)
     if solver.load():
         print(f"resumed LM at step {solver.step}", flush=True)
 

@@ -122,6 +122,9 @@ class LanguageModel(nn.Module):
         self.emb = nn.ModuleList([nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)])
         self.linears = nn.ModuleList([TiedHead(cfg.card) if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.card)
                                       for _ in range(cfg.n_q)])
+        if cfg.tie_embeddings:  # N(0, 1) tables as heads would start with wildly peaked predictions
+            for table in self.emb:
+                nn.init.normal_(table.weight, std=cfg.dim ** -0.5)
 
     def head_weight(self, k: int) -> Tensor:
         """[card, dim] weights of codebook k's output head."""

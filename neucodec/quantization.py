@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import RVQConfig
+from .layers import one_thread
 
 Tensor = torch.Tensor
 _ENCODE_BLOCK = 16384  # rows per distance matrix: bounds memory on long inputs
@@ -166,11 +167,12 @@ class ResidualVectorQuantizer(nn.Module):
         B, D, T = z.shape
         residual = z.transpose(1, 2).reshape(B * T, D)
         codes = []
-        for i in range(n_q):
-            book = self._codebook(i)
-            idx = book.encode(residual)
-            residual = residual - book.decode(idx)
-            codes.append(idx.view(B, T))
+        with one_thread(enabled=B == 1):  # one signal: small ops, barriers would cost more than they save
+            for i in range(n_q):
+                book = self._codebook(i)
+                idx = book.encode(residual)
+                residual = residual - book.decode(idx)
+                codes.append(idx.view(B, T))
         return torch.stack(codes, dim=1) if codes else z.new_zeros(B, 0, T, dtype=torch.long)
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -178,9 +180,10 @@ class ResidualVectorQuantizer(nn.Module):
         if codes.shape[1] > self.n_q:
             raise ValueError(f"codes have {codes.shape[1]} codebooks but the quantizer has {self.n_q}")
         out: Tensor | None = None
-        for i in range(codes.shape[1]):
-            q = self._codebook(i).decode(codes[:, i]).transpose(1, 2)  # [B, D, T]
-            out = q if out is None else out + q
+        with one_thread(enabled=codes.shape[0] == 1):
+            for i in range(codes.shape[1]):
+                q = self._codebook(i).decode(codes[:, i]).transpose(1, 2)  # [B, D, T]
+                out = q if out is None else out + q
         if out is None:
             raise ValueError("codes need at least one codebook")
         return out
