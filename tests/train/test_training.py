@@ -175,7 +175,7 @@ def test_lm_training_learns_predictable_codes(tmp_path: Path) -> None:
     for _ in range(60):
         solver.train_step()
     after = solver.evaluate()
-    assert before["bits_k4"] > 8  # nothing learnt yet
+    assert before["bits_k4"] > 5  # little learnt yet (tied heads already favour repeating a code)
     assert after["bits_k4"] < 0.5 * before["bits_k4"] and after["saving_k4"] > 0.3
     solver.step = 60
     solver.save()
