@@ -6,7 +6,8 @@ each `--bandwidths` point, Opus (opusenc, hard CBR, 60 ms frames) at the same ta
 and 3200 -- the clip is coded, decoded and scored:
 
 * ViSQOL v3 speech mode (visqol-python, lattice mapper) at 16 kHz, for every category (on music
-  and general sounds it is still speech mode: a rough similarity score, not a music MOS);
+  and general sounds it is still speech mode: a rough similarity score, not a music MOS;
+  `neucodec.train.metrics`, shared with the training evaluation);
 * PESQ wideband (16 kHz) and STOI, speech only;
 * log-mel distance: mean |log10(1e-5 + mel(x_hat)) - log10(1e-5 + mel(x))| over 80 HTK mel bands
   of a normalised STFT (n_fft 1024, hop 256, Hann) at 24 kHz (`neucodec.train.losses.mel_distance`);
@@ -41,7 +42,6 @@ import sys
 import tempfile
 import time
 import typing as tp
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -259,23 +259,12 @@ class Metrics:
     def __init__(self) -> None:
         from pesq import PesqError, pesq
         from pystoi import stoi
-        from visqol import VisqolApi
 
         from neucodec.train.losses import mel_distance
+        from neucodec.train.metrics import VisqolSpeech
 
         self._pesq, self._pesq_error, self._stoi, self._mel = pesq, PesqError, stoi, mel_distance
-        self.visqol = VisqolApi()
-        self.visqol.create(mode="speech", use_lattice_model=True)
-
-    def visqol_speech(self, ref16: np.ndarray, deg16: np.ndarray) -> float:
-        if not np.any(deg16):
-            return float("nan")
-        try:
-            return float(self.visqol.measure_from_arrays(ref16.astype(np.float64), deg16.astype(np.float64),
-                                                         METRIC_RATE).moslqo)
-        except Exception as e:  # noqa: BLE001 - a failed score is reported as nan, not fatal
-            warnings.warn(f"ViSQOL failed: {type(e).__name__}: {e}")
-            return float("nan")
+        self.visqol = VisqolSpeech()
 
     def pesq_wb(self, ref16: np.ndarray, deg16: np.ndarray) -> float:
         n = min(len(ref16), len(deg16))
@@ -291,7 +280,7 @@ class Metrics:
         deg16 = soxr.resample(deg, SAMPLE_RATE, METRIC_RATE).astype(np.float32)
         out: dict[str, float | str | int] = {
             "delay": delay, "align": how,
-            "visqol": self.visqol_speech(ref16, deg16),
+            "visqol": self.visqol(ref16, deg16, METRIC_RATE),
             "mel": self._mel(torch.from_numpy(aligned).view(1, 1, -1), torch.from_numpy(ref).view(1, 1, -1),
                              SAMPLE_RATE),
             "si_snr": si_snr(aligned, ref),

@@ -24,6 +24,7 @@ from .. import config as cfg
 from ..lm import LanguageModel
 from ..model import Codec
 from .data import Batches
+from .progress import bar, log_line
 
 Tensor = torch.Tensor
 
@@ -110,25 +111,34 @@ class LMSolver:
         return out
 
     def run(self, steps: int, max_seconds: float | None = None, log_every: int = 50,
-            on_checkpoint: tp.Callable[[], None] | None = None) -> None:
+            on_checkpoint: tp.Callable[[], None] | None = None, progress: bool | None = None) -> None:
+        """Train to `steps` (or `max_seconds`); `progress`: a tqdm bar (None: only on a terminal)."""
         start, t_last = time.time(), time.time()
         acc: list[dict[str, float]] = []
-        while self.step < steps and (max_seconds is None or time.time() - start < max_seconds):
-            acc.append(self.train_step())
-            self.step += 1
-            now = time.time()
-            self.seconds += now - t_last
-            t_last = now
-            if self.step % log_every == 0:
-                row = {"step": self.step, "hours": round(self.seconds / 3600, 4),
-                       "bits_per_code": round(float(np.mean([a["bits_per_code"] for a in acc])), 4)}
-                acc = []
-                if self.step % (log_every * 10) == 0:
-                    row.update({k: round(v, 4) for k, v in self.evaluate().items()})
-                    self.save()
-                    if on_checkpoint:
-                        on_checkpoint()
-                print(json.dumps(row), flush=True)
-                with open(self.run_dir / "lm_log.csv", "a", newline="") as f:
-                    csv.writer(f).writerow([json.dumps(row)])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with bar(steps, self.step, "lm", progress) as pbar:
+            while self.step < steps and (max_seconds is None or time.time() - start < max_seconds):
+                t_step = time.time()
+                acc.append(self.train_step())
+                self.step += 1
+                now = time.time()
+                acc[-1]["step_s"] = now - t_step
+                self.seconds += now - t_last
+                t_last = now
+                if not pbar.disable:
+                    pbar.set_postfix(bits_per_code=f"{np.mean([a['bits_per_code'] for a in acc]):.3f}", refresh=False)
+                    pbar.update()
+                if self.step % log_every == 0:
+                    row = {"step": self.step, "hours": round(self.seconds / 3600, 4),
+                           "bits_per_code": round(float(np.mean([a["bits_per_code"] for a in acc])), 4),
+                           "step_s": round(float(np.mean([a["step_s"] for a in acc])), 4)}
+                    acc = []
+                    if self.step % (log_every * 10) == 0:
+                        row.update({k: round(v, 4) for k, v in self.evaluate().items()})
+                        self.save()
+                        if on_checkpoint:
+                            on_checkpoint()
+                    log_line(json.dumps(row))
+                    with open(self.run_dir / "lm_log.csv", "a", newline="") as f:
+                        csv.writer(f).writerow([json.dumps(row)])
         self.save()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -28,6 +29,8 @@ from .data import Batches, load_corpus
 from .discriminators import MultiScaleSTFTDiscriminator
 from .losses import (Balancer, MultiScaleMelLoss, hinge_discriminator_loss, hinge_generator_loss, mel_distance,
                      relative_feature_loss, si_snr)
+from .metrics import VisqolSpeech, load_visqol
+from .progress import bar, log_line
 
 Tensor = torch.Tensor
 
@@ -54,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     eval_every: int = 1000
+    visqol_clips: int = 2  # dev clips per category scored with ViSQOL at each evaluation (0: none)
     checkpoint_every: int = 500
     grad_clip: float = 0.0
 
@@ -222,76 +226,121 @@ class Solver:
         return metrics
 
     # ------------------------------------------------------------------ evaluation
+    @functools.cached_property
+    def visqol(self) -> VisqolSpeech | None:
+        """The ViSQOL scorer, made at the first evaluation that uses it; None (said once) without visqol-python."""
+        scorer = load_visqol()
+        if scorer is None:
+            log_line("visqol-python is not installed: evaluation without ViSQOL")
+        return scorer
+
     @torch.no_grad()
     def evaluate(self, bandwidths: tp.Sequence[float] = (1.5, 6.0)) -> dict[str, float]:
-        """Mean SI-SNR and mel distance on the dev clips, per category and bandwidth."""
+        """Mean SI-SNR and mel distance on the dev clips, per category and bandwidth, and ViSQOL
+        (speech mode, 16 kHz) on the first `visqol_clips` clips of each category when it is installed."""
         self.codec.eval()
         out: dict[str, list[float]] = {}
+        per_category: dict[str, int] = {}
         for path in self.dev_clips:
             x, sr = sf.read(str(path), dtype="float32", always_2d=True)
             wav = torch.from_numpy(x.mean(1))[None, None].to(self.device)
             cat = path.stem.split("_")[0]
+            per_category[cat] = per_category.get(cat, 0) + 1
+            score_visqol = per_category[cat] <= self.cfg.visqol_clips and self.visqol is not None
+            z = self.codec.encoder(wav)
             for bw in bandwidths:
-                n_q = self.codec.config.n_q_for_bandwidth(bw)
-                z = self.codec.encoder(wav)
-                q = self.codec.quantizer(z, n_q)
+                q = self.codec.quantizer(z, self.codec.config.n_q_for_bandwidth(bw))
                 y = self.codec.decoder(q.quantized)[..., : wav.shape[-1]]
-                out.setdefault(f"{cat}_{bw:g}k_si_snr", []).append(float(si_snr(y, wav).mean()))
-                out.setdefault(f"{cat}_{bw:g}k_mel", []).append(mel_distance(y, wav, self.codec.sample_rate))
+                key = f"{cat}_{bw:g}k"
+                out.setdefault(f"{key}_si_snr", []).append(float(si_snr(y, wav).mean()))
+                out.setdefault(f"{key}_mel", []).append(mel_distance(y, wav, self.codec.sample_rate))
+                if score_visqol:
+                    out.setdefault(f"{key}_visqol", []).append(self.visqol(  # type: ignore[misc]
+                        wav.flatten().cpu().numpy(), y.flatten().float().cpu().numpy(), self.codec.sample_rate))
         return {k: float(np.mean(v)) for k, v in out.items()}
 
     # ------------------------------------------------------------------ loop
-    def run(self, export_to: Path | None = None, max_seconds: float | None = None) -> None:
+    def run(self, export_to: Path | None = None, max_seconds: float | None = None,
+            progress: bool | None = None) -> None:
+        """Train to `cfg.steps` (or `max_seconds`, or a stop request), then checkpoint and export.
+
+        `progress`: a tqdm bar on rank 0 (None: only when stdout and stderr are terminals).
+        """
         start, last_save = time.time(), time.time()
         log_path = self.run_dir / "log.csv"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         acc: dict[str, list[float]] = {}
         t_last = time.time()
-        while self.step < self.cfg.steps:
-            if self.stop_requested or (max_seconds is not None and time.time() - start > max_seconds):
-                break
-            wav = self.batches.next().to(self.device)
-            m = self.train_step(wav)
-            self.step += 1
-            now = time.time()
-            self.seconds += now - t_last
-            t_last = now
-            for k, v in m.items():
-                acc.setdefault(k, []).append(v)
-            if self.rank == 0 and self.step % self.cfg.log_every == 0:
-                row = {"step": self.step, "hours": round(self.seconds / 3600, 4),
-                       **{k: round(float(np.mean(v)), 5) for k, v in acc.items()}}
-                acc = {}
-                self._log(log_path, row)
-            if self.rank == 0 and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.dev_clips:
-                ev = self.evaluate()
-                self._log(self.run_dir / "eval.csv", {"step": self.step, **{k: round(v, 4) for k, v in ev.items()}})
-            if self.step % self.cfg.checkpoint_every == 0 or time.time() - last_save > 600:
-                self.save()
-                if export_to is not None and self.rank == 0:
-                    self.export(export_to)
-                last_save = time.time()
+        with bar(self.cfg.steps, self.step, "train", progress if self.rank == 0 else False) as pbar:
+            while self.step < self.cfg.steps:
+                if self.stop_requested or (max_seconds is not None and time.time() - start > max_seconds):
+                    break
+                t_step = time.time()
+                m = self.train_step(self.batches.next().to(self.device))
+                self.step += 1
+                now = time.time()
+                m["step_s"] = now - t_step  # batch + step, without logging, evaluation, checkpoints
+                self.seconds += now - t_last
+                t_last = now
+                for k, v in m.items():
+                    acc.setdefault(k, []).append(v)
+                if not pbar.disable:
+                    pbar.set_postfix({k: f"{np.mean(acc[k]):.3g}" for k in ("mel", "si_snr")}, refresh=False)
+                    pbar.update()
+                if self.rank == 0 and self.step % self.cfg.log_every == 0:
+                    row = {"step": self.step, "hours": round(self.seconds / 3600, 4),
+                           **{k: round(float(np.mean(v)), 5) for k, v in acc.items()}}
+                    acc = {}
+                    self._log(log_path, row)
+                if self.rank == 0 and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.dev_clips:
+                    ev = self.evaluate()
+                    self._log(self.run_dir / "eval.csv", {"step": self.step, **{k: round(v, 4) for k, v in ev.items()}})
+                if self.step % self.cfg.checkpoint_every == 0 or time.time() - last_save > 600:
+                    self.save()
+                    if export_to is not None and self.rank == 0:
+                        self.export(export_to)
+                    last_save = time.time()
         self.save()
         if export_to is not None and self.rank == 0:
             self.export(export_to)
 
     def _log(self, path: Path, row: dict[str, tp.Any]) -> None:
-        print(json.dumps(row), flush=True)
-        existing = path.read_text().splitlines()[0].split(",") if path.is_file() and path.stat().st_size else None
-        if existing is not None and existing != list(row):
-            path = path.with_name(f"{path.stem}.{len(row)}{path.suffix}")
-            existing = path.read_text().splitlines()[0].split(",") if path.is_file() else None
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if existing is None:
-                w.writeheader()
-            w.writerow(row)
+        log_line(json.dumps(row))
+        append_csv(path, row)
 
     def export(self, path: Path, lm: nn.Module | None = None, lm_config: cfg.LMConfig | None = None) -> Path:
         """Release package (fp16 safetensors + JSON) of the current weights."""
         meta = {"steps": self.step, "train_hours": round(self.seconds / 3600, 3),
                 "batch_size": self.cfg.batch_size * self.world, "segment_seconds": self.cfg.segment_seconds}
         return save_release(path, self.cfg.codec.name, self.codec, self.cfg.codec, lm, lm_config, meta)
+
+
+def append_csv(path: Path, row: dict[str, tp.Any]) -> None:
+    """Append `row` to the CSV file `path`, keeping one file per run whatever columns come and go.
+
+    A row with columns the header lacks (ViSQOL added to eval.csv, the adversary's losses to log.csv)
+    extends the header: the file is rewritten atomically with the new columns last and empty cells
+    in the earlier rows. Columns that a row lacks are left empty.
+    """
+    header: list[str] = []
+    if path.is_file() and path.stat().st_size:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f))
+    fields = header + [k for k in row if k not in header]
+    if fields == header:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writerow(row)
+        return
+    rows: list[dict[str, tp.Any]] = []
+    if header:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows([*rows, row])
+    os.replace(tmp, path)
 
 
 def zero_conv_biases(codec: Codec) -> Codec:

@@ -1,12 +1,17 @@
-"""Training parts: balancer, RVQ training, a fixed-batch run whose loss falls, resume, DDP."""
+"""Training parts: balancer, RVQ training, a fixed-batch run whose loss falls, resume, DDP,
+evaluation (with and without ViSQOL), CSV logs and the progress bar."""
 from __future__ import annotations
 
+import csv
+import math
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import torch.multiprocessing as mp
 
@@ -14,7 +19,7 @@ from neucodec import config as cfg
 from neucodec.quantization import ResidualVectorQuantizer, kmeans
 from neucodec.train.data import Batches, Clip, Pool
 from neucodec.train.losses import Balancer, MultiScaleMelLoss, si_snr
-from neucodec.train.solver import Solver, TrainConfig
+from neucodec.train.solver import Solver, TrainConfig, append_csv
 
 TINY = cfg.CodecConfig(name="tiny", seanet=cfg.SEANetConfig(n_filters=4, dimension=16, lstm=1),
                        quantizer=cfg.RVQConfig(dimension=16, n_q=4, bins=64, threshold_ema_dead_code=0.01),
@@ -87,8 +92,9 @@ def test_mel_loss_and_si_snr_behave() -> None:
 
 
 def _solver(tmp_path: Path, **kw: object) -> Solver:
-    c = TrainConfig(codec=TINY, batch_size=4, segment_seconds=0.2, adversarial=True, quantizer_start=0,
-                    kmeans_batches=2, log_every=1, eval_every=0, checkpoint_every=1000, **kw)  # type: ignore[arg-type]
+    kw = {"batch_size": 4, "segment_seconds": 0.2, "adversarial": True, "quantizer_start": 0, "kmeans_batches": 2,
+          "log_every": 1, "eval_every": 0, "checkpoint_every": 1000, **kw}
+    c = TrainConfig(codec=TINY, **kw)  # type: ignore[arg-type]
     return Solver(c, tmp_path, _batches())
 
 
@@ -135,6 +141,98 @@ def test_export_is_loadable(tmp_path: Path) -> None:
     enc = codec.encode(wav, 3.0)
     assert enc.codes.shape == (1, 4, 8)  # 3 kbps of 6-bit codebooks: min(4, 6) codebooks
     assert codec.decode(enc).shape == wav.shape
+
+
+def _dev_clips(folder: Path) -> list[Path]:
+    """Two 1 s dev clips per category, named like the corpus builder's (category from the name)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    t = np.arange(24000) / 24000
+    paths = []
+    for i, (cat, f0) in enumerate([("music", 196), ("music", 262), ("speech", 120), ("speech", 210)]):
+        x = sum(0.3 / k * np.sin(2 * np.pi * k * f0 * t) for k in (1, 2, 3)) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+        path = folder / f"{cat}_{i % 2:02d}.wav"
+        sf.write(path, x.astype(np.float32), 24000)
+        paths.append(path)
+    return sorted(paths)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_eval_scores_visqol_on_the_first_clips_of_each_category(tmp_path: Path) -> None:
+    pytest.importorskip("visqol")
+    s = _solver(tmp_path, visqol_clips=1)
+    s.dev_clips = _dev_clips(tmp_path / "clips")
+    ev = s.evaluate()
+    assert {k for k in ev if k.endswith("visqol")} == {f"{c}_{b}k_visqol" for c in ("music", "speech")
+                                                        for b in ("1.5", "6")}
+    assert all(1.0 <= ev[k] <= 5.0 for k in ev if k.endswith("visqol")), ev
+    x, sr = sf.read(s.dev_clips[0], dtype="float32")  # the scorer itself: identity near the top, silence unscored
+    assert s.visqol(x, x, sr) > 4.5 and math.isnan(s.visqol(x, np.zeros_like(x), sr))  # type: ignore[misc]
+    assert {f"{c}_{b}k_{m}" for c in ("music", "speech") for b in ("1.5", "6") for m in ("si_snr", "mel")} < set(ev)
+
+
+def test_eval_without_visqol_says_so_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "visqol", None)  # `import visqol` now fails, as when not installed
+    s = _solver(tmp_path)
+    s.dev_clips = _dev_clips(tmp_path / "clips")
+    first, second = s.evaluate(), s.evaluate()
+    assert set(first) == set(second) and len(first) == 8  # 2 categories x 2 bandwidths x (si_snr, mel)
+    assert not any(k.endswith("visqol") for k in first)
+    assert capsys.readouterr().out.count("visqol-python is not installed") == 1
+    off = _solver(tmp_path, visqol_clips=0)
+    off.dev_clips = s.dev_clips
+    assert set(off.evaluate()) == set(first) and "visqol" not in vars(off)  # not even looked for
+
+
+def test_append_csv_extends_the_header_of_an_existing_log(tmp_path: Path) -> None:
+    path = tmp_path / "eval.csv"
+    path.write_text("step,speech_6k_si_snr,speech_6k_mel\r\n1000,1.5,0.75\r\n")  # a run from before ViSQOL
+    append_csv(path, {"step": 2000, "speech_6k_si_snr": 2.5, "speech_6k_mel": 0.7, "speech_6k_visqol": 2.1})
+    append_csv(path, {"step": 3000, "speech_6k_si_snr": 3.5, "speech_6k_mel": 0.6})  # ViSQOL gone again
+    assert path.read_text().splitlines()[0] == "step,speech_6k_si_snr,speech_6k_mel,speech_6k_visqol"
+    assert _read_csv(path) == [
+        {"step": "1000", "speech_6k_si_snr": "1.5", "speech_6k_mel": "0.75", "speech_6k_visqol": ""},
+        {"step": "2000", "speech_6k_si_snr": "2.5", "speech_6k_mel": "0.7", "speech_6k_visqol": "2.1"},
+        {"step": "3000", "speech_6k_si_snr": "3.5", "speech_6k_mel": "0.6", "speech_6k_visqol": ""}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.csv"]
+
+
+@pytest.mark.parametrize("progress", [None, True])
+def test_run_logs_evaluates_and_shows_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               progress: bool | None) -> None:
+    """A short run through `Solver.run`: log and eval CSVs, and a progress bar only where asked
+    (None = automatic: pytest's captured streams are not terminals, so only the log lines)."""
+    s = _solver(tmp_path / "run", steps=4, log_every=2, eval_every=4, visqol_clips=1)
+    s.dev_clips = _dev_clips(tmp_path / "clips")
+    s.run(progress=progress)
+    out, err = capsys.readouterr()
+    log = _read_csv(tmp_path / "run" / "log.csv")
+    assert [r["step"] for r in log] == ["2", "4"] and all(float(r["step_s"]) > 0 for r in log)
+    (ev,) = _read_csv(tmp_path / "run" / "eval.csv")
+    assert ev["step"] == "4" and math.isfinite(float(ev["speech_1.5k_si_snr"]))
+    assert len([line for line in out.splitlines() if line.startswith("{")]) == 3  # 2 log rows + 1 eval row
+    if progress:
+        assert "train: 100%" in err and "4/4" in err and "si_snr=" in err
+    else:
+        assert "train:" not in err and "\r" not in err
+
+
+def test_lm_run_with_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from neucodec.train.lm_solver import LMSolver
+
+    codes = torch.randint(0, 1024, (8, 4, 12), dtype=torch.int16)
+    lm_cfg = cfg.LMConfig(n_q=4, dim=16, num_layers=1, num_heads=2, past_context=10)
+    codec_cfg = cfg.CodecConfig(quantizer=cfg.RVQConfig(n_q=4), bandwidths=(1.5, 3.0))
+    solver = LMSolver(lm_cfg, codec_cfg, codes, tmp_path / "lm", batch_size=2)
+    solver.run(4, log_every=2, progress=True)
+    out, err = capsys.readouterr()
+    assert solver.step == 4 and len(out.splitlines()) == 2 and '"step_s"' in out
+    assert "lm: 100%" in err and "bits_per_code=" in err
+    assert (tmp_path / "lm" / "lm_checkpoint.pt").is_file()
 
 
 def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
