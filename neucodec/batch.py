@@ -1,13 +1,16 @@
 """Folder in -> folder out: find the files, mirror the tree, skip existing outputs, run jobs, summarise.
 
-On the CPU the files are spread over worker processes (`jobs`), each loading the model once; on a GPU
-they run one after another in this process, sharing the model on the device. A file that fails is
-reported and the rest go on; the summary says how many failed.
+On the CPU the files are spread over worker processes (`jobs`), each loading the model once. On a
+GPU up to `jobs` files run together in this process, sharing the model: their pipelines run in
+lockstep and the codec steps of all of them go through the GPU as one batch (`neucodec.lockstep`),
+so the GPU sees batches, not single files, and each file still gets the codes it would get alone.
+A file that fails is reported and the rest go on; the summary says how many failed.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import multiprocessing
 import os
 import sys
@@ -18,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from . import audio_io, pipeline
+from . import audio_io, container, lockstep, pipeline
 from .atomic import TMP_MARK, Terminated, raise_on_sigterm
 from .errors import NeucodecError
 
 Mode = tp.Literal["encode", "decode"]
+#: Files batched together on a GPU when `-j` is not given.
+GPU_FILES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +131,15 @@ def _init_worker(threads: int) -> None:
 
 
 def run(jobs: list[Job], mode: Mode, options: dict[str, tp.Any], *, force: bool = False, n_jobs: int = 1,
-        progress: bool = True, report: tp.Callable[[Outcome], None] | None = None) -> Summary:
+        progress: bool = True, report: tp.Callable[[Outcome], None] | None = None, batched: bool | None = None,
+        max_batch_samples: int = lockstep.MAX_BATCH_SAMPLES) -> Summary:
     """Run the jobs; `report` is called for every finished job (in completion order).
 
     `options` are keyword arguments of `pipeline.encode_file`/`decode_file` (model, bandwidth, device,
     ...); they must be picklable for `n_jobs > 1`. Jobs whose output exists are skipped unless `force`.
+    With `n_jobs > 1`, `batched` runs up to `n_jobs` files in this process with their codec steps
+    batched across files (`neucodec.lockstep`, at most `max_batch_samples` samples a batch) instead
+    of in `n_jobs` worker processes; None (the default) batches when the device is CUDA.
     """
     t0 = time.perf_counter()
     outcomes: list[Outcome] = []
@@ -148,23 +157,52 @@ def run(jobs: list[Job], mode: Mode, options: dict[str, tp.Any], *, force: bool 
         if report:
             report(o)
     options = dict(options, force=force)
+    if batched is None:
+        batched = str(options.get("device", "cpu")).startswith("cuda")
     bar = _files_bar(progress, len(todo), mode)
+
+    def finished(o: Outcome) -> None:
+        outcomes.append(o)
+        _done(o, bar, report)
+
     try:
-        if n_jobs <= 1 or len(todo) <= 1 or str(options.get("device", "cpu")).startswith("cuda"):
+        if n_jobs <= 1 or len(todo) <= 1:
             for job in todo:
-                o = _run_one(mode, job, options, progress=progress)
-                outcomes.append(o)
-                _done(o, bar, report)
+                finished(_run_one(mode, job, options, progress=progress))
+        elif batched:
+            codecs: dict[str, lockstep.SharedCodec] = {}
+            lockstep.run([functools.partial(_run_shared, mode, job, options, codecs) for job in todo],
+                         n_jobs, finished, max_batch_samples)
         else:
-            _run_parallel(todo, mode, options, n_jobs, bar, outcomes, report)
+            _run_parallel(todo, mode, options, n_jobs, finished)
     finally:
         if bar is not None:
             bar.close()
     return Summary(outcomes, time.perf_counter() - t0)
 
 
-def _run_parallel(todo: list[Job], mode: Mode, options: dict[str, tp.Any], n_jobs: int, bar: tp.Any,
-                  outcomes: list[Outcome], report: tp.Callable[[Outcome], None] | None) -> None:
+def _run_shared(mode: Mode, job: Job, options: dict[str, tp.Any], codecs: dict[str, lockstep.SharedCodec]) -> Outcome:
+    """`_run_one` with the codec shared by all files of a batched run (`codecs`, by model)."""
+    shared = None
+    model = options.get("model")
+    try:
+        named = model is None and mode == "decode"
+        if named:  # the model the file names
+            with open(job.source, "rb") as f:
+                header = container.read_prelude(f).header
+            model = header.get("model_id", header.get("m"))
+        if not named or isinstance(model, str):
+            if str(model) not in codecs:
+                device = pipeline.pick_device(options.get("device"))
+                codecs[str(model)] = lockstep.SharedCodec(pipeline.get_codec(model, device))
+            shared = codecs[str(model)]
+    except (NeucodecError, OSError):
+        pass  # left to the pipeline, which meets the same problem and reports it for this file
+    return _run_one(mode, job, options if shared is None else dict(options, codec=shared))
+
+
+def _run_parallel(todo: list[Job], mode: Mode, options: dict[str, tp.Any], n_jobs: int,
+                  finished: tp.Callable[[Outcome], None]) -> None:
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
     ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
     pool = cf.ProcessPoolExecutor(max_workers=min(n_jobs, len(todo)), mp_context=ctx,
@@ -176,8 +214,7 @@ def _run_parallel(todo: list[Job], mode: Mode, options: dict[str, tp.Any], n_job
                 o = fut.result()
             except cf.process.BrokenProcessPool:
                 o = Outcome(futures[fut], "failed", "a worker process died (out of memory?); rerun with fewer --jobs")
-            outcomes.append(o)
-            _done(o, bar, report)
+            finished(o)
     except (KeyboardInterrupt, Terminated):
         # workers clean their temporary files on SIGTERM (see _init_worker)
         for proc in list(getattr(pool, "_processes", {}).values()):

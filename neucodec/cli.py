@@ -86,7 +86,8 @@ def _verbosity(fn: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
 
 def _model_options(fn: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
     fn = click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
-                      help="Parallel worker processes for folders on the CPU [default: half the cores, at most 4].")(fn)
+                      help="Folders: files at once; worker processes on the CPU [default: half the cores, at "
+                           "most 4], files batched together on a GPU [default: 16].")(fn)
     fn = click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")(fn)
     fn = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
                       help="Where the codec runs; auto picks CUDA when present. The LM always runs on the CPU.")(fn)
@@ -235,7 +236,7 @@ def _folder(mode: tp.Literal["encode", "decode"], src: Path, dst: Path, options:
         for n in o.notes if verbose else []:
             say(n)
 
-    n_jobs = jobs or (_default_jobs() if device.type == "cpu" else 1)
+    n_jobs = jobs or (_default_jobs() if device.type == "cpu" else batch.GPU_FILES)
     summary = batch.run(jobs_list, mode, options, force=force, n_jobs=n_jobs, progress=not quiet, report=report)
     line = summary.line(mode)
     if summary.failed:

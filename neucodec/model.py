@@ -19,6 +19,11 @@ from .seanet import SEANetDecoder, SEANetEncoder, SEANetState
 
 Tensor = torch.Tensor
 
+#: Streaming steps, in frames: a stream goes through the model in steps of STEP_FRAMES, and its last
+#: STEP_FRAMES or fewer in steps of TAIL_FRAMES, however its input was cut (see `steps`).
+STEP_FRAMES = 128
+TAIL_FRAMES = 32
+
 
 @dataclasses.dataclass
 class EncodedAudio:
@@ -206,34 +211,69 @@ class Codec(nn.Module):
         if not self.config.seanet.causal:
             raise ValueError(f"{self.config.name} is not causal and cannot stream; use encode()")
         state: SEANetState | None = None
-        it = iter(chunks)
+        it = steps(chunks, STEP_FRAMES * self.hop_length, TAIL_FRAMES * self.hop_length)
         chunk = next(it, None)
         while chunk is not None:
             following = next(it, None)
-            z, state = self.encoder.stream(chunk, state, final=following is None)
-            if z.shape[-1]:
-                yield self.quantizer.encode(z, n_q)
+            codes, state = self.encode_step(chunk, state, following is None, n_q)
+            if codes.shape[-1]:
+                yield codes
             chunk = following
+
+    def encode_step(self, chunk: Tensor, state: SEANetState | None, final: bool,
+                    n_q: int) -> tuple[Tensor, SEANetState]:
+        """One step of `encode_stream`: audio chunk [B, C, t] -> codes [B, K, f] of the frames it completes."""
+        z, state = self.encoder.stream(chunk, state, final=final)
+        if not z.shape[-1]:
+            return torch.zeros(chunk.shape[0], n_q, 0, dtype=torch.long, device=chunk.device), state
+        return self.quantizer.encode(z, n_q), state
 
     def decode_stream(self, chunks: tp.Iterable[Tensor]) -> tp.Iterator[Tensor]:
         """Causal model: code chunks [B, K, f] -> audio chunks [B, C, f * hop] (untrimmed)."""
         if not self.config.seanet.causal:
             raise ValueError(f"{self.config.name} is not causal and cannot stream; use decode()")
         state: SEANetState | None = None
-        it = iter(chunks)
+        it = steps(chunks, STEP_FRAMES, TAIL_FRAMES)
         chunk = next(it, None)
         while chunk is not None:
             following = next(it, None)
-            y, state = self.decoder.stream(self.quantizer.decode(chunk), state, final=following is None)
+            y, state = self.decode_step(chunk, state, following is None)
             if y.shape[-1]:
                 yield y
             chunk = following
+
+    def decode_step(self, codes: Tensor, state: SEANetState | None, final: bool) -> tuple[Tensor, SEANetState]:
+        """One step of `decode_stream`: codes [B, K, f] -> the audio [B, C, t] they complete."""
+        return self.decoder.stream(self.quantizer.decode(codes), state, final=final)
 
     def forward(self, wav: Tensor, n_q: int) -> tuple[Tensor, QuantizedResult]:
         """Training pass on equal-length items [B, C, T]: (reconstruction [B, C, T], quantizer result)."""
         z = self.encoder(wav)
         q = self.quantizer(z, n_q)
         return self.decoder(q.quantized)[..., : wav.shape[-1]], q
+
+
+def steps(chunks: tp.Iterable[Tensor], size: int, tail: int) -> tp.Iterator[Tensor]:
+    """Re-cut a stream of [B, C, t] chunks into pieces of `size` along time, and its last `size` or
+    fewer samples into pieces of `tail` (the final one 1 to `tail` long).
+
+    The steps then depend only on the stream's length, not on how its input was cut (reading
+    blocks, resampling, pipes), and all streams take steps of these two sizes but for their short
+    final one: this is what lets `neucodec.lockstep` batch the steps of files of any lengths.
+    """
+    held: list[Tensor] = []
+    have = 0
+    for chunk in chunks:
+        held.append(chunk)
+        have += chunk.shape[-1]
+        if have > size:  # keep 1 to `size` samples back: the stream may end after them
+            x = torch.cat(held, -1)
+            n = (have - 1) // size * size
+            yield from x[..., :n].split(size, -1)
+            held, have = [x[..., n:]], have - n
+    if not have:
+        return
+    yield from torch.cat(held, -1).split(tail, -1)
 
 
 def overlap_add(frames: list[Tensor], stride: int) -> Tensor:

@@ -72,7 +72,13 @@ def test_lm_round_trip_encode_2_threads_decode_1(c24, monkeypatch: pytest.Monkey
     wav = 0.1 * torch.randn(1, 1, 24000)
     # make the codes compressible for the skewed LM: encode real audio, then swap in skewed codes
     codes = skewed_codes(1, 8, 75)
-    monkeypatch.setattr(c24.quantizer, "encode", lambda z, n_q: codes[:, :n_q, : z.shape[-1]].to(z.device))
+    done = [0]  # frames handed out so far: the encoder runs in several steps
+
+    def skewed(z: torch.Tensor, n_q: int) -> torch.Tensor:
+        done[0] += z.shape[-1]
+        return codes[:, :n_q, done[0] - z.shape[-1]: done[0]].to(z.device)
+
+    monkeypatch.setattr(c24.quantizer, "encode", skewed)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -1,0 +1,137 @@
+"""lockstep: folders run with their codec steps batched across files give the files of a one-by-one run."""
+from __future__ import annotations
+
+import shutil
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from neucodec import batch, model
+from neucodec.atomic import TMP_MARK
+from neucodec.model import Codec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = ("encode_step", "decode_step", "_encode_segments", "_decode_segments")
+
+
+def test_steps_depend_only_on_the_length() -> None:
+    x = torch.arange(1000.0).view(1, 1, -1)
+    for cut in (7, 100, 333, 1000):
+        pieces = list(model.steps(x.split(cut, -1), 128, 32))
+        assert [p.shape[-1] for p in pieces] == [128] * 7 + [32] * 3 + [8]
+        assert torch.equal(torch.cat(pieces, -1), x)
+    assert [p.shape[-1] for p in model.steps([x[..., :128]], 128, 32)] == [32] * 4
+    assert list(model.steps([], 128, 32)) == []
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """Rows of every codec step that runs (the real steps, only counted)."""
+    seen: dict[str, list[int]] = {name: [] for name in STEPS}
+    for name in STEPS:
+        real = getattr(Codec, name)
+
+        def spy(self: Codec, x: torch.Tensor, *args: tp.Any, _real: tp.Any = real, _name: str = name) -> tp.Any:
+            seen[_name].append(int(x.shape[0]))
+            return _real(self, x, *args)
+
+        monkeypatch.setattr(Codec, name, spy)
+    return seen
+
+
+def _folder(root: Path, recordings: dict[str, Path]) -> Path:
+    """Files of many lengths, rates and channel counts, one of one sample, and a broken one."""
+    src = root / "in"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, seconds in enumerate([0.3, 0.7, 1.6, 1.6, 2.3, 3.1, 4.4]):
+        t = np.arange(int(seconds * 24000)) / 24000
+        x = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 900) * t) + 0.02 * rng.standard_normal(t.size)
+        sf.write(src / f"m{i}.wav", x.astype(np.float32), 24000)
+    shutil.copy(recordings["flac_stereo"], src / "sub" / "stereo.flac")
+    shutil.copy(recordings["wav_mono"], src / "sub" / "speech.wav")
+    sf.write(src / "one.wav", np.array([0.5], np.float32), 24000)
+    (src / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnope")
+    return src
+
+
+def _outputs(folder: Path, ext: str) -> dict[str, Path]:
+    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob(f"*{ext}"))}
+
+
+@pytest.mark.parametrize("which, use_lm, cap", [
+    pytest.param("tiny_model", False, batch.lockstep.MAX_BATCH_SAMPLES, id="causal"),
+    pytest.param("tiny_model", True, 100_000, id="causal-lm-small-batches"),
+    pytest.param("tiny_stereo_model", False, batch.lockstep.MAX_BATCH_SAMPLES, id="segmented"),
+])
+def test_batched_folder_gives_the_files_of_a_one_by_one_run(
+        which: str, use_lm: bool, cap: int, recordings: dict[str, Path], tmp_path: Path,
+        calls: dict[str, list[int]], request: pytest.FixtureRequest) -> None:
+    weights = str(request.getfixturevalue(which))
+    src = _folder(tmp_path, recordings)
+    runs = {}
+    for name, kw in (("alone", dict(n_jobs=1)), ("batched", dict(n_jobs=4, batched=True, max_batch_samples=cap))):
+        for v in calls.values():
+            v.clear()
+        summary = batch.run(batch.plan(src, tmp_path / name, "encode"), "encode",
+                            dict(model=weights, device="cpu", use_lm=use_lm), progress=False, **kw)
+        assert [o.job.source.name for o in summary.failed] == ["broken.wav"]
+        assert "not audio" in (summary.failed[0].error or "") and summary.count("done") == 10
+        runs[name] = {k: sum(v) for k, v in calls.items()}, {k: len(v) for k, v in calls.items()}
+    alone, batched = _outputs(tmp_path / "alone", ".ecdc"), _outputs(tmp_path / "batched", ".ecdc")
+    assert alone.keys() == batched.keys() and len(alone) == 10
+    for key in alone:  # byte-identical files: the same codes, scales and header
+        assert alone[key].read_bytes() == batched[key].read_bytes(), key
+    (rows_alone, n_alone), (rows_batched, n_batched) = runs["alone"], runs["batched"]
+    assert rows_alone == rows_batched  # the same work ...
+    assert sum(n_batched.values()) < 0.8 * sum(n_alone.values())  # ... in fewer, larger calls
+    assert not list(tmp_path.rglob(f"*{TMP_MARK}*"))
+
+    (tmp_path / "alone" / "corrupt.ecdc").write_bytes(b"NCDC\x01" + bytes(100))
+    decoded = {}
+    for name, kw in (("alone", dict(n_jobs=1)), ("batched", dict(n_jobs=4, batched=True, max_batch_samples=cap))):
+        dst = tmp_path / f"dec_{name}"
+        summary = batch.run(batch.plan(tmp_path / "alone", dst, "decode"), "decode",
+                            dict(model=weights, device="cpu", subtype="FLOAT"), progress=False, **kw)
+        assert [o.job.source.name for o in summary.failed] == ["corrupt.ecdc"] and summary.count("done") == 10
+        decoded[name] = {k: sf.read(p, always_2d=True) for k, p in _outputs(dst, ".wav").items()}
+    for key, (audio, rate) in decoded["alone"].items():
+        other, other_rate = decoded["batched"][key]
+        assert rate == other_rate and audio.shape == other.shape
+        assert np.abs(audio - other).max() < 1e-5, key  # float kernels of a batch may round differently
+
+
+def test_interrupt_leaves_no_partial_output(tiny_model: Path, recordings: dict[str, Path], tmp_path: Path) -> None:
+    """Ctrl-C while files are in flight: the files in flight are unwound, their temporary files removed."""
+    src = _folder(tmp_path, recordings)
+    seen: list[batch.Outcome] = []
+
+    def report(o: batch.Outcome) -> None:
+        seen.append(o)
+        if o.status == "done":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(batch.plan(src, tmp_path / "out", "encode"), "encode", dict(model=str(tiny_model), device="cpu"),
+                  n_jobs=4, batched=True, progress=False, report=report)
+    made = list((tmp_path / "out").rglob("*"))
+    assert not [p for p in made if TMP_MARK in p.name]
+    assert len([p for p in made if p.suffix == ".ecdc"]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_folder_batched_like_one_by_one(tiny_model: Path, recordings: dict[str, Path], tmp_path: Path) -> None:
+    src = _folder(tmp_path, recordings)
+    for name, n_jobs in (("alone", 1), ("batched", 8)):
+        batch.run(batch.plan(src, tmp_path / name, "encode"), "encode", dict(model=str(tiny_model), device="cuda"),
+                  n_jobs=n_jobs, progress=False)
+    alone, batched = _outputs(tmp_path / "alone", ".ecdc"), _outputs(tmp_path / "batched", ".ecdc")
+    assert alone.keys() == batched.keys()
+    same = sum(alone[k].read_bytes() == batched[k].read_bytes() for k in alone)
+    assert same == len(alone), f"{len(alone) - same} files differ (GPU kernels round a batch differently?)"
