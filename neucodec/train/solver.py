@@ -137,6 +137,8 @@ class Solver:
         self.disc.load_state_dict(state["disc"])
         self.opt.load_state_dict(state["opt"])
         self.disc_opt.load_state_dict(state["disc_opt"])
+        for group in self.opt.param_groups + self.disc_opt.param_groups:  # the config's, not the saved ones
+            group["lr"], group["betas"] = self.cfg.lr, tuple(self.cfg.betas)
         if self.balancer and state["balancer"]:
             self.balancer.load_state_dict(json.loads(state["balancer"]))
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
@@ -219,7 +221,7 @@ class Solver:
             self.disc_opt.step()
             metrics["d_loss"] = float(d_loss)
         metrics.update({k: float(v.detach()) for k, v in losses.items()})
-        metrics["commit"] = float(q.commit_loss)
+        metrics["commit"] = float(q.commit_loss.detach())
         metrics["n_q"] = n_q
         with torch.no_grad():
             metrics["si_snr"] = float(si_snr(x_hat32, wav).mean())
