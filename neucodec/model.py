@@ -23,6 +23,8 @@ Tensor = torch.Tensor
 #: STEP_FRAMES or fewer in steps of TAIL_FRAMES, however its input was cut (see `steps`).
 STEP_FRAMES = 128
 TAIL_FRAMES = 32
+#: Segments (of a segmented model) per encoder/decoder call on a CPU; see `_cpu_groups`.
+SEGMENT_BATCH = 4
 
 
 @dataclasses.dataclass
@@ -131,10 +133,11 @@ class Codec(nn.Module):
     def _encode_segments(self, x: Tensor, n_q: int) -> tuple[Tensor, Tensor | None]:
         """Same-length segments [N, C, L] -> codes [N, K, F], scales [N] or None."""
         x, scale = self._normalize(x)
-        return self.quantizer.encode(self.encoder(x), n_q), scale
+        codes = [self.quantizer.encode(self.encoder(part), n_q) for part in _cpu_groups(x)]
+        return torch.cat(codes), scale
 
     def _decode_segments(self, codes: Tensor, scale: Tensor | None) -> Tensor:
-        out = self.decoder(self.quantizer.decode(codes))
+        out = torch.cat([self.decoder(self.quantizer.decode(part)) for part in _cpu_groups(codes)])
         return out if scale is None else out * scale.view(-1, 1, 1)
 
     # ------------------------------------------------------------- public API
@@ -251,6 +254,13 @@ class Codec(nn.Module):
         z = self.encoder(wav)
         q = self.quantizer(z, n_q)
         return self.decoder(q.quantized)[..., : wav.shape[-1]], q
+
+
+def _cpu_groups(x: Tensor) -> tuple[Tensor, ...]:
+    """A batch of segments in groups of SEGMENT_BATCH on a CPU, whole elsewhere. On a 2-core CPU the
+    activations of 10 one-second 48 kHz segments outgrow the caches: groups of 2 to 5 encoded and
+    decoded 1.2-1.5x faster than the whole batch of 10 (and than one segment at a time)."""
+    return x.split(SEGMENT_BATCH) if x.device.type == "cpu" else (x,)
 
 
 def steps(chunks: tp.Iterable[Tensor], size: int, tail: int) -> tp.Iterator[Tensor]:
