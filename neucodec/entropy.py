@@ -35,6 +35,7 @@ Tensor = torch.Tensor
 
 LM_THREADS = 1  # torch threads while the LM runs; part of the format (recorded in the header)
 PROB_GRID = 2.0 ** -20  # probabilities are floored to this grid (narrows cross-machine float noise)
+LM_SPAN_SECONDS = 1.0  # writer's choice of LM sequence length (see lm_span); readers follow the header
 VERIFY_TABLE_BYTES = 128 << 20  # encoder's check: probability tables kept up to this size (see encode_segments)
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
 
@@ -140,6 +141,19 @@ def _split_rows(B: int, F: int, span: int | None) -> tuple[int, np.ndarray]:
     S = max(1, -(-F // span)) if F else 1
     lengths = np.array([min(span, max(0, F - s * span)) for s in range(S) for _ in range(B)], dtype=np.int64)
     return span, lengths
+
+
+def lm_span(segment_frames: int, past_context: int, frame_rate: int) -> int:
+    """Frames per LM sequence that the writer picks for segments of `segment_frames` frames.
+
+    Spans of about `LM_SPAN_SECONDS` (at most the LM's `past_context`), of equal length within a
+    segment so that no row idles while the longest one finishes. Shorter spans mean more rows per
+    LM step and fewer steps -- much faster on a CPU -- for a small loss: each span starts
+    without context (docs/benchmarks.md measures both). Readers take the span from the header.
+    """
+    longest = max(1, min(past_context, round(LM_SPAN_SECONDS * frame_rate)))
+    n = max(1, -(-segment_frames // longest))
+    return max(1, -(-segment_frames // n))
 
 
 @dataclasses.dataclass

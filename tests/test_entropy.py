@@ -116,6 +116,14 @@ def test_verify_decodes_with_the_encoders_tables(monkeypatch: pytest.MonkeyPatch
     assert all(c.flags == container.SEGMENT_LM and c.payload == p for c, p in zip(grouped, payloads))
 
 
+def test_lm_span() -> None:
+    assert entropy.lm_span(750, 262, 75) == 75  # 10 s segments at 24 kHz: ten 1 s spans
+    assert entropy.lm_span(760, 262, 75) == 70  # eleven equal spans rather than ten of 75 and one of 10
+    assert entropy.lm_span(30, 262, 75) == 30
+    assert entropy.lm_span(150, 525, 150) == 150  # 48 kHz: one span per 1 s segment
+    assert entropy.lm_span(900, 20, 75) == 20  # never beyond the LM's context
+
+
 def test_lm_decode_garbage_is_corrupt_stream() -> None:
     lm = skewed_lm()
     with pytest.raises(CorruptStream, match="32-bit words"):
