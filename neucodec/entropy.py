@@ -36,6 +36,7 @@ Tensor = torch.Tensor
 LM_THREADS = 1  # torch threads while the LM runs; part of the format (recorded in the header)
 PROB_GRID = 2.0 ** -20  # probabilities are floored to this grid (narrows cross-machine float noise)
 LM_SPAN_SECONDS = 1.0  # writer's choice of LM sequence length (see lm_span); readers follow the header
+LM_ROWS = 32  # LM sequences stepped together at most (each holds ~4 MB of keys/values for the paper's LM)
 VERIFY_TABLE_BYTES = 128 << 20  # encoder's check: probability tables kept up to this size (see encode_segments)
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
 
@@ -146,12 +147,14 @@ def _split_rows(B: int, F: int, span: int | None) -> tuple[int, np.ndarray]:
 def lm_span(segment_frames: int, past_context: int, frame_rate: int) -> int:
     """Frames per LM sequence that the writer picks for segments of `segment_frames` frames.
 
-    Spans of about `LM_SPAN_SECONDS` (at most the LM's `past_context`), of equal length within a
-    segment so that no row idles while the longest one finishes. Shorter spans mean more rows per
-    LM step and fewer steps -- much faster on a CPU -- for a small loss: each span starts
+    Spans of about `LM_SPAN_SECONDS`, longer when a segment would otherwise have more than
+    `LM_ROWS` of them, never longer than the LM's `past_context`; of equal length within a
+    segment, so that no row idles while the longest one finishes. Shorter spans mean more rows
+    per LM step and fewer steps -- much faster on a CPU -- for a small loss: each span starts
     without context (docs/benchmarks.md measures both). Readers take the span from the header.
     """
-    longest = max(1, min(past_context, round(LM_SPAN_SECONDS * frame_rate)))
+    longest = max(round(LM_SPAN_SECONDS * frame_rate), -(-segment_frames // LM_ROWS))
+    longest = max(1, min(past_context, longest))
     n = max(1, -(-segment_frames // longest))
     return max(1, -(-segment_frames // n))
 
@@ -314,8 +317,8 @@ def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel |
 
     The check range-decodes every payload with `lm_decode_many` -- the decoder's own loop, row
     layout and constriction calls -- fed with the probability tables the encoding pass recorded
-    (segments are coded in groups whose tables fit in `VERIFY_TABLE_BYTES`; a single segment too
-    large for that is checked by running the LM again). Running the LM a
+    (segments are coded in groups whose tables fit in `VERIFY_TABLE_BYTES`, see `_groups`; a
+    single segment too large for that is checked by running the LM again). Running the LM a
     second time would only repeat, with the same inputs, thread count and shapes, the computation
     just done: it could not catch what makes files undecodable elsewhere (another CPU or torch
     build; the codes CRC reports that at decode time), and batch-composition and thread-count
@@ -330,7 +333,7 @@ def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel |
     out = [CodedSegment(SEGMENT_PACKED, p, codes_crc32(a)) for a, p in zip(arrs, packed)]
     if lm is None or not arrs:
         return out
-    for group in _verify_groups([a.shape for a in arrs], span, lm.cfg.card):
+    for group in _groups([a.shape for a in arrs], span, lm.cfg.card):
         shapes = [arrs[i].shape for i in group]
         tables: list[np.ndarray] | None = [] if _table_bytes(shapes, span, lm.cfg.card) <= VERIFY_TABLE_BYTES \
             else None
@@ -351,15 +354,19 @@ def _table_bytes(shapes: tp.Sequence[tuple[int, int, int]], span: int | None, ca
     return 4 * batch.steps * batch.rows * shapes[0][1] * card
 
 
-def _verify_groups(shapes: tp.Sequence[tuple[int, int, int]], span: int | None, card: int) -> list[list[int]]:
-    """Consecutive segments grouped so that each group's tables fit in `VERIFY_TABLE_BYTES`
-    (a segment too large on its own forms a group alone and is checked by running the LM again)."""
+def _groups(shapes: tp.Sequence[tuple[int, int, int]], span: int | None, card: int | None = None) -> list[list[int]]:
+    """Consecutive segments grouped into LM runs of at most `LM_ROWS` rows and, with `card` (the
+    encoder's check), probability tables within `VERIFY_TABLE_BYTES`; a segment too large for
+    that forms a group alone (checked, if need be, by running the LM again)."""
     groups: list[list[int]] = []
     for i in range(len(shapes)):
-        if groups and _table_bytes([shapes[j] for j in groups[-1] + [i]], span, card) <= VERIFY_TABLE_BYTES:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
+        if groups:
+            together = [shapes[j] for j in groups[-1] + [i]]
+            if _Batch.of(together, span).rows <= LM_ROWS and \
+                    (card is None or _table_bytes(together, span, card) <= VERIFY_TABLE_BYTES):
+                groups[-1].append(i)
+                continue
+        groups.append([i])
     return groups
 
 
@@ -376,8 +383,10 @@ def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int],
     if lm_idx:
         if lm is None:
             raise CorruptStream(f"{records[lm_idx[0]][3]}: LM-coded but no LM is available")
-        decoded = lm_decode_many(lm, [records[i][1] for i in lm_idx], [records[i][2] for i in lm_idx],
-                                 threads, [records[i][3] for i in lm_idx], span)
-        for i, d in zip(lm_idx, decoded):
-            out[i] = d
+        for group in _groups([records[i][2] for i in lm_idx], span):
+            idx = [lm_idx[j] for j in group]
+            decoded = lm_decode_many(lm, [records[i][1] for i in idx], [records[i][2] for i in idx],
+                                     threads, [records[i][3] for i in idx], span)
+            for i, d in zip(idx, decoded):
+                out[i] = d
     return tp.cast(list[Tensor], out)

@@ -109,11 +109,15 @@ def test_verify_decodes_with_the_encoders_tables(monkeypatch: pytest.MonkeyPatch
         pass
     grouped = entropy.encode_segments(items, lm, span=7)
     monkeypatch.setattr(entropy, "VERIFY_TABLE_BYTES", 2 * 4 * 7 * 10 * 8 * 1024)  # two segments per group
-    assert entropy._verify_groups(shapes, 7, 1024) == [[0, 1], [2]]
+    assert entropy._groups(shapes, 7, 1024) == [[0, 1], [2]]
     assert entropy.encode_segments(items, lm, span=7) == grouped
     monkeypatch.setattr(entropy, "VERIFY_TABLE_BYTES", 0)  # every segment alone, checked by running the LM
     assert entropy.encode_segments(items, lm, span=7) == grouped
     assert all(c.flags == container.SEGMENT_LM and c.payload == p for c, p in zip(grouped, payloads))
+    monkeypatch.setattr(entropy, "LM_ROWS", 20)  # decoding in LM runs of at most 20 rows
+    assert entropy._groups(shapes, 7) == [[0, 1], [2]]
+    records = [(c.flags, c.payload, s, "s") for c, s in zip(grouped, shapes)]
+    assert all(torch.equal(a, b) for a, b in zip(entropy.decode_segments(records, lm, span=7), items))
 
 
 def test_lm_span() -> None:
@@ -122,6 +126,7 @@ def test_lm_span() -> None:
     assert entropy.lm_span(30, 262, 75) == 30
     assert entropy.lm_span(150, 525, 150) == 150  # 48 kHz: one span per 1 s segment
     assert entropy.lm_span(900, 20, 75) == 20  # never beyond the LM's context
+    assert entropy.lm_span(4500, 262, 75) == 141  # 60 s segments: 32 spans (LM_ROWS), not 60
 
 
 def test_lm_decode_garbage_is_corrupt_stream() -> None:
