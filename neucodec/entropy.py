@@ -107,7 +107,7 @@ def lm_threads(n: int = LM_THREADS) -> tp.Iterator[None]:
 
 def quantize_probs(probs: Tensor) -> np.ndarray:
     """LM probabilities [..., card] -> C-contiguous float32 rows [N, card] floored to `PROB_GRID`."""
-    p = torch.floor(probs.float() * (1.0 / PROB_GRID)) * PROB_GRID
+    p = torch.mul(probs.float(), 1.0 / PROB_GRID).floor_().mul_(PROB_GRID)  # one new tensor, not three
     return np.ascontiguousarray(p.reshape(-1, p.shape[-1]).numpy(), dtype=np.float32)
 
 
