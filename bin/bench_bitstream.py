@@ -6,9 +6,11 @@ One run on real recordings (default: the corpus dev clips, resampled to 24 kHz a
 1. For each bandwidth, bits of plain 10-bit packing vs LM range coding of the codec's codes
    (the trained model when `--model` loads, else the encodec_24khz architecture with random
    weights -- then the LM cannot save bits, which the output says).
-2. Real-time factor (audio seconds / seconds of work) of LM encode (incl. the verify-decode) +
+2. Real-time factor (audio seconds / seconds of work) of LM encode (incl. the writer's check) +
    LM decode at 6 kbps, neucodec vs the reference encodec package (`compress`/`decompress`
-   with `use_lm=True`, minus the same calls without the LM), both with the same random LM weights.
+   with `use_lm=True`, minus the same calls without the LM), both with the same random
+   paper-size LM weights; neucodec with the writer's LM spans and with spans of the whole LM
+   context, and with the trained LM too.
 
     python bin/bench_bitstream.py --seconds 30 [--model neucodec_24khz] [--audio a.wav b.wav]
 """
@@ -91,32 +93,46 @@ def main() -> None:
         print(f"model: encodec_24khz architecture with RANDOM weights ({str(e)[:80]}...)")
 
     seg = round(args.segment_seconds * codec.frame_rate)
-    span = lm.cfg.past_context  # what ecdc.encode_stream writes (header coder.span_frames)
-    print("\n| bandwidth | K | packed kbps | LM kbps | saved | segments LM-coded |")
-    print("|---|---|---|---|---|---|")
+    span = entropy.lm_span(seg, lm.cfg.past_context, codec.frame_rate)  # what ecdc.encode_stream writes
+    print(f"\nLM spans: {span} frames (writer's choice; LM context {lm.cfg.past_context} frames)")
+    print(f"\n| bandwidth | K | packed kbps | LM kbps | saved | saved, {lm.cfg.past_context}-frame spans "
+          "| segments LM-coded |")
+    print("|---|---|---|---|---|---|---|")
     for bw in codec.config.bandwidths:
         codes = codec.encode(wav, bw).codes
         items = list(codes.split(seg, -1))
-        raw = entropy.lm_encode_many(lm, items, span=span)
-        coded = entropy.encode_segments(items, lm, span=span)
         packed_bits = sum(len(entropy.pack(c)) for c in items) * 8
-        lm_bits = sum(len(r) for r in raw) * 8
-        n_lm = sum(c.flags == 1 for c in coded)
+        lm_bits = sum(len(r) for r in entropy.lm_encode_many(lm, items, span=span)) * 8
+        long_bits = sum(len(r) for r in entropy.lm_encode_many(lm, items, span=lm.cfg.past_context)) * 8
+        n_lm = sum(c.flags == 1 for c in entropy.encode_segments(items, lm, span=span))
         print(f"| {bw:g} | {codes.shape[1]} | {packed_bits / dur / 1000:.2f} | {lm_bits / dur / 1000:.2f} | "
-              f"{100 * (1 - lm_bits / packed_bits):+.1f} % | {n_lm}/{len(items)} |")
+              f"{100 * (1 - lm_bits / packed_bits):+.1f} % | {100 * (1 - long_bits / packed_bits):+.1f} % | "
+              f"{n_lm}/{len(items)} |")
     if not trained:
         print("(random LM: no compression expected; sizes show coder overhead only)")
 
-    # ---- speed at 6 kbps: neucodec LM path
+    # ---- speed at 6 kbps: the same random paper-size LM in both implementations
     codes = codec.encode(wav, 6.0).codes
     items = list(codes.split(seg, -1))
-    coded = [entropy.CodedSegment(1, p, 0) for p in entropy.lm_encode_many(lm, items, span=span)]
-    t_enc = best(lambda: entropy.encode_segments(items, lm, span=span), args.repeat)
-    t_dec = best(lambda: entropy.decode_segments([(1, c.payload, tuple(i.shape), "s") for c, i in zip(coded, items)],
-                                                 lm, span=span), args.repeat)
-    ours = dur / (t_enc + t_dec)
-    print(f"\nneucodec LM path, 6 kbps, {dur:.0f} s: encode+verify {t_enc:.2f} s, decode {t_dec:.2f} s "
-          f"-> RTF {ours:.1f}")
+    torch.manual_seed(0)
+    rand_lm = LanguageModel(config.lm_for(codec.config)).eval()
+
+    def lm_path(model: LanguageModel, span: int) -> float:
+        """Encode (with the writer's check) + decode, every segment LM-coded; returns the RTF."""
+        payloads = entropy.lm_encode_many(model, items, span=span)
+        records = [(1, p, tuple(i.shape), "s") for p, i in zip(payloads, items)]
+        t_enc = best(lambda: entropy.encode_segments(items, model, span=span), args.repeat)
+        t_dec = best(lambda: entropy.decode_segments(records, model, span=span), args.repeat)
+        print(f"  {type(model).__name__} dim {model.cfg.dim}, {span}-frame spans: encode+check {t_enc:.2f} s, "
+              f"decode {t_dec:.2f} s -> RTF {dur / (t_enc + t_dec):.1f}")
+        return dur / (t_enc + t_dec)
+
+    print(f"\nneucodec LM path, 6 kbps, {dur:.0f} s, {seg}-frame segments:")
+    ours = lm_path(rand_lm, span)
+    ours_long = lm_path(rand_lm, rand_lm.cfg.past_context)
+    if trained:
+        print(f"  (trained LM {args.model})")
+        lm_path(lm, span)
 
     # ---- reference LM path with identical random LM weights
     sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
@@ -130,7 +146,7 @@ def main() -> None:
     ref.name = "encodec_24khz"
     ref.set_target_bandwidth(6.0)
     ref_lm = LMModel(codec.n_q, 1024, num_layers=5, dim=200, past_context=int(3.5 * 75)).eval()
-    ref_lm.load_state_dict(LanguageModel(config.lm_for(codec.config)).state_dict() if trained else lm.state_dict())
+    ref_lm.load_state_dict(rand_lm.state_dict())
     ref.get_lm_model = lambda: ref_lm  # type: ignore[method-assign]
     ref_compress.MODELS["encodec_24khz"] = lambda: ref  # decompress builds its model from this table
     rwav = wav[0, :, : int(args.ref_seconds * 24000)]
@@ -146,7 +162,9 @@ def main() -> None:
     ref_rtf = rdur / ref_lm_time
     print(f"reference LM path, 6 kbps, {rdur:.0f} s: compress +{t_c_lm - t_c:.2f} s, decompress +{t_d_lm - t_d:.2f} s "
           f"over no-LM -> RTF {ref_rtf:.2f}")
-    print(f"speed-up: {ours / ref_rtf:.1f}x (target >= 10x; target RTF >= 30)")
+    print(f"speed-up: {ours / ref_rtf:.1f}x with {span}-frame spans, {ours_long / ref_rtf:.1f}x with "
+          f"{rand_lm.cfg.past_context}-frame spans (target >= 10x; target RTF >= 30)")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

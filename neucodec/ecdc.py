@@ -223,7 +223,7 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
     coder = None if lm is None else {
         "name": "constriction.queue.RangeEncoder", "model": "Categorical(perfect=False)", "dtype": "float32",
         "prob_grid": entropy.PROB_GRID, "lm_threads": entropy.LM_THREADS, "word": "uint32le",
-        "span_frames": lm.cfg.past_context}
+        "span_frames": entropy.lm_span(seg_frames, lm.cfg.past_context, codec.frame_rate)}
     info = StreamInfo(
         format_version=container.FORMAT_VERSION, model_id=model_id, model_fingerprint=model_fp, lm_id=lm_id,
         lm_fingerprint=lm_fp, sample_rate=codec.sample_rate, channels=codec.channels, groups=groups,

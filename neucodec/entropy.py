@@ -35,6 +35,9 @@ Tensor = torch.Tensor
 
 LM_THREADS = 1  # torch threads while the LM runs; part of the format (recorded in the header)
 PROB_GRID = 2.0 ** -20  # probabilities are floored to this grid (narrows cross-machine float noise)
+LM_SPAN_SECONDS = 1.0  # writer's choice of LM sequence length (see lm_span); readers follow the header
+LM_ROWS = 32  # LM sequences stepped together at most (each holds ~4 MB of keys/values for the paper's LM)
+VERIFY_TABLE_BYTES = 128 << 20  # encoder's check: probability tables kept up to this size (see encode_segments)
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
 
 
@@ -104,7 +107,7 @@ def lm_threads(n: int = LM_THREADS) -> tp.Iterator[None]:
 
 def quantize_probs(probs: Tensor) -> np.ndarray:
     """LM probabilities [..., card] -> C-contiguous float32 rows [N, card] floored to `PROB_GRID`."""
-    p = torch.floor(probs.float() * (1.0 / PROB_GRID)) * PROB_GRID
+    p = torch.mul(probs.float(), 1.0 / PROB_GRID).floor_().mul_(PROB_GRID)  # one new tensor, not three
     return np.ascontiguousarray(p.reshape(-1, p.shape[-1]).numpy(), dtype=np.float32)
 
 
@@ -141,6 +144,44 @@ def _split_rows(B: int, F: int, span: int | None) -> tuple[int, np.ndarray]:
     return span, lengths
 
 
+def lm_span(segment_frames: int, past_context: int, frame_rate: int) -> int:
+    """Frames per LM sequence that the writer picks for segments of `segment_frames` frames.
+
+    Spans of about `LM_SPAN_SECONDS`, longer when a segment would otherwise have more than
+    `LM_ROWS` of them, never longer than the LM's `past_context`; of equal length within a
+    segment, so that no row idles while the longest one finishes. Shorter spans mean more rows
+    per LM step and fewer steps -- much faster on a CPU -- for a small loss: each span starts
+    without context (docs/benchmarks.md measures both). Readers take the span from the header.
+    """
+    longest = max(round(LM_SPAN_SECONDS * frame_rate), -(-segment_frames // LM_ROWS))
+    longest = max(1, min(past_context, longest))
+    n = max(1, -(-segment_frames // longest))
+    return max(1, -(-segment_frames // n))
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Row layout of segments coded together: segment i owns rows starts[i]..starts[i+1]."""
+
+    layouts: list[tuple[int, np.ndarray]]  # (span, frames of each row)
+    starts: np.ndarray
+    steps: int  # LM steps: the longest row
+
+    @classmethod
+    def of(cls, shapes: tp.Sequence[tuple[int, int, int]], span: int | None) -> _Batch:
+        layouts = [_split_rows(B, F, span) for B, _, F in shapes]
+        starts = np.cumsum([0] + [len(lens) for _, lens in layouts])
+        return cls(layouts, starts, max(int(lens.max()) if len(lens) else 0 for _, lens in layouts))
+
+    @property
+    def rows(self) -> int:
+        return int(self.starts[-1])
+
+    def active(self, i: int, t: int) -> int:
+        """Rows of segment i that have a frame t (they form a prefix)."""
+        return int((self.layouts[i][1] > t).sum())
+
+
 def _to_rows(a: np.ndarray, span: int, n_rows: int) -> np.ndarray:
     B, K, F = a.shape
     S = n_rows // B
@@ -155,8 +196,8 @@ def _from_rows(rows: np.ndarray, B: int, F: int) -> np.ndarray:
     return rows.reshape(S, B, K, span).transpose(1, 2, 0, 3).reshape(B, K, S * span)[:, :, :F]
 
 
-def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray],
-                   threads: int = LM_THREADS, span: int | None = None) -> list[bytes]:
+def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray], threads: int = LM_THREADS,
+                   span: int | None = None, tables: list[np.ndarray] | None = None) -> list[bytes]:
     """LM-code several segments in one batched LM run.
 
     Each segment [B, K, F] is cut into spans of `span` frames (None: one span); every span of every
@@ -170,6 +211,8 @@ def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray],
         items: codes of each segment [B_i, K, F_i] (same K).
         threads: torch threads for the LM (must match the decoder's).
         span: frames per LM sequence (part of the format: recorded in the header).
+        tables: if given, receives the probabilities of every step ([rows*K, card] float32), for
+            `lm_decode_many` to check the payloads without running the LM again.
     Returns:
         one payload per segment: its range coder's uint32 words, little-endian.
     """
@@ -177,33 +220,33 @@ def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray],
     if not arrs:
         return []
     K = _check_same_K([a.shape for a in arrs])
-    layouts = [_split_rows(a.shape[0], a.shape[2], span) for a in arrs]
-    rows_arr = [_to_rows(a, sp, len(lens)) for a, (sp, lens) in zip(arrs, layouts)]
-    starts = np.cumsum([0] + [len(lens) for _, lens in layouts])
-    T = max(int(lens.max()) if len(lens) else 0 for _, lens in layouts)
+    batch = _Batch.of([a.shape for a in arrs], span)
+    rows_arr = [_to_rows(a, sp, len(lens)) for a, (sp, lens) in zip(arrs, batch.layouts)]
     encoders = [constriction.stream.queue.RangeEncoder() for _ in arrs]
     with lm_threads(threads):
-        model = _FrameModel(lm, int(starts[-1]), K)
-        full = np.zeros((int(starts[-1]), K), dtype=np.int64)
-        previous: np.ndarray | None = None
-        for t in range(T):
-            probs = model.probs(previous).reshape(int(starts[-1]), K, -1)
-            for i, (rows, (_, lens)) in enumerate(zip(rows_arr, layouts)):
-                n = int((lens > t).sum())  # active rows form a prefix
-                if n == 0:
-                    continue
-                symbols = np.ascontiguousarray(rows[:n, :, t].reshape(-1), dtype=np.int32)
-                encoders[i].encode(symbols, _FAMILY, np.ascontiguousarray(
-                    probs[starts[i]: starts[i] + n].reshape(-1, probs.shape[-1])))
-                full[starts[i]: starts[i] + len(lens)] = rows[:, :, t]
-            previous = full.copy()
+        model = _FrameModel(lm, batch.rows, K)
+        previous = np.zeros((batch.rows, K), dtype=np.int64)
+        for t in range(batch.steps):
+            probs = model.probs(previous if t else None)
+            if tables is not None:
+                tables.append(probs)
+            for i, rows in enumerate(rows_arr):
+                n, s = batch.active(i, t), int(batch.starts[i])
+                if n:
+                    symbols = np.ascontiguousarray(rows[:n, :, t].reshape(-1), dtype=np.int32)
+                    encoders[i].encode(symbols, _FAMILY, probs[s * K: (s + n) * K])
+                    previous[s: s + len(rows)] = rows[:, :, t]
     return [enc.get_compressed().astype("<u4").tobytes() for enc in encoders]
 
 
 def lm_decode_many(lm: LanguageModel, payloads: tp.Sequence[bytes], shapes: tp.Sequence[tuple[int, int, int]],
                    threads: int = LM_THREADS, where: tp.Sequence[str] | None = None,
-                   span: int | None = None) -> list[Tensor]:
-    """Inverse of `lm_encode_many`: payloads + shapes [(B_i, K, F_i)] -> codes [B_i, K, F_i] int64."""
+                   span: int | None = None, tables: tp.Sequence[np.ndarray] | None = None) -> list[Tensor]:
+    """Inverse of `lm_encode_many`: payloads + shapes [(B_i, K, F_i)] -> codes [B_i, K, F_i] int64.
+
+    `tables`: the probabilities `lm_encode_many` recorded for these segments, used instead of
+    running the LM (the encoder's check of its range coding, see `encode_segments`).
+    """
     if not payloads:
         return []
     where = list(where) if where is not None else [f"segment {i}" for i in range(len(payloads))]
@@ -213,29 +256,23 @@ def lm_decode_many(lm: LanguageModel, payloads: tp.Sequence[bytes], shapes: tp.S
         if len(p) % 4:
             raise CorruptStream(f"{w}: LM payload of {len(p)} bytes is not a whole number of 32-bit words")
         decoders.append(constriction.stream.queue.RangeDecoder(np.frombuffer(p, dtype="<u4").astype(np.uint32)))
-    layouts = [_split_rows(B, F, span) for B, _, F in shapes]
-    rows_arr = [np.zeros((len(lens), K, sp), dtype=np.int64) for sp, lens in layouts]
-    starts = np.cumsum([0] + [len(lens) for _, lens in layouts])
-    T = max(int(lens.max()) if len(lens) else 0 for _, lens in layouts)
+    batch = _Batch.of(shapes, span)
+    rows_arr = [np.zeros((len(lens), K, sp), dtype=np.int64) for sp, lens in batch.layouts]
     with lm_threads(threads):
-        model = _FrameModel(lm, int(starts[-1]), K)
-        full = np.zeros((int(starts[-1]), K), dtype=np.int64)
-        previous: np.ndarray | None = None
-        for t in range(T):
-            probs = model.probs(previous).reshape(int(starts[-1]), K, -1)
-            for i, (rows, (_, lens)) in enumerate(zip(rows_arr, layouts)):
-                n = int((lens > t).sum())
-                if n == 0:
-                    continue
-                try:
-                    sym = decoders[i].decode(_FAMILY, np.ascontiguousarray(
-                        probs[starts[i]: starts[i] + n].reshape(-1, probs.shape[-1])))
-                except (AssertionError, ValueError, RuntimeError, KeyError) as e:
-                    raise CorruptStream(f"{where[i]}: LM stream undecodable at frame {t} "
-                                        f"({str(e).splitlines()[0][:80]})") from None
-                rows[:n, :, t] = sym.astype(np.int64).reshape(n, K)
-                full[starts[i]: starts[i] + len(lens)] = rows[:, :, t]
-            previous = full.copy()
+        model = _FrameModel(lm, batch.rows, K) if tables is None else None
+        previous = np.zeros((batch.rows, K), dtype=np.int64)
+        for t in range(batch.steps):
+            probs = model.probs(previous if t else None) if model is not None else tables[t]  # type: ignore[index]
+            for i, rows in enumerate(rows_arr):
+                n, s = batch.active(i, t), int(batch.starts[i])
+                if n:
+                    try:
+                        sym = decoders[i].decode(_FAMILY, probs[s * K: (s + n) * K])
+                    except (AssertionError, ValueError, RuntimeError, KeyError) as e:
+                        raise CorruptStream(f"{where[i]}: LM stream undecodable at frame {t} "
+                                            f"({str(e).splitlines()[0][:80]})") from None
+                    rows[:n, :, t] = sym.reshape(n, K)
+                    previous[s: s + len(rows)] = rows[:, :, t]
     return [torch.from_numpy(np.ascontiguousarray(_from_rows(rows, B, F)))
             for rows, (B, _, F) in zip(rows_arr, shapes)]
 
@@ -277,6 +314,17 @@ def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel |
 
     A segment whose LM payload does not decode back to its codes, or that is not smaller than
     its packed form, is packed instead.
+
+    The check range-decodes every payload with `lm_decode_many` -- the decoder's own loop, row
+    layout and constriction calls -- fed with the probability tables the encoding pass recorded
+    (segments are coded in groups whose tables fit in `VERIFY_TABLE_BYTES`, see `_groups`; a
+    single segment too large for that is checked by running the LM again). Running the LM a
+    second time would only repeat, with the same inputs, thread count and shapes, the computation
+    just done: it could not catch what makes files undecodable elsewhere (another CPU or torch
+    build; the codes CRC reports that at decode time), and batch-composition and thread-count
+    independence are properties of `LanguageModel.step` that the tests check. What can fail here
+    is the range coding itself -- probabilities constriction cannot model, a symbol it cannot
+    code, a payload that decodes to other codes -- and the check decodes exactly that.
     """
     from .container import SEGMENT_LM, SEGMENT_PACKED
 
@@ -285,15 +333,41 @@ def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel |
     out = [CodedSegment(SEGMENT_PACKED, p, codes_crc32(a)) for a, p in zip(arrs, packed)]
     if lm is None or not arrs:
         return out
-    try:
-        coded = lm_encode_many(lm, arrs, threads, span)
-        back = lm_decode_many(lm, coded, [a.shape for a in arrs], threads, span=span)
-    except CorruptStream:
-        return out
-    for i, (a, c, b) in enumerate(zip(arrs, coded, back)):
-        if np.array_equal(b.numpy(), a) and len(c) < len(packed[i]):
-            out[i] = CodedSegment(SEGMENT_LM, c, out[i].codes_crc)
+    for group in _groups([a.shape for a in arrs], span, lm.cfg.card):
+        shapes = [arrs[i].shape for i in group]
+        tables: list[np.ndarray] | None = [] if _table_bytes(shapes, span, lm.cfg.card) <= VERIFY_TABLE_BYTES \
+            else None
+        try:
+            coded = lm_encode_many(lm, [arrs[i] for i in group], threads, span, tables)
+            back = lm_decode_many(lm, coded, shapes, threads, span=span, tables=tables)
+        except CorruptStream:
+            continue
+        for i, c, b in zip(group, coded, back):
+            if np.array_equal(b.numpy(), arrs[i]) and len(c) < len(packed[i]):
+                out[i] = CodedSegment(SEGMENT_LM, c, out[i].codes_crc)
     return out
+
+
+def _table_bytes(shapes: tp.Sequence[tuple[int, int, int]], span: int | None, card: int) -> int:
+    """Memory of the probability tables of segments coded together."""
+    batch = _Batch.of(shapes, span)
+    return 4 * batch.steps * batch.rows * shapes[0][1] * card
+
+
+def _groups(shapes: tp.Sequence[tuple[int, int, int]], span: int | None, card: int | None = None) -> list[list[int]]:
+    """Consecutive segments grouped into LM runs of at most `LM_ROWS` rows and, with `card` (the
+    encoder's check), probability tables within `VERIFY_TABLE_BYTES`; a segment too large for
+    that forms a group alone (checked, if need be, by running the LM again)."""
+    groups: list[list[int]] = []
+    for i in range(len(shapes)):
+        if groups:
+            together = [shapes[j] for j in groups[-1] + [i]]
+            if _Batch.of(together, span).rows <= LM_ROWS and \
+                    (card is None or _table_bytes(together, span, card) <= VERIFY_TABLE_BYTES):
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int], str]], lm: LanguageModel | None,
@@ -309,8 +383,10 @@ def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int],
     if lm_idx:
         if lm is None:
             raise CorruptStream(f"{records[lm_idx[0]][3]}: LM-coded but no LM is available")
-        decoded = lm_decode_many(lm, [records[i][1] for i in lm_idx], [records[i][2] for i in lm_idx],
-                                 threads, [records[i][3] for i in lm_idx], span)
-        for i, d in zip(lm_idx, decoded):
-            out[i] = d
+        for group in _groups([records[i][2] for i in lm_idx], span):
+            idx = [lm_idx[j] for j in group]
+            decoded = lm_decode_many(lm, [records[i][1] for i in idx], [records[i][2] for i in idx],
+                                     threads, [records[i][3] for i in idx], span)
+            for i, d in zip(idx, decoded):
+                out[i] = d
     return tp.cast(list[Tensor], out)

@@ -98,6 +98,24 @@ class LMState:
     batch: int  # B, rows of the caches
     start: int = 0
     end: int = 1
+    weights: _StepWeights | None = None  # parameters gathered by the first `step`
+    inputs: Tensor | None = None  # scratch of `step`: [max(ROW_BLOCK, B), K] embedding rows
+    attended: Tensor | None = None  # scratch of `step`: [max(ROW_BLOCK, B), D], padding rows stay 0
+
+
+@dataclasses.dataclass
+class _StepWeights:
+    """What `step` reads for K codebooks, gathered once per state instead of once per step."""
+
+    K: int
+    emb: Tensor  # [K * (card + 1), D] stacked embedding tables
+    offsets: Tensor  # [K] row of each codebook's table in `emb`
+    norm_w: Tensor
+    norm_b: Tensor
+    layers: list[tuple[Tensor, ...]]
+    head_w: Tensor  # [K * card, D]
+    head_b: Tensor
+    eps: float  # of every LayerNorm
 
 
 class TiedHead(nn.Module):
@@ -166,23 +184,35 @@ class LanguageModel(nn.Module):
         return self._logits(x, K)
 
     # ------------------------------------------------------------- streaming inference
-    def _stacked(self, K: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Embedding tables and heads of the first K codebooks stacked into single tensors.
+    def _step_weights(self, K: int) -> _StepWeights:
+        """Parameters used by `step` for K codebooks, gathered once per streaming state.
 
-        Built once and rebuilt only when a parameter changes (e.g. `load_state_dict`), so a step
-        does one gather and one matmul instead of K of each.
+        The embedding tables and heads of the first K codebooks are stacked into single tensors,
+        so a step does one gather and one matmul instead of K of each.
         """
-        params = [e.weight for e in self.emb[:K]] + [p for lin in self.linears[:K] for p in lin.parameters()]
-        key = (K,) + tuple((p.data_ptr(), p._version) for p in params)
-        cached = self.__dict__.get("_stacked_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                emb = torch.cat([e.weight for e in self.emb[:K]], 0).contiguous()
-                head_w = torch.cat([self.head_weight(k) for k in range(K)], 0).contiguous()
-                head_b = torch.cat([lin.bias for lin in self.linears[:K]], 0).contiguous()
-            cached = (key, emb, head_w, head_b)
-            self.__dict__["_stacked_cache"] = cached
-        return cached[1], cached[2], cached[3]
+        with torch.no_grad():
+            emb = torch.cat([e.weight for e in self.emb[:K]], 0).contiguous()
+            head_w = torch.cat([self.head_weight(k) for k in range(K)], 0).contiguous()
+            head_b = torch.cat([lin.bias for lin in self.linears[:K]], 0).contiguous()
+        layers = [(ly.self_attn.in_proj_weight, ly.self_attn.in_proj_bias, ly.self_attn.out_proj.weight,
+                   ly.self_attn.out_proj.bias, ly.norm1.weight, ly.norm1.bias, ly.linear1.weight, ly.linear1.bias,
+                   ly.linear2.weight, ly.linear2.bias, ly.norm2.weight, ly.norm2.bias)
+                  for ly in self.transformer.layers]
+        norm = self.transformer.norm_in
+        offsets = torch.arange(K, device=emb.device) * (self.cfg.card + 1)
+        return _StepWeights(K, emb, offsets, norm.weight, norm.bias, layers, head_w, head_b, norm.eps)
+
+    def _position(self, offset: int) -> Tensor:
+        """Sinusoidal embedding [1, D] of one streaming position, memoised."""
+        table = self.__dict__.setdefault("_positions", {})
+        device = self.transformer.norm_in.weight.device
+        pos = table.get((offset, device))
+        if pos is None:
+            pos = sin_embedding(torch.full((1, 1, 1), offset, device=device), self.cfg.dim,
+                                self.cfg.max_period).view(1, self.cfg.dim)
+            if len(table) < 1 << 16:
+                table[(offset, device)] = pos
+        return pos
 
     def init_state(self, batch: int) -> LMState:
         """Fresh streaming state for `batch` independent sequences (each starts at position 0)."""
@@ -201,9 +231,9 @@ class LanguageModel(nn.Module):
     def step(self, previous: Tensor | None, state: LMState, n_q: int) -> tuple[Tensor, LMState]:
         """One streaming step for a batch of independent sequences.
 
-        Matrix products run on rows padded to a multiple of `ROW_BLOCK`: with at least that many
-        rows the CPU kernels give each row the same result whatever the batch size, so a
-        sequence's probabilities do not depend on which other sequences share its batch.
+        Matrix products run on at least `ROW_BLOCK` rows (padding a small batch with zero rows): from
+        that many rows on, the CPU kernels give each row the same result whatever the number of
+        rows, so a sequence's probabilities do not depend on which other sequences share its batch.
 
         Args:
             previous: codes of the previous step [B, K], or None at the first step.
@@ -215,40 +245,37 @@ class LanguageModel(nn.Module):
         B = state.batch
         _, H, capacity, Dh = state.keys[0].shape
         D = H * Dh
-        Bp = max(ROW_BLOCK, -(-B // ROW_BLOCK) * ROW_BLOCK)
-        card = self.cfg.card
-        past = self.cfg.past_context
-        emb, head_w, head_b = self._stacked(n_q)
-        device = emb.device
-        inputs = torch.zeros(Bp, n_q, dtype=torch.long, device=device)
+        Bp = max(ROW_BLOCK, B)
+        w = state.weights
+        if w is None or w.K != n_q:
+            w = state.weights = self._step_weights(n_q)
+            state.inputs = torch.zeros(Bp, n_q, dtype=torch.long, device=w.emb.device)
+            state.attended = torch.zeros(Bp, D, device=w.emb.device)
+        inputs, a_full = state.inputs, state.attended
         if previous is not None:
-            inputs[:B] = previous.view(B, n_q).to(device) + 1
-        inputs += torch.arange(n_q, device=device) * (card + 1)
-        x = emb[inputs].sum(1)
-        x = F.layer_norm(x, (D,), self.transformer.norm_in.weight, self.transformer.norm_in.bias,
-                         self.transformer.norm_in.eps)
-        positions = torch.full((1, 1, 1), state.offset, device=device)
-        x = x + sin_embedding(positions, self.cfg.dim, self.cfg.max_period).view(1, D)
+            inputs[:B] = previous.view(B, n_q)
+            inputs[:B] += 1
+        x = w.emb[inputs + w.offsets].sum(1)
+        x = F.layer_norm(x, (D,), w.norm_w, w.norm_b, w.eps)
+        x = x + self._position(state.offset)
         start, end = state.start, state.end
         if end == capacity:  # move the window to the front of the buffers
             for buf in state.keys + state.values:
                 buf[:, :, : end - start] = buf[:, :, start:end].clone()
             start, end = 0, end - start
-        a_full = x.new_zeros(Bp, D)
-        for layer, k_buf, v_buf in zip(self.transformer.layers, state.keys, state.values):
-            attn = layer.self_attn
-            qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)[:B].view(B, 3, H, 1, Dh)
+        for (in_w, in_b, out_w, out_b, n1_w, n1_b, l1_w, l1_b, l2_w, l2_b, n2_w, n2_b), k_buf, v_buf in zip(
+                w.layers, state.keys, state.values):
+            qkv = F.linear(x, in_w, in_b)[:B].view(B, 3, H, 1, Dh)
             k_buf[:, :, end: end + 1] = qkv[:, 1]
             v_buf[:, :, end: end + 1] = qkv[:, 2]
             a = F.scaled_dot_product_attention(qkv[:, 0], k_buf[:, :, start: end + 1], v_buf[:, :, start: end + 1])
             a_full[:B] = a.view(B, D)
-            x = F.layer_norm(x + F.linear(a_full, attn.out_proj.weight, attn.out_proj.bias), (D,),
-                             layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
-            h = F.linear(F.gelu(F.linear(x, layer.linear1.weight, layer.linear1.bias)),
-                         layer.linear2.weight, layer.linear2.bias)
-            x = F.layer_norm(x + h, (D,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+            x = F.layer_norm(x + F.linear(a_full, out_w, out_b), (D,), n1_w, n1_b, w.eps)
+            h = F.linear(F.gelu(F.linear(x, l1_w, l1_b)), l2_w, l2_b)
+            x = F.layer_norm(x + h, (D,), n2_w, n2_b, w.eps)
         end += 1
-        start = max(start, end - past)
-        logits = F.linear(x[:B] if B >= ROW_BLOCK else x, head_w, head_b)[:B].view(B, n_q, card)
-        probs = torch.softmax(logits.float(), dim=-1)
-        return probs, LMState(state.keys, state.values, state.offset + 1, B, start, end)
+        start = max(start, end - self.cfg.past_context)
+        logits = F.linear(x, w.head_w, w.head_b)[:B].view(B, n_q, self.cfg.card)
+        probs = torch.softmax(logits, dim=-1)
+        state.offset, state.start, state.end = state.offset + 1, start, end
+        return probs, state

@@ -92,6 +92,43 @@ def test_encode_segments_falls_back_when_verification_fails(monkeypatch: pytest.
     assert entropy.encode_segments([good], lm)[0].flags == container.SEGMENT_PACKED
 
 
+def test_verify_decodes_with_the_encoders_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = skewed_lm()
+    items = [skewed_codes(2, 8, 30, seed=s) for s in range(3)]
+    tables: list[np.ndarray] = []
+    payloads = entropy.lm_encode_many(lm, items, span=7, tables=tables)
+    assert len(tables) == 7 and tables[0].shape == (2 * 5 * 3 * 8, 1024) and tables[0].dtype == np.float32
+    shapes = [tuple(c.shape) for c in items]
+    replayed = entropy.lm_decode_many(lm, payloads, shapes, span=7, tables=tables)
+    real = entropy.lm_decode_many(lm, payloads, shapes, span=7)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(replayed, real, items))
+    try:  # other tables do not give back the codes
+        bad = entropy.lm_decode_many(lm, payloads, shapes, span=7, tables=tables[1:] + tables[:1])
+        assert not all(torch.equal(a, c) for a, c in zip(bad, items))
+    except CorruptStream:
+        pass
+    grouped = entropy.encode_segments(items, lm, span=7)
+    monkeypatch.setattr(entropy, "VERIFY_TABLE_BYTES", 2 * 4 * 7 * 10 * 8 * 1024)  # two segments per group
+    assert entropy._groups(shapes, 7, 1024) == [[0, 1], [2]]
+    assert entropy.encode_segments(items, lm, span=7) == grouped
+    monkeypatch.setattr(entropy, "VERIFY_TABLE_BYTES", 0)  # every segment alone, checked by running the LM
+    assert entropy.encode_segments(items, lm, span=7) == grouped
+    assert all(c.flags == container.SEGMENT_LM and c.payload == p for c, p in zip(grouped, payloads))
+    monkeypatch.setattr(entropy, "LM_ROWS", 20)  # decoding in LM runs of at most 20 rows
+    assert entropy._groups(shapes, 7) == [[0, 1], [2]]
+    records = [(c.flags, c.payload, s, "s") for c, s in zip(grouped, shapes)]
+    assert all(torch.equal(a, b) for a, b in zip(entropy.decode_segments(records, lm, span=7), items))
+
+
+def test_lm_span() -> None:
+    assert entropy.lm_span(750, 262, 75) == 75  # 10 s segments at 24 kHz: ten 1 s spans
+    assert entropy.lm_span(760, 262, 75) == 70  # eleven equal spans rather than ten of 75 and one of 10
+    assert entropy.lm_span(30, 262, 75) == 30
+    assert entropy.lm_span(150, 525, 150) == 150  # 48 kHz: one span per 1 s segment
+    assert entropy.lm_span(900, 20, 75) == 20  # never beyond the LM's context
+    assert entropy.lm_span(4500, 262, 75) == 141  # 60 s segments: 32 spans (LM_ROWS), not 60
+
+
 def test_lm_decode_garbage_is_corrupt_stream() -> None:
     lm = skewed_lm()
     with pytest.raises(CorruptStream, match="32-bit words"):
