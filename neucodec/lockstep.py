@@ -14,8 +14,8 @@ pipelines use:
 When every live fiber is paused, the scheduler groups the steps that can be stacked (same method,
 same shapes but for the batch dimension, same streaming-state shapes, same `final`), concatenates
 them along the batch dimension (dimension 1 for LSTM states), runs each group once, splits the
-results and resumes the fibers. A causal model streams in steps of two fixed sizes whatever the
-file (`model.steps`), so only each file's short final step (at most `model.TAIL_FRAMES` frames)
+results and resumes the fibers. A causal model streams in steps of a few fixed sizes whatever
+the file (`model.steps`), so only each file's short final step (at most `model.TAIL_FRAMES` frames)
 runs alone; the 48 kHz model's full 1 s segments all stack, its shorter last segments run alone.
 
 Each file gets the very computation it would get alone, only stacked with others, so its codes and
