@@ -105,6 +105,13 @@ def lm_threads(n: int = LM_THREADS) -> tp.Iterator[None]:
         torch.set_num_threads(old)
 
 
+def _coder_failure(e: BaseException) -> bool:
+    """Whether constriction rejected its input: a Python error, or a Rust panic, which pyo3 raises as
+    `PanicException`, a BaseException (measured: "leakiness should guarantee nonzero probabilities"
+    when a symbol whose floored probability is 0 meets a row dominated by one symbol)."""
+    return isinstance(e, (AssertionError, ValueError, RuntimeError, KeyError)) or type(e).__name__ == "PanicException"
+
+
 def quantize_probs(probs: Tensor) -> np.ndarray:
     """LM probabilities [..., card] -> C-contiguous float32 rows [N, card] floored to `PROB_GRID`."""
     p = torch.mul(probs.float(), 1.0 / PROB_GRID).floor_().mul_(PROB_GRID)  # one new tensor, not three
@@ -234,7 +241,13 @@ def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray], t
                 n, s = batch.active(i, t), int(batch.starts[i])
                 if n:
                     symbols = np.ascontiguousarray(rows[:n, :, t].reshape(-1), dtype=np.int32)
-                    encoders[i].encode(symbols, _FAMILY, probs[s * K: (s + n) * K])
+                    try:
+                        encoders[i].encode(symbols, _FAMILY, probs[s * K: (s + n) * K])
+                    except BaseException as e:
+                        if not _coder_failure(e):
+                            raise
+                        raise CorruptStream(f"segment {i}: the range coder refused frame {t} "
+                                            f"({str(e).splitlines()[0][:80]})") from None
                     previous[s: s + len(rows)] = rows[:, :, t]
     return [enc.get_compressed().astype("<u4").tobytes() for enc in encoders]
 
@@ -268,7 +281,9 @@ def lm_decode_many(lm: LanguageModel, payloads: tp.Sequence[bytes], shapes: tp.S
                 if n:
                     try:
                         sym = decoders[i].decode(_FAMILY, probs[s * K: (s + n) * K])
-                    except (AssertionError, ValueError, RuntimeError, KeyError) as e:
+                    except BaseException as e:
+                        if not _coder_failure(e):
+                            raise
                         raise CorruptStream(f"{where[i]}: LM stream undecodable at frame {t} "
                                             f"({str(e).splitlines()[0][:80]})") from None
                     rows[:n, :, t] = sym.reshape(n, K)

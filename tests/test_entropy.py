@@ -139,3 +139,21 @@ def test_lm_decode_garbage_is_corrupt_stream() -> None:
             entropy.lm_decode(lm, rng.bytes(8), 1, 8, 10)
         except CorruptStream:
             pass
+
+
+def test_range_coder_panic_falls_back_to_packing() -> None:
+    """Codes (a 10 s effects clip at 12 kbps, shipped model of session 2) on which constriction's
+    leaky Categorical panicked inside the shipped LM's coding (a Rust PanicException, not an
+    Exception). The writer must store the segment packed, never crash. With a later shipped LM the
+    panic may no longer occur; the segment must then still round-trip."""
+    from pathlib import Path
+
+    from neucodec.hub import load_lm
+
+    codes = torch.from_numpy(np.load(Path(__file__).parent / "data/codes_panic_12kbps.npz")["codes"].astype(np.int64))
+    lm = load_lm("neucodec_24khz")
+    span = entropy.lm_span(codes.shape[-1], lm.cfg.past_context, 75)
+    out = entropy.encode_segments([codes], lm, span=span)
+    records = [(o.flags, o.payload, tuple(codes.shape), "segment 0") for o in out]
+    back = entropy.decode_segments(records, lm, span=span)
+    assert torch.equal(back[0], codes)
