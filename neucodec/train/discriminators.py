@@ -38,6 +38,7 @@ class STFTDiscriminator(nn.Module):
                           normalized=True, center=False, return_complex=True)
         z = torch.view_as_real(spec).view(B, C, *spec.shape[-2:], 2)  # [B, C, F, frames, 2]
         z = z.permute(0, 1, 4, 3, 2).reshape(B, C * 2, spec.shape[-1], spec.shape[-2])  # [B, 2C, time, freq]
+        z = z.contiguous(memory_format=torch.channels_last)  # oneDNN's native layout: no reorders per conv
         fmaps = []
         for conv in self.convs:
             z = self.act(conv(z))

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import random
+import sys
 import time
 import typing as tp
 from pathlib import Path
@@ -52,6 +53,7 @@ class TrainConfig:
     adversarial: bool = True
     adversarial_start: int = 0  # step from which the adversarial and feature losses are on
     disc_prob: float = 2 / 3  # probability of a discriminator update per step
+    disc_filters: int = 32  # channels of the STFT discriminators' convolutions (paper: 32)
     quantizer_start: int = 0  # steps of plain autoencoder before the RVQ is switched on
     kmeans_batches: int = 16  # batches of latents for the k-means initialisation of the codebooks
     seed: int = 0
@@ -90,7 +92,7 @@ class Solver:
         self.rank, self.world = _world()
         torch.manual_seed(config.seed)
         self.codec = zero_conv_biases(Codec(config.codec)).to(self.device)
-        self.disc = MultiScaleSTFTDiscriminator(config.codec.channels).to(self.device)
+        self.disc = MultiScaleSTFTDiscriminator(config.codec.channels, config.disc_filters).to(self.device)
         self.model: nn.Module = self.codec
         self.disc_model: nn.Module = self.disc
         if self.world > 1:
@@ -134,9 +136,13 @@ class Solver:
             return False
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
         self.codec.load_state_dict(state["codec"])
-        self.disc.load_state_dict(state["disc"])
         self.opt.load_state_dict(state["opt"])
-        self.disc_opt.load_state_dict(state["disc_opt"])
+        try:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
+        except (RuntimeError, ValueError):  # another disc_filters: the adversary starts afresh
+            print(f"checkpoint's discriminator does not match disc_filters={self.cfg.disc_filters}; starting a new one",
+                  file=sys.stderr)
         for group in self.opt.param_groups + self.disc_opt.param_groups:  # the config's, not the saved ones
             group["lr"], group["betas"] = self.cfg.lr, tuple(self.cfg.betas)
         if self.balancer and state["balancer"]:
@@ -187,13 +193,14 @@ class Solver:
         if c.weights.get("si_snr"):  # optional: negative SI-SNR pulls the output onto the waveform
             losses["si_snr"] = -si_snr(x_hat32, wav).mean()
         metrics: dict[str, float] = {}
+        update_disc = adversarial and self.bw_rng.random() < c.disc_prob
         if adversarial:
-            with autocast:
+            with autocast:  # the real pass serves the feature loss and, kept, the discriminator's update
+                with torch.set_grad_enabled(update_disc):
+                    logits_real, fmap_real = self.disc_model(wav)
                 logits_fake, fmap_fake = self.disc_model(x_hat32)
-                with torch.no_grad():
-                    _, fmap_real = self.disc_model(wav)
             losses["adv"] = hinge_generator_loss([lg.float() for lg in logits_fake])
-            losses["feat"] = relative_feature_loss([[f.float() for f in fr] for fr in fmap_real],
+            losses["feat"] = relative_feature_loss([[f.detach().float() for f in fr] for fr in fmap_real],
                                                    [[f.float() for f in ff] for ff in fmap_fake])
         self.opt.zero_grad(set_to_none=True)
         commit = c.commit_weight * q.commit_loss
@@ -211,15 +218,14 @@ class Solver:
         if c.grad_clip:
             nn.utils.clip_grad_norm_(self.codec.parameters(), c.grad_clip)
         self.opt.step()
-        if adversarial and self.bw_rng.random() < c.disc_prob:
+        if update_disc:  # the generator's step left the discriminator's weights as they were for logits_real
             with autocast:
-                real, _ = self.disc_model(wav)
                 fake, _ = self.disc_model(x_hat32.detach())
-            d_loss = hinge_discriminator_loss([r.float() for r in real], [f.float() for f in fake])
+            d_loss = hinge_discriminator_loss([r.float() for r in logits_real], [f.float() for f in fake])
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             self.disc_opt.step()
-            metrics["d_loss"] = float(d_loss)
+            metrics["d_loss"] = float(d_loss.detach())
         metrics.update({k: float(v.detach()) for k, v in losses.items()})
         metrics["commit"] = float(q.commit_loss.detach())
         metrics["n_q"] = n_q
