@@ -54,6 +54,8 @@ class TrainConfig:
     adversarial_start: int = 0  # step from which the adversarial and feature losses are on
     disc_prob: float = 2 / 3  # probability of a discriminator update per step
     disc_filters: int = 32  # channels of the STFT discriminators' convolutions (paper: 32)
+    disc_warmup: int = 0  # steps from adversarial_start in which only the discriminator learns (every step)
+    disc_lr: float | None = None  # the discriminator's learning rate (None: lr)
     quantizer_start: int = 0  # steps of plain autoencoder before the RVQ is switched on
     kmeans_batches: int = 16  # batches of latents for the k-means initialisation of the codebooks
     seed: int = 0
@@ -100,7 +102,7 @@ class Solver:
             self.model = nn.parallel.DistributedDataParallel(self.codec, device_ids=ids)
             self.disc_model = nn.parallel.DistributedDataParallel(self.disc, device_ids=ids)
         self.opt = torch.optim.Adam(self.codec.parameters(), lr=config.lr, betas=config.betas)
-        self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=config.lr, betas=config.betas)
+        self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=config.disc_lr or config.lr, betas=config.betas)
         self.mel_loss = MultiScaleMelLoss(config.codec.sample_rate).to(self.device)
         self.balancer = Balancer(config.weights) if config.balancer else None
         self.step = 0
@@ -143,8 +145,9 @@ class Solver:
         except (RuntimeError, ValueError):  # another disc_filters: the adversary starts afresh
             print(f"checkpoint's discriminator does not match disc_filters={self.cfg.disc_filters}; starting a new one",
                   file=sys.stderr)
-        for group in self.opt.param_groups + self.disc_opt.param_groups:  # the config's, not the saved ones
-            group["lr"], group["betas"] = self.cfg.lr, tuple(self.cfg.betas)
+        for opt, lr in ((self.opt, self.cfg.lr), (self.disc_opt, self.cfg.disc_lr or self.cfg.lr)):
+            for group in opt.param_groups:  # the config's, not the saved ones
+                group["lr"], group["betas"] = lr, tuple(self.cfg.betas)
         if self.balancer and state["balancer"]:
             self.balancer.load_state_dict(json.loads(state["balancer"]))
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
@@ -184,6 +187,7 @@ class Solver:
             self.init_codebooks()
         n_q = self.bw_rng.choice(self.n_qs) if quantize else 0
         adversarial = c.adversarial and self.step >= c.adversarial_start
+        warming = adversarial and self.step < c.adversarial_start + c.disc_warmup  # no adversary for the codec yet
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         self.model.train()
         with autocast:
@@ -193,8 +197,8 @@ class Solver:
         if c.weights.get("si_snr"):  # optional: negative SI-SNR pulls the output onto the waveform
             losses["si_snr"] = -si_snr(x_hat32, wav).mean()
         metrics: dict[str, float] = {}
-        update_disc = adversarial and self.bw_rng.random() < c.disc_prob
-        if adversarial:
+        update_disc = adversarial and (self.bw_rng.random() < c.disc_prob or warming)
+        if adversarial and not warming:
             with autocast:  # the real pass serves the feature loss and, kept, the discriminator's update
                 with torch.set_grad_enabled(update_disc):
                     logits_real, fmap_real = self.disc_model(wav)
@@ -220,6 +224,8 @@ class Solver:
         self.opt.step()
         if update_disc:  # the generator's step left the discriminator's weights as they were for logits_real
             with autocast:
+                if warming:
+                    logits_real, _ = self.disc_model(wav)
                 fake, _ = self.disc_model(x_hat32.detach())
             d_loss = hinge_discriminator_loss([r.float() for r in logits_real], [f.float() for f in fake])
             self.disc_opt.zero_grad(set_to_none=True)

@@ -130,6 +130,21 @@ def test_adversarial_step_and_resume_is_exact(tmp_path: Path) -> None:
         assert got[key] == pytest.approx(expected[key], rel=1e-5), key
 
 
+def test_discriminator_warmup_leaves_the_codec_alone(tmp_path: Path) -> None:
+    s = _solver(tmp_path, adversarial_start=1, disc_warmup=2, disc_prob=0.0, disc_filters=4, disc_lr=1e-3)
+    assert s.disc_opt.param_groups[0]["lr"] == 1e-3
+    seen = []
+    for step in range(4):
+        s.step = step
+        before = [p.detach().clone() for p in s.disc.parameters()]
+        m = s.train_step(s.batches.next())
+        changed = any(not torch.equal(a, p) for a, p in zip(before, s.disc.parameters()))
+        seen.append(("adv" in m, "d_loss" in m, changed))
+    # step 0: no adversary; 1-2: the discriminator learns every step, the codec gets no adversarial loss;
+    # 3: the codec's adversarial and feature losses are on (and disc_prob=0 skips the update)
+    assert seen == [(False, False, False), (False, True, True), (False, True, True), (True, False, False)]
+
+
 def test_export_is_loadable(tmp_path: Path) -> None:
     from neucodec import load_codec
 
