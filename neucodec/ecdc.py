@@ -3,8 +3,8 @@
 `encode_stream` writes one container segment per `segment_seconds` of frames for a causal codec
 (via `Codec.encode_stream`), or one per model segment (1 s with overlap) for a segmented codec,
 and flushes each batch of segments as soon as it is coded. `decode_stream` yields audio chunks
-after the first batch of segments. Version-0 files of the reference encodec tool (no LM) are read
-too. Byte layout: docs/FORMAT.md.
+after the first batch of segments. Version-0 files of the reference encodec tool are read too
+(those coded with its LM through `neucodec.v0lm`). Byte layout: docs/FORMAT.md.
 """
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import dataclasses
 import hashlib
 import io
 import math
+import os
 import struct
 import typing as tp
 
 import numpy as np
 import torch
 
-from . import __version__, container, entropy
+from . import __version__, container, entropy, v0lm
 from .errors import CorruptStream, ModelMismatch, NeucodecError, UnsupportedAudio, UnsupportedFormatVersion
 from .lm import LanguageModel
 from .model import Codec, overlap_add
@@ -477,14 +478,19 @@ def _audio(codes_iter: tp.Iterator[tuple[Tensor, Tensor | None]], codec: Codec, 
             finish()
 
 
-def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None,
-                  lm: LanguageModel | None = None) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
+def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel | None = None, *,
+                  v0_lm_threads: int | None = None) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
     """Read an .ecdc stream (v1, or a reference v0 file) and decode it chunk by chunk.
 
     Args:
         fi: binary input (a pipe is fine).
         codec: the codec to use; None loads the one the header names (`hub.load_codec`).
-        lm: the entropy-coding LM; None loads the one the header names when a segment needs it.
+        lm: the entropy-coding LM; None loads the one the header names when a segment needs it
+            (for a reference file coded with the LM: the official `encodec_lm_24khz`/`_48khz`).
+        v0_lm_threads: reference files coded with the LM only: the torch thread count the writer's
+            LM ran with (their probabilities depend on it; see `neucodec.v0lm`). None: the
+            environment variable `NEUCODEC_V0_LM_THREADS`, else this process's torch thread count
+            (what the reference tool itself would use here).
     Returns:
         (info, chunks): audio chunks [G, C, t] at the codec rate, `info.length` samples in all;
         `info.length` and the totals are filled in once the iterator is exhausted.
@@ -493,7 +499,7 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None,
     """
     prelude = container.read_prelude(fi)
     if prelude.version == 0:
-        return _decode_v0(fi, prelude, codec)
+        return _decode_v0(fi, prelude, codec, lm, v0_lm_threads)
     info = _info_from_header(prelude.header)
     codec = _resolve_codec(codec, info)
     lm_box: list[LanguageModel | None] = [None if lm is None or info.lm_id is None else _resolve_lm(lm, info)]
@@ -562,11 +568,10 @@ def _v0_info(h: dict[str, tp.Any], codec: Codec | None) -> StreamInfo:
         scales=segmented, coder={"name": "encodec-arithmetic-v0"} if use_lm else None, length=al)
 
 
-def _decode_v0(fi: tp.BinaryIO, prelude: container.Prelude, codec: Codec | None) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
+def _decode_v0(fi: tp.BinaryIO, prelude: container.Prelude, codec: Codec | None, lm: LanguageModel | None = None,
+               lm_threads: int | None = None) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
     info = _v0_info(prelude.header, codec)
-    if info.coder is not None:
-        raise UnsupportedFormatVersion("reference .ecdc file entropy-coded with the LM (lm: true) is not supported; "
-                                       "re-encode it with the reference tool's --no-lm or decode it there")
+    threads = _v0_threads(lm_threads) if info.coder is not None else 0
     if codec is None:
         from .hub import load_codec
         codec = load_codec(info.model_id)
@@ -575,6 +580,8 @@ def _decode_v0(fi: tp.BinaryIO, prelude: container.Prelude, codec: Codec | None)
             or codec.n_q < info.n_q:
         raise ModelMismatch(f"this reference file needs {info.model_id}; the given model is "
                             f"{getattr(codec, 'model_id', codec.config.name)}")
+    if lm is not None and info.coder is not None:
+        _check_v0_lm(lm, info)
     length, K = tp.cast(int, info.length), info.n_q
     pos = [prelude.size]
 
@@ -584,6 +591,9 @@ def _decode_v0(fi: tp.BinaryIO, prelude: container.Prelude, codec: Codec | None)
         return data
 
     def codes_iter() -> tp.Iterator[tuple[Tensor, Tensor | None]]:
+        if info.coder is not None:
+            yield from _v0_lm_codes(fi, prelude.size, info, lm, threads)
+            return
         if info.layout == "stream":
             frames = -(-length // 320)
             for start in range(0, frames, _V0_CHUNK_FRAMES):
@@ -613,6 +623,62 @@ def _decode_v0(fi: tp.BinaryIO, prelude: container.Prelude, codec: Codec | None)
     return info, _guard(_audio(it, codec, info, finish))
 
 
+def _v0_threads(threads: int | None) -> int:
+    if threads is None:
+        env = os.environ.get("NEUCODEC_V0_LM_THREADS", "").strip()
+        if not env:
+            return torch.get_num_threads()
+        if not env.isdigit() or not 1 <= int(env) <= 1024:
+            raise NeucodecError(f"NEUCODEC_V0_LM_THREADS={env[:20]!r}: expected a thread count from 1 to 1024")
+        return int(env)
+    if not 1 <= threads <= 1024:
+        raise NeucodecError(f"v0_lm_threads={threads}: expected a thread count from 1 to 1024")
+    return threads
+
+
+def _check_v0_lm(lm: LanguageModel, info: StreamInfo) -> None:
+    """The LM must have the official layout the reference builds for the file's model."""
+    c = lm.cfg
+    past = int(3.5 * info.frame_rate)
+    weight = lm.transformer.norm_in.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        raise ModelMismatch(f"the LM must be on the CPU in float32 to decode reference files (got {weight.device}, "
+                            f"{weight.dtype}); load it with neucodec.hub.load_lm")
+    if c.card != 1024 or c.n_q < info.n_q or c.past_context != past or c.tie_embeddings:
+        raise ModelMismatch(f"this reference file was entropy-coded with the official LM {info.lm_id} (past context "
+                            f"{past}, {info.n_q} codebooks); the given LM is {model_identity(lm)[0]} (past context "
+                            f"{c.past_context}, {c.n_q} codebooks)")
+
+
+def _v0_lm_codes(fi: tp.BinaryIO, start: int, info: StreamInfo, lm: LanguageModel | None,
+                 threads: int) -> tp.Iterator[tuple[Tensor, Tensor | None]]:
+    """Codes of a reference file coded with the LM: yields (codes [1, K, f], scale [1] | None)."""
+    if lm is None:
+        from .hub import load_lm
+        try:
+            lm = load_lm(tp.cast(str, info.lm_id))
+        except NeucodecError as e:
+            raise type(e)(f"this reference file was entropy-coded with {info.lm_id}, which is needed to decode "
+                          f"it: {e}") from None
+        _check_v0_lm(lm, info)
+    length, K = tp.cast(int, info.length), info.n_q
+    stream = v0lm.ReferenceLM(lm, K)
+    source = v0lm.ByteSource(fi, start)
+    if info.layout == "stream":
+        for piece in v0lm.decode_segment(source, stream, -(-length // 320), "segment 0", threads, _V0_CHUNK_FRAMES):
+            yield torch.from_numpy(piece)[None], None
+    else:
+        seg_len, stride = tp.cast(int, info.segment_length), tp.cast(int, info.segment_stride)
+        for i, offset in enumerate(range(0, length, stride)):
+            F = -(-min(length - offset, seg_len) // 320)
+            (scale,) = struct.unpack("!f", source.read(4, f"segment {i} scale"))
+            if not math.isfinite(scale):
+                raise CorruptStream(f"segment {i} at byte {source.offset - 4}: invalid volume scale")
+            pieces = list(v0lm.decode_segment(source, stream, F, f"segment {i}", threads, F))
+            yield torch.from_numpy(pieces[0])[None], torch.tensor([scale])
+    v0lm.check_end(source)
+
+
 # ---------------------------------------------------------------- convenience
 def encode_bytes(codec: Codec, wav: Tensor, bandwidth: float | None, lm: LanguageModel | None = None,
                  **kw: tp.Any) -> bytes:
@@ -627,9 +693,10 @@ def encode_bytes(codec: Codec, wav: Tensor, bandwidth: float | None, lm: Languag
     return buf.getvalue()
 
 
-def decode_bytes(data: bytes, codec: Codec | None = None, lm: LanguageModel | None = None) -> tuple[StreamInfo, Tensor]:
-    """.ecdc bytes -> (info, audio [G, C, length])."""
-    info, chunks = decode_stream(io.BytesIO(data), codec, lm)
+def decode_bytes(data: bytes, codec: Codec | None = None, lm: LanguageModel | None = None,
+                 **kw: tp.Any) -> tuple[StreamInfo, Tensor]:
+    """.ecdc bytes -> (info, audio [G, C, length]) (keyword arguments go to `decode_stream`)."""
+    info, chunks = decode_stream(io.BytesIO(data), codec, lm, **kw)
     parts = list(chunks)
     if not parts:
         return info, torch.zeros(info.groups, info.channels, 0)
