@@ -123,8 +123,11 @@ def main() -> None:
         records = [(1, p, tuple(i.shape), "s") for p, i in zip(payloads, items)]
         t_enc = best(lambda: entropy.encode_segments(items, model, span=span), args.repeat)
         t_dec = best(lambda: entropy.decode_segments(records, model, span=span), args.repeat)
+        exact = getattr(model, "_known_matches_step", None)  # run_known's check against `step` (newer trees)
+        how = "" if exact is None else (", encoder batches LM steps" if exact and all(exact.values())
+                                       else ", encoder steps frame by frame (batched steps not exact here)")
         print(f"  {type(model).__name__} dim {model.cfg.dim}, {span}-frame spans: encode+check {t_enc:.2f} s, "
-              f"decode {t_dec:.2f} s -> RTF {dur / (t_enc + t_dec):.1f}")
+              f"decode {t_dec:.2f} s -> RTF {dur / (t_enc + t_dec):.1f}{how}")
         return dur / (t_enc + t_dec)
 
     print(f"\nneucodec LM path, 6 kbps, {dur:.0f} s, {seg}-frame segments:")

@@ -8,10 +8,12 @@ Two coders:
 * `lm_encode`/`lm_decode`: the entropy-coding LM predicts the K codes of frame t from frame t-1;
   constriction's queue `RangeEncoder` codes the B*K symbols of a frame in one call with
   `Categorical(perfect=False)` on C-contiguous float32 probabilities, stored as little-endian
-  uint32 words. Encoder and decoder get probabilities from the same function (`_FrameModel`),
-  which steps the LM one frame at a time on the CPU with a fixed thread count (`LM_THREADS`),
-  because float results depend on the thread count. Many segments can be coded in one batch
-  (`lm_encode_many`/`lm_decode_many`); each keeps its own coder and its own LM state.
+  uint32 words. Encoder and decoder get probabilities from the same object (`_FrameModel`),
+  which runs the LM on the CPU with a fixed thread count (`LM_THREADS`), because float results
+  depend on the thread count: the decoder steps it one frame at a time, the encoder, which knows
+  every frame, computes several steps at once with the same results (`LanguageModel.run_known`).
+  Many segments can be coded in one batch (`lm_encode_many`/`lm_decode_many`); each keeps its
+  own coder and its own LM state.
 
 `encode_segment` picks the coder for a segment and, for the LM, decodes its own payload before
 returning it; if that does not give back the codes it falls back to packing, so it never
@@ -118,22 +120,88 @@ def quantize_probs(probs: Tensor) -> np.ndarray:
     return np.ascontiguousarray(p.reshape(-1, p.shape[-1]).numpy(), dtype=np.float32)
 
 
-class _FrameModel:
-    """Steps the LM for a batch of sequences; the single source of probabilities for both sides."""
+def _quantize_probs_(probs: Tensor) -> None:
+    """`quantize_probs` in place on float32 probabilities (the same operations, the same bits)."""
+    probs.mul_(1.0 / PROB_GRID).floor_().mul_(PROB_GRID)
 
-    def __init__(self, lm: LanguageModel, batch: int, K: int) -> None:
+
+def _empty_rows(*shape: int) -> np.ndarray:
+    """Uninitialised float32 array whose data starts on a 64-byte boundary, like a torch tensor's."""
+    n = int(np.prod(shape))
+    raw = np.empty(n + 16, dtype=np.float32)
+    skip = (-raw.ctypes.data % 64) // 4
+    return raw[skip: skip + n].reshape(shape)
+
+
+class _FrameModel:
+    """Steps the LM for a batch of sequences; the single source of probabilities for both sides.
+
+    The decoder steps it one frame at a time (`probs`); the encoder, which knows every frame in
+    advance, has it compute several steps at once (`known`, `LanguageModel.run_known`: the same
+    probabilities, bit for bit). Probabilities go to one reused array, or with `tables` to
+    consecutive slices of one array for the whole run (large numpy arrays get transparent huge
+    pages: far fewer page faults than a fresh megabyte per step).
+    """
+
+    def __init__(self, lm: LanguageModel, batch: int, K: int, steps: int, tables: list[np.ndarray] | None = None,
+                 chunk: int = 1) -> None:
         if K > lm.cfg.n_q:
             raise CorruptStream(f"{K} codebooks but the LM models only {lm.cfg.n_q}")
         self.lm = lm
         self.K = K
-        self.state: LMState = lm.init_state(batch)
+        self.state: LMState = lm.init_state(batch, steps)
         self.device = lm.transformer.norm_in.weight.device
+        self.tables = tables
+        self.buffer = _empty_rows(steps if tables is not None else chunk, batch * K, lm.cfg.card)
+        self.t = 0
+
+    def _out(self, n: int) -> np.ndarray:
+        return self.buffer[self.t: self.t + n] if self.tables is not None else self.buffer[:n]
+
+    def _done(self, rows: np.ndarray) -> None:
+        _quantize_probs_(torch.from_numpy(rows))
+        if self.tables is not None:
+            self.tables.extend(rows)
+        self.t += len(rows)
 
     def probs(self, previous: np.ndarray | None) -> np.ndarray:
-        """previous codes [B, K] (None at frame 0) -> float32 probabilities [B*K, card]."""
+        """previous codes [B, K] (None at frame 0) -> float32 probabilities [B*K, card].
+
+        The array returned is overwritten by the next call unless the model keeps `tables`.
+        """
         prev = None if previous is None else torch.from_numpy(previous).to(self.device)
-        probs, self.state = self.lm.step(prev, self.state, self.K)
-        return quantize_probs(probs.cpu())
+        rows = self._out(1)
+        out = torch.from_numpy(rows[0]).view(self.state.batch, self.K, -1)
+        if self.device.type != "cpu":
+            probs, self.state = self.lm.step(prev, self.state, self.K)
+            out.copy_(probs)
+        else:
+            self.state = self.lm.step(prev, self.state, self.K, out=out)[1]
+        self._done(rows)
+        return rows[0]
+
+    def known(self, previous: np.ndarray) -> np.ndarray:
+        """The next n steps at once: previous codes [n, B, K] (-1: none) -> probabilities [n, B*K, card].
+
+        The array returned is overwritten by the next call unless the model keeps `tables`.
+        """
+        rows = self._out(len(previous))
+        out = torch.from_numpy(rows).view(len(previous), self.state.batch, self.K, -1)
+        prev = torch.from_numpy(previous).to(self.device)
+        if self.device.type != "cpu":
+            probs = torch.empty(out.shape, device=self.device)
+            self.state = self.lm.run_known(prev, self.state, self.K, probs)
+            out.copy_(probs)
+        else:
+            self.state = self.lm.run_known(prev, self.state, self.K, out)
+        self._done(rows)
+        return rows
+
+
+def _chunks(steps: int, most: int) -> list[int]:
+    """`steps` cut into the fewest runs of at most `most`, of near-equal lengths (fewer shapes)."""
+    n = max(1, -(-steps // max(1, most)))
+    return [steps // n + (i < steps % n) for i in range(n)] if steps else []
 
 
 def _check_same_K(items: tp.Sequence[tuple[int, int, int]]) -> int:
@@ -203,6 +271,22 @@ def _from_rows(rows: np.ndarray, B: int, F: int) -> np.ndarray:
     return rows.reshape(S, B, K, span).transpose(1, 2, 0, 3).reshape(B, K, S * span)[:, :, :F]
 
 
+def _known_previous(rows_arr: list[np.ndarray], batch: _Batch, K: int) -> np.ndarray:
+    """The `previous` codes of every LM step [steps, rows, K] as `lm_decode_many` feeds them: -1
+    (none) at step 0, then each row's codes of the frame before (a segment's rows keep those of
+    its last step once it has ended, rows of a segment without frames 0)."""
+    T = batch.steps
+    previous = np.zeros((T, batch.rows, K), dtype=np.int64)
+    previous[:1] = -1
+    for i, rows in enumerate(rows_arr):
+        last = int(batch.layouts[i][1].max()) if len(batch.layouts[i][1]) else 0
+        if last and T > 1:
+            s = int(batch.starts[i])
+            frames = np.minimum(np.arange(T - 1), last - 1)
+            previous[1:, s: s + len(rows)] = rows[:, :, frames].transpose(2, 0, 1)
+    return previous
+
+
 def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray], threads: int = LM_THREADS,
                    span: int | None = None, tables: list[np.ndarray] | None = None) -> list[bytes]:
     """LM-code several segments in one batched LM run.
@@ -231,24 +315,24 @@ def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray], t
     rows_arr = [_to_rows(a, sp, len(lens)) for a, (sp, lens) in zip(arrs, batch.layouts)]
     encoders = [constriction.stream.queue.RangeEncoder() for _ in arrs]
     with lm_threads(threads):
-        model = _FrameModel(lm, batch.rows, K)
-        previous = np.zeros((batch.rows, K), dtype=np.int64)
-        for t in range(batch.steps):
-            probs = model.probs(previous if t else None)
-            if tables is not None:
-                tables.append(probs)
-            for i, rows in enumerate(rows_arr):
-                n, s = batch.active(i, t), int(batch.starts[i])
-                if n:
-                    symbols = np.ascontiguousarray(rows[:n, :, t].reshape(-1), dtype=np.int32)
-                    try:
-                        encoders[i].encode(symbols, _FAMILY, probs[s * K: (s + n) * K])
-                    except BaseException as e:
-                        if not _coder_failure(e):
-                            raise
-                        raise CorruptStream(f"segment {i}: the range coder refused frame {t} "
-                                            f"({str(e).splitlines()[0][:80]})") from None
-                    previous[s: s + len(rows)] = rows[:, :, t]
+        chunks = _chunks(batch.steps, lm.known_chunk(batch.rows, K))
+        model = _FrameModel(lm, batch.rows, K, batch.steps, tables, max(chunks, default=1))
+        previous = _known_previous(rows_arr, batch, K)
+        t = 0
+        for n in chunks:
+            for probs in model.known(previous[t: t + n]):
+                for i, rows in enumerate(rows_arr):
+                    n_i, s = batch.active(i, t), int(batch.starts[i])
+                    if n_i:
+                        symbols = np.ascontiguousarray(rows[:n_i, :, t].reshape(-1), dtype=np.int32)
+                        try:
+                            encoders[i].encode(symbols, _FAMILY, probs[s * K: (s + n_i) * K])
+                        except BaseException as e:
+                            if not _coder_failure(e):
+                                raise
+                            raise CorruptStream(f"segment {i}: the range coder refused frame {t} "
+                                                f"({str(e).splitlines()[0][:80]})") from None
+                t += 1
     return [enc.get_compressed().astype("<u4").tobytes() for enc in encoders]
 
 
@@ -272,7 +356,7 @@ def lm_decode_many(lm: LanguageModel, payloads: tp.Sequence[bytes], shapes: tp.S
     batch = _Batch.of(shapes, span)
     rows_arr = [np.zeros((len(lens), K, sp), dtype=np.int64) for sp, lens in batch.layouts]
     with lm_threads(threads):
-        model = _FrameModel(lm, batch.rows, K) if tables is None else None
+        model = _FrameModel(lm, batch.rows, K, batch.steps) if tables is None else None
         previous = np.zeros((batch.rows, K), dtype=np.int64)
         for t in range(batch.steps):
             probs = model.probs(previous if t else None) if model is not None else tables[t]  # type: ignore[index]

@@ -19,6 +19,8 @@ from .config import LMConfig
 Tensor = torch.Tensor
 
 ROW_BLOCK = 8  # streaming matmuls run on at least this many rows, so results do not depend on B (see step)
+KNOWN_ROWS = 512  # run_known: matrix rows per chunk of steps an encoder should aim at (see known_chunk)
+KNOWN_LOGITS_BYTES = 32 << 20  # run_known: and logits of a chunk at most this large
 
 
 def sin_embedding(positions: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -99,8 +101,20 @@ class LMState:
     start: int = 0
     end: int = 1
     weights: _StepWeights | None = None  # parameters gathered by the first `step`
-    inputs: Tensor | None = None  # scratch of `step`: [max(ROW_BLOCK, B), K] embedding rows
-    attended: Tensor | None = None  # scratch of `step`: [max(ROW_BLOCK, B), D], padding rows stay 0
+    scratch: _Scratch | None = None  # buffers `step` writes into, made by the first `step`
+    known: _Scratch | None = None  # buffers of `run_known`, for as many rows as its largest chunk
+    steps: int | None = None  # steps the buffers were sized for (`init_state`), None: any number
+
+
+def _copy_state(state: LMState) -> LMState:
+    """An independent copy of a streaming state (its caches copied to buffers of the same shape)."""
+    return LMState([k.clone() for k in state.keys], [v.clone() for v in state.values], state.offset, state.batch,
+                   state.start, state.end, state.weights, steps=state.steps)
+
+
+def _check_steps(state: LMState, n: int) -> None:
+    if state.steps is not None and state.offset + n > state.steps:
+        raise ValueError(f"LM state made for {state.steps} steps, asked for step {state.offset + n}")
 
 
 @dataclasses.dataclass
@@ -112,10 +126,29 @@ class _StepWeights:
     offsets: Tensor  # [K] row of each codebook's table in `emb`
     norm_w: Tensor
     norm_b: Tensor
-    layers: list[tuple[Tensor, ...]]
-    head_w: Tensor  # [K * card, D]
+    layers: list[tuple[Tensor, ...]]  # per layer; matrices as transposed views [in, out]
+    head_w: Tensor  # [D, K * card], transposed
     head_b: Tensor
     eps: float  # of every LayerNorm
+
+
+@dataclasses.dataclass
+class _Scratch:
+    """Buffers of `step` for Bp = max(ROW_BLOCK, B) rows, reused by every step of a state.
+
+    Writing into them (`out=`, in-place ops) runs the very kernels the allocating forms run --
+    the results are the same bits -- without fetching fresh memory every step.
+    """
+
+    index: Tensor  # [Bp, K] rows of `emb` to gather: the previous codes + 1 + offsets (padding: "none")
+    gathered: Tensor  # [Bp, K, D]
+    summed: Tensor  # [Bp, D]
+    qkv: Tensor  # [Bp, 3 D]
+    attended: Tensor  # [Bp, D], padding rows stay 0
+    projected: Tensor  # [Bp, D]
+    hidden: Tensor  # [Bp, FF]
+    ff: Tensor  # [Bp, D]
+    logits: Tensor  # [Bp, K * card]
 
 
 class TiedHead(nn.Module):
@@ -188,19 +221,20 @@ class LanguageModel(nn.Module):
         """Parameters used by `step` for K codebooks, gathered once per streaming state.
 
         The embedding tables and heads of the first K codebooks are stacked into single tensors,
-        so a step does one gather and one matmul instead of K of each.
+        so a step does one gather and one matmul instead of K of each. Weights are kept as the
+        transposed views `F.linear` passes to `addmm` (not copies: the same matmul calls).
         """
         with torch.no_grad():
             emb = torch.cat([e.weight for e in self.emb[:K]], 0).contiguous()
             head_w = torch.cat([self.head_weight(k) for k in range(K)], 0).contiguous()
             head_b = torch.cat([lin.bias for lin in self.linears[:K]], 0).contiguous()
-        layers = [(ly.self_attn.in_proj_weight, ly.self_attn.in_proj_bias, ly.self_attn.out_proj.weight,
-                   ly.self_attn.out_proj.bias, ly.norm1.weight, ly.norm1.bias, ly.linear1.weight, ly.linear1.bias,
-                   ly.linear2.weight, ly.linear2.bias, ly.norm2.weight, ly.norm2.bias)
+        layers = [(ly.self_attn.in_proj_weight.t(), ly.self_attn.in_proj_bias, ly.self_attn.out_proj.weight.t(),
+                   ly.self_attn.out_proj.bias, ly.norm1.weight, ly.norm1.bias, ly.linear1.weight.t(), ly.linear1.bias,
+                   ly.linear2.weight.t(), ly.linear2.bias, ly.norm2.weight, ly.norm2.bias)
                   for ly in self.transformer.layers]
         norm = self.transformer.norm_in
         offsets = torch.arange(K, device=emb.device) * (self.cfg.card + 1)
-        return _StepWeights(K, emb, offsets, norm.weight, norm.bias, layers, head_w, head_b, norm.eps)
+        return _StepWeights(K, emb, offsets, norm.weight, norm.bias, layers, head_w.t(), head_b, norm.eps)
 
     def _position(self, offset: int) -> Tensor:
         """Sinusoidal embedding [1, D] of one streaming position, memoised."""
@@ -214,9 +248,20 @@ class LanguageModel(nn.Module):
                 table[(offset, device)] = pos
         return pos
 
-    def init_state(self, batch: int) -> LMState:
-        """Fresh streaming state for `batch` independent sequences (each starts at position 0)."""
+    def init_state(self, batch: int, steps: int | None = None) -> LMState:
+        """Fresh streaming state for `batch` independent sequences (each starts at position 0).
+
+        `steps`: how many steps the state will take at most, if known (a step beyond raises
+        ValueError); a run shorter than twice the context then gets key/value buffers not much
+        longer than that (less memory to touch, keys closer together), which it never moves.
+        The attention kernel's results depend on the alignment of each sequence's keys in memory
+        (measured: head size 25), so a buffer of capacity C for `2 * (past_context + 1)` keeps C
+        congruent to it modulo 16: every sequence's keys start at the same address modulo 64
+        bytes, whatever the head size, and the probabilities stay the same bits.
+        """
         capacity = 2 * (self.cfg.past_context + 1)
+        if steps is not None and steps + 1 < capacity:
+            capacity = steps + 1 + (capacity - steps - 1) % 16
         keys, values = [], []
         for layer in self.transformer.layers:
             k0, v0 = layer.self_attn.zero_token(batch)
@@ -226,9 +271,28 @@ class LanguageModel(nn.Module):
             v[:, :, :1] = v0
             keys.append(k)
             values.append(v)
-        return LMState(keys, values, 0, batch, 0, 1)
+        return LMState(keys, values, 0, batch, 0, 1, steps=steps)
 
-    def step(self, previous: Tensor | None, state: LMState, n_q: int) -> tuple[Tensor, LMState]:
+    def _weights_of(self, state: LMState, n_q: int) -> _StepWeights:
+        """The state's gathered weights for K = n_q codebooks (gathered anew for another K)."""
+        w = state.weights
+        if w is None or w.K != n_q:
+            w = state.weights = self._step_weights(n_q)
+            state.scratch = state.known = None
+        return w
+
+    def _scratch(self, w: _StepWeights, rows: int) -> _Scratch:
+        """Buffers for `rows` rows: all written before they are read, but `attended` (zero padding)."""
+        D, K = self.cfg.dim, w.K
+        new = w.emb.new_empty
+        index = w.offsets.repeat(rows, 1)
+        return _Scratch(index, new(rows, K, D), new(rows, D), new(rows, 3 * D), w.emb.new_zeros(rows, D),
+                        new(rows, D), new(rows, self.cfg.dim * self.cfg.hidden_scale), new(rows, D),
+                        new(rows, K * self.cfg.card))
+
+    @torch.no_grad()
+    def step(self, previous: Tensor | None, state: LMState, n_q: int,
+             out: Tensor | None = None) -> tuple[Tensor, LMState]:
         """One streaming step for a batch of independent sequences.
 
         Matrix products run on at least `ROW_BLOCK` rows (padding a small batch with zero rows): from
@@ -236,46 +300,166 @@ class LanguageModel(nn.Module):
         rows, so a sequence's probabilities do not depend on which other sequences share its batch.
 
         Args:
-            previous: codes of the previous step [B, K], or None at the first step.
+            previous: codes of the previous step [B, K], or None at the first step (a code of -1
+                also stands for "no previous frame").
             state: from `init_state` or the previous call (updated in place).
             n_q: K, the number of codebooks coded.
+            out: optional float32 tensor [B, K, card] (C-contiguous) to write the probabilities to;
+                without it they are written to a new tensor.
         Returns:
             probabilities [B, K, card] (float32 softmax) and the new state.
         """
         B = state.batch
         _, H, capacity, Dh = state.keys[0].shape
         D = H * Dh
-        Bp = max(ROW_BLOCK, B)
-        w = state.weights
-        if w is None or w.K != n_q:
-            w = state.weights = self._step_weights(n_q)
-            state.inputs = torch.zeros(Bp, n_q, dtype=torch.long, device=w.emb.device)
-            state.attended = torch.zeros(Bp, D, device=w.emb.device)
-        inputs, a_full = state.inputs, state.attended
+        _check_steps(state, 1)
+        w = self._weights_of(state, n_q)
+        s = state.scratch
+        if s is None:
+            s = state.scratch = self._scratch(w, max(ROW_BLOCK, B))
         if previous is not None:
-            inputs[:B] = previous.view(B, n_q)
-            inputs[:B] += 1
-        x = w.emb[inputs + w.offsets].sum(1)
-        x = F.layer_norm(x, (D,), w.norm_w, w.norm_b, w.eps)
-        x = x + self._position(state.offset)
+            s.index[:B] = previous.view(B, n_q)
+            s.index[:B] += w.offsets + 1
+        torch.index_select(w.emb, 0, s.index.view(-1), out=s.gathered.view(-1, D))
+        x = F.layer_norm(torch.sum(s.gathered, 1, out=s.summed), (D,), w.norm_w, w.norm_b, w.eps)
+        x += self._position(state.offset)
         start, end = state.start, state.end
         if end == capacity:  # move the window to the front of the buffers
             for buf in state.keys + state.values:
                 buf[:, :, : end - start] = buf[:, :, start:end].clone()
             start, end = 0, end - start
+        # Each operation is the one `F.linear`, `F.gelu` and `x + y` run, writing into the scratch
+        # buffers: the same kernels, the same bits (sums are formed in place as `y + x`; float
+        # addition is commutative).
+        sdpa, addmm, layer_norm, gelu_ = F.scaled_dot_product_attention, torch.addmm, F.layer_norm, torch._C._nn.gelu_
+        qkv = s.qkv[:B].view(B, 3, H, 1, Dh)
+        q, k_new, v_new = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        attended = s.attended[:B].view(B, H, 1, Dh)
         for (in_w, in_b, out_w, out_b, n1_w, n1_b, l1_w, l1_b, l2_w, l2_b, n2_w, n2_b), k_buf, v_buf in zip(
                 w.layers, state.keys, state.values):
-            qkv = F.linear(x, in_w, in_b)[:B].view(B, 3, H, 1, Dh)
-            k_buf[:, :, end: end + 1] = qkv[:, 1]
-            v_buf[:, :, end: end + 1] = qkv[:, 2]
-            a = F.scaled_dot_product_attention(qkv[:, 0], k_buf[:, :, start: end + 1], v_buf[:, :, start: end + 1])
-            a_full[:B] = a.view(B, D)
-            x = F.layer_norm(x + F.linear(a_full, out_w, out_b), (D,), n1_w, n1_b, w.eps)
-            h = F.linear(F.gelu(F.linear(x, l1_w, l1_b)), l2_w, l2_b)
-            x = F.layer_norm(x + h, (D,), n2_w, n2_b, w.eps)
+            addmm(in_b, x, in_w, out=s.qkv)
+            k_buf[:, :, end: end + 1] = k_new
+            v_buf[:, :, end: end + 1] = v_new
+            attended.copy_(sdpa(q, k_buf[:, :, start: end + 1], v_buf[:, :, start: end + 1]))
+            x = layer_norm(addmm(out_b, s.attended, out_w, out=s.projected).add_(x), (D,), n1_w, n1_b, w.eps)
+            gelu_(addmm(l1_b, x, l1_w, out=s.hidden))
+            x = layer_norm(addmm(l2_b, s.hidden, l2_w, out=s.ff).add_(x), (D,), n2_w, n2_b, w.eps)
         end += 1
         start = max(start, end - self.cfg.past_context)
-        logits = F.linear(x, w.head_w, w.head_b)[:B].view(B, n_q, self.cfg.card)
-        probs = torch.softmax(logits, dim=-1)
+        addmm(w.head_b, x, w.head_w, out=s.logits)
+        logits = s.logits[:B].view(B, n_q, self.cfg.card)
+        probs = torch.softmax(logits, -1) if out is None else torch.softmax(logits, -1, out=out)
         state.offset, state.start, state.end = state.offset + 1, start, end
         return probs, state
+
+    # ------------------------------------------------------------- steps with known inputs
+    def _known_rows(self, batch: int) -> int:
+        """Rows per step in `run_known`: max(ROW_BLOCK, B), rounded up so that every step's block of
+        in-projections starts on a 64-byte boundary, as the one of `step` does (the attention
+        kernel's results depend on the alignment of its inputs, see `init_state`)."""
+        rows = max(ROW_BLOCK, batch)
+        while (rows * 3 * self.cfg.dim) % 16:
+            rows += 1
+        return rows
+
+    def known_chunk(self, batch: int, n_q: int) -> int:
+        """How many steps an encoder should hand to one `run_known` call for `batch` sequences:
+        about `KNOWN_ROWS` matrix rows, logits within `KNOWN_LOGITS_BYTES`."""
+        rows = self._known_rows(batch)
+        return max(1, min(KNOWN_ROWS // rows, KNOWN_LOGITS_BYTES // (4 * rows * n_q * self.cfg.card)))
+
+    @torch.no_grad()
+    def run_known(self, previous: Tensor, state: LMState, n_q: int, out: Tensor) -> LMState:
+        """T calls of `step` whose inputs are all known in advance (the encoder's case), computed
+        layer by layer over all T steps at once: the same probabilities, bit for bit.
+
+        `step` streams every weight from memory at every step for a few rows; here each matrix
+        product runs on T x B rows (the encoder's LM work takes about half the time on a CPU).
+        Each sequence gets what `step` gives it because the kernels do: the matrix products give
+        a row the same result whatever the number of rows (from `ROW_BLOCK` on, as `step` relies
+        on), the attention still runs one step at a time on the same key/value buffers with its
+        queries at the same memory alignment, and the rest works row by row. That is checked
+        against `step` itself: the first chunk of each shape (sequences, steps, K, threads) that
+        a process meets is computed both ways, keeping `step`'s result; only if the two agree bit
+        for bit do later chunks of that shape skip `step` (else they keep calling it).
+
+        Args:
+            previous: [T, B, K] the codes each step receives, -1 for "no previous frame" (what
+                `step(None)` means at position 0).
+            state: from `init_state` or the previous call (updated in place).
+            n_q: K, the number of codebooks coded.
+            out: float32 [T, B, K, card], C-contiguous: receives the probabilities.
+        Returns:
+            the new state.
+        """
+        T = previous.shape[0]
+        capacity = state.keys[0].shape[2]
+        _check_steps(state, T)
+        verdicts = self.__dict__.setdefault("_known_matches_step", {})
+        t = 0
+        while t < T:  # chunks never run past the end of the buffers: `step` moves the window there
+            end = state.end if state.end < capacity else state.end - state.start
+            n = min(T - t, capacity - end)
+            chunk, into = previous[t: t + n], out[t: t + n]
+            key = (state.batch, n, n_q, torch.get_num_threads(), previous.device)
+            verdict = verdicts.get(key)
+            if verdict:
+                self._known_chunk(chunk, state, n_q, into)
+            else:
+                trial = None
+                if verdict is None:  # first time for this shape: both ways, `step`'s result is kept
+                    trial = torch.empty_like(into)
+                    self._known_chunk(chunk, _copy_state(state), n_q, trial)
+                for i in range(n):
+                    self.step(chunk[i], state, n_q, out=into[i])
+                if trial is not None:
+                    verdicts[key] = torch.equal(trial, into)
+            t += n
+        return state
+
+    def _known_chunk(self, previous: Tensor, state: LMState, n_q: int, out: Tensor) -> None:
+        """n steps at once, within the buffers: the body of `step`, each operation on n x rows."""
+        n, B = previous.shape[0], state.batch
+        _, H, capacity, Dh = state.keys[0].shape
+        D, card = H * Dh, self.cfg.card
+        w = self._weights_of(state, n_q)
+        rows = self._known_rows(B)
+        m = n * rows
+        s = state.known
+        if s is None or s.qkv.shape[0] < m:
+            s = state.known = self._scratch(w, m)
+        index = s.index[:m].view(n, rows, n_q)
+        index[:, :B] = previous
+        index[:, :B] += w.offsets + 1
+        torch.index_select(w.emb, 0, s.index[:m].view(-1), out=s.gathered[:m].view(-1, D))
+        x = F.layer_norm(torch.sum(s.gathered[:m], 1, out=s.summed[:m]), (D,), w.norm_w, w.norm_b, w.eps)
+        by_step = x.view(n, rows, D)
+        for i in range(n):
+            by_step[i] += self._position(state.offset + i)
+        start, end = state.start, state.end
+        if end == capacity:  # move the window to the front of the buffers, as `step` does
+            for buf in state.keys + state.values:
+                buf[:, :, : end - start] = buf[:, :, start:end].clone()
+            start, end = 0, end - start
+        windows = []  # (start, end) of each step, as `step` computes them
+        for _ in range(n):
+            windows.append((start, end))
+            end += 1
+            start = max(start, end - self.cfg.past_context)
+        first = windows[0][1]
+        sdpa, addmm, layer_norm, gelu_ = F.scaled_dot_product_attention, torch.addmm, F.layer_norm, torch._C._nn.gelu_
+        qkv = s.qkv[:m].view(n, rows, 3, H, 1, Dh)
+        attended = s.attended[:m].view(n, rows, H, 1, Dh)
+        for (in_w, in_b, out_w, out_b, n1_w, n1_b, l1_w, l1_b, l2_w, l2_b, n2_w, n2_b), k_buf, v_buf in zip(
+                w.layers, state.keys, state.values):
+            addmm(in_b, x, in_w, out=s.qkv[:m])
+            k_buf[:, :, first: first + n] = qkv[:, :B, 1, :, 0].permute(1, 2, 0, 3)
+            v_buf[:, :, first: first + n] = qkv[:, :B, 2, :, 0].permute(1, 2, 0, 3)
+            for i, (a, b) in enumerate(windows):
+                attended[i, :B].copy_(sdpa(qkv[i, :B, 0], k_buf[:, :, a: b + 1], v_buf[:, :, a: b + 1]))
+            x = layer_norm(addmm(out_b, s.attended[:m], out_w, out=s.projected[:m]).add_(x), (D,), n1_w, n1_b, w.eps)
+            gelu_(addmm(l1_b, x, l1_w, out=s.hidden[:m]))
+            x = layer_norm(addmm(l2_b, s.hidden[:m], l2_w, out=s.ff[:m]).add_(x), (D,), n2_w, n2_b, w.eps)
+        addmm(w.head_b, x, w.head_w, out=s.logits[:m])
+        torch.softmax(s.logits[:m].view(n, rows, n_q, card)[:, :B], -1, out=out)
+        state.offset, state.start, state.end = state.offset + n, start, end

@@ -69,6 +69,26 @@ def test_lm_round_trip_threads_and_batching() -> None:
     assert len(payloads[0]) < len(entropy.pack(codes)) / 2
 
 
+def test_encoder_computes_the_steps_of_the_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoder's batched LM steps (`run_known`) give the payloads of stepping frame by frame;
+    segments of unequal lengths, so that rows end before others."""
+    from neucodec.lm import LanguageModel
+
+    lm = skewed_lm()
+    items = [skewed_codes(2, 8, 30), skewed_codes(1, 8, 13, seed=1), skewed_codes(1, 8, 4, seed=2)]
+    fast = entropy.lm_encode_many(lm, items, span=7)
+
+    def stepping(self: LanguageModel, previous: torch.Tensor, state: object, n_q: int, out: torch.Tensor) -> object:
+        for i in range(len(previous)):
+            state = self.step(previous[i], state, n_q, out=out[i])[1]  # type: ignore[arg-type]
+        return state
+
+    monkeypatch.setattr(LanguageModel, "run_known", stepping)
+    assert entropy.lm_encode_many(lm, items, span=7) == fast
+    decoded = entropy.lm_decode_many(lm, fast, [tuple(c.shape) for c in items], span=7)
+    assert all(torch.equal(d, c) for d, c in zip(decoded, items))
+
+
 def test_encode_segments_chooses_and_falls_back() -> None:
     lm = skewed_lm()
     good = skewed_codes(1, 8, 40)
