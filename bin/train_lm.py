@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +22,16 @@ from neucodec.weights import load_weights, resolve, save_release
 from neucodec.model import Codec
 
 
+def codes_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A digest of what the codes depend on (encoder and codebooks, not the decoder): a codec
+    fine-tuned with a frozen encoder reuses the cached codes of its parent."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state if not k.startswith("decoder.")):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--codec", required=True, help="release package of the frozen codec")
@@ -31,6 +42,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--crops", type=int, default=64, help="batches of 8 x 5 s crops to code for training")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (also on resume)")
+    p.add_argument("--init-from", help="release package whose LM to start from when no LM checkpoint exists")
     p.add_argument("--lm", default="{}", help="LMConfig overrides as JSON, e.g. '{\"dim\": 128}'")
     p.add_argument("--export", type=Path, help="write codec + LM release package here")
     args = p.parse_args()
@@ -40,9 +53,11 @@ def main() -> None:
     weights = load_weights(resolve(args.codec))
     codec_config = weights.codec_config
     assert codec_config is not None
-    lm_config = dataclasses.replace(cfg.lm_for(codec_config), **json.loads(args.lm))
+    start = load_weights(resolve(args.init_from)) if args.init_from else None
+    base = start.lm_config if start is not None and start.lm_config is not None else cfg.lm_for(codec_config)
+    lm_config = dataclasses.replace(base, **json.loads(args.lm))
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    cache = args.run_dir / f"codes-{weights.fingerprint}.pt"
+    cache = args.run_dir / f"codes-{codes_fingerprint(weights.state)}.pt"
     if cache.is_file():
         codes, dev = torch.load(cache, weights_only=True).values()
     else:
@@ -51,9 +66,16 @@ def main() -> None:
         dev = code_dataset(codec, Batches(load_corpus(args.corpus, "dev"), 8, length, seed=2), 4)
         torch.save({"codes": codes, "dev": dev}, cache)
     print(f"{len(codes)} training sequences, {len(dev)} dev sequences", flush=True)
-    solver = LMSolver(lm_config, codec_config, codes, args.run_dir, batch_size=args.batch_size, dev_codes=dev)
+    solver = LMSolver(lm_config, codec_config, codes, args.run_dir, lr=args.lr, batch_size=args.batch_size,
+                      dev_codes=dev)
     if solver.load():
         print(f"resumed LM at step {solver.step}", flush=True)
+    elif start is not None:
+        if start.lm_state is None or start.lm_config != lm_config:
+            raise SystemExit(f"{args.init_from} has no LM of this configuration to start from")
+        solver.init_from(start.lm_state, int(start.metadata.get("lm_steps", 0)),
+                         float(start.metadata.get("lm_hours", 0.0)))
+        print(f"initialised the LM from {args.init_from} (step {solver.step})", flush=True)
 
     def export() -> None:
         if args.export is None:

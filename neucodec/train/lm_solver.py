@@ -55,6 +55,7 @@ class LMSolver:
         self.codes, self.dev_codes = codes, dev_codes
         self.run_dir = Path(run_dir)
         self.batch_size = batch_size
+        self.lr = lr
         self.opt = torch.optim.AdamW(self.lm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
         self.rng = random.Random(seed)
         self.ks = sorted({min(lm_config.n_q, codec_config.n_q_for_bandwidth(b)) for b in codec_config.bandwidths})
@@ -79,10 +80,17 @@ class LMSolver:
         state = torch.load(self.checkpoint_path, weights_only=True)
         self.lm.load_state_dict(state["lm"])
         self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:  # the caller's rate, not the saved one (resume to anneal)
+            group["lr"] = self.lr
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
         r = json.loads(state["rng"])
         self.rng.setstate((r[0], tuple(r[1]), r[2]))
         return True
+
+    def init_from(self, state: dict[str, Tensor], steps: int = 0, hours: float = 0.0) -> None:
+        """Start from released LM weights (a fresh machine without the LM checkpoint)."""
+        self.lm.load_state_dict(state)
+        self.step, self.seconds = steps, hours * 3600
 
     def train_step(self) -> dict[str, float]:
         self.lm.train()

@@ -64,6 +64,7 @@ class TrainConfig:
     visqol_clips: int = 2  # dev clips per category scored with ViSQOL at each evaluation (0: none)
     checkpoint_every: int = 500
     grad_clip: float = 0.0
+    freeze_encoder: bool = False  # train the decoder only: the encoder and codebooks, so the codes, stay fixed
 
     def to_dict(self) -> dict[str, tp.Any]:
         return dataclasses.asdict(self)
@@ -94,6 +95,9 @@ class Solver:
         self.rank, self.world = _world()
         torch.manual_seed(config.seed)
         self.codec = zero_conv_biases(Codec(config.codec)).to(self.device)
+        if config.freeze_encoder:  # before DDP, which only registers parameters that need gradients
+            for p in (*self.codec.encoder.parameters(), *self.codec.quantizer.parameters()):
+                p.requires_grad_(False)
         self.disc = MultiScaleSTFTDiscriminator(config.codec.channels, config.disc_filters).to(self.device)
         self.model: nn.Module = self.codec
         self.disc_model: nn.Module = self.disc
@@ -190,6 +194,9 @@ class Solver:
         warming = adversarial and self.step < c.adversarial_start + c.disc_warmup  # no adversary for the codec yet
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         self.model.train()
+        if c.freeze_encoder:  # inference codes: no codebook updates, no straight-through
+            self.codec.encoder.eval()
+            self.codec.quantizer.eval()
         with autocast:
             x_hat, q = self.model(wav, n_q)
         x_hat32 = x_hat.float()

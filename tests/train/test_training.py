@@ -145,6 +145,18 @@ def test_discriminator_warmup_leaves_the_codec_alone(tmp_path: Path) -> None:
     assert seen == [(False, False, False), (False, True, True), (False, True, True), (True, False, False)]
 
 
+def test_freeze_encoder_trains_the_decoder_only(tmp_path: Path) -> None:
+    s = _solver(tmp_path, freeze_encoder=True, adversarial=True, disc_filters=4)
+    s.train_step(s.batches.next())  # initialises the codebooks
+    frozen = {k: v.clone() for k, v in s.codec.state_dict().items() if not k.startswith("decoder.")}
+    decoder = {k: v.clone() for k, v in s.codec.decoder.state_dict().items()}
+    for _ in range(2):
+        m = s.train_step(s.batches.next())
+    assert "adv" in m
+    assert all(torch.equal(v, s.codec.state_dict()[k]) for k, v in frozen.items())  # codes stay the same
+    assert any(not torch.equal(v, s.codec.decoder.state_dict()[k]) for k, v in decoder.items())
+
+
 def test_export_is_loadable(tmp_path: Path) -> None:
     from neucodec import load_codec
 
