@@ -19,7 +19,7 @@ import typing as tp
 import numpy as np
 import torch
 
-from . import __version__, container, entropy, v0lm
+from . import __version__, container, entropy, exactlm, v0lm
 from .errors import CorruptStream, ModelMismatch, NeucodecError, UnsupportedAudio, UnsupportedFormatVersion
 from .lm import LanguageModel
 from .model import Codec, overlap_add
@@ -138,12 +138,14 @@ def _info_from_header(h: dict[str, tp.Any]) -> StreamInfo:
         raise CorruptStream("header: overlap layout without a valid segment length and stride")
     coder = need("coder", (dict,), optional=True)
     bw = need("bandwidth", (int, float), optional=True)
-    return StreamInfo(
+    info = StreamInfo(
         format_version=container.FORMAT_VERSION, model_id=need("model_id", (str,)),
         model_fingerprint=need("model_fingerprint", (str,), optional=True),
         lm_id=need("lm_id", (str,), optional=True), lm_fingerprint=need("lm_fingerprint", (str,), optional=True),
         layout=layout, segment_length=seg_len, segment_stride=seg_stride, scales=need("scales", (bool,)),
         coder=coder, bandwidth=None if bw is None else float(bw), **values)
+    _arithmetic(info)
+    return info
 
 
 # ---------------------------------------------------------------- encoding
@@ -178,8 +180,8 @@ class _SegmentSink:
     def flush(self) -> None:
         if not self.pending:
             return
-        coded = entropy.encode_segments([c for c, _ in self.pending], self.lm, self.info.bits_per_code,
-                                        span=_span(self.info))
+        coded = entropy.encode_segments([c for c, _ in self.pending], _lm_runner(self.lm, self.info),
+                                        self.info.bits_per_code, span=_span(self.info))
         for (codes, scales), seg in zip(self.pending, coded):
             prefix = b"" if scales is None else np.ascontiguousarray(scales.numpy(), dtype="<f4").tobytes()
             self.writer.write_segment(prefix + seg.payload, codes.shape[-1], codes.shape[0], seg.flags, seg.codes_crc)
@@ -224,6 +226,7 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
     coder = None if lm is None else {
         "name": "constriction.queue.RangeEncoder", "model": "Categorical(perfect=False)", "dtype": "float32",
         "prob_grid": entropy.PROB_GRID, "lm_threads": entropy.LM_THREADS, "word": "uint32le",
+        "arithmetic": exactlm.NAME,
         "span_frames": entropy.lm_span(seg_frames, lm.cfg.past_context, codec.frame_rate)}
     info = StreamInfo(
         format_version=container.FORMAT_VERSION, model_id=model_id, model_fingerprint=model_fp, lm_id=lm_id,
@@ -330,6 +333,23 @@ def _resolve_lm(lm: LanguageModel | None, info: StreamInfo) -> LanguageModel:
     return lm
 
 
+def _lm_runner(lm: LanguageModel | None, info: StreamInfo) -> tp.Any:
+    """What computes the LM's probabilities for this file (header `coder.arithmetic`): the exact
+    arithmetic of `neucodec.exactlm` (every file written since it exists), or, for files without
+    the field, the float32 LM itself, whose results depend on the CPU (FORMAT.md §4.3)."""
+    if lm is None:
+        return None
+    return exactlm.exact(lm) if _arithmetic(info) == exactlm.NAME else lm
+
+
+def _arithmetic(info: StreamInfo) -> str | None:
+    arith = (info.coder or {}).get("arithmetic")
+    if arith is not None and arith != exactlm.NAME:
+        raise UnsupportedFormatVersion(f"header: LM arithmetic {str(arith)[:30]!r} is unknown to neucodec "
+                                       f"{__version__}; upgrade neucodec")
+    return arith
+
+
 def _span(info: StreamInfo) -> int | None:
     """Frames per LM sequence (header `coder.span_frames`); None: one sequence per segment."""
     span = (info.coder or {}).get("span_frames")
@@ -365,7 +385,7 @@ def _segment_codes(reader: container.ContainerReader, info: StreamInfo, codec: C
             scales.append(sc)
         if any(t[0] == container.SEGMENT_LM for t in todo) and lm_box[0] is None:
             lm_box[0] = _resolve_lm(None, info)
-        codes = entropy.decode_segments(todo, lm_box[0], info.bits_per_code, span=_span(info))
+        codes = entropy.decode_segments(todo, _lm_runner(lm_box[0], info), info.bits_per_code, span=_span(info))
         out = []
         for r, c, sc in zip(records, codes, scales):
             if entropy.codes_crc32(c) != r.codes_crc:

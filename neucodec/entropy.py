@@ -150,7 +150,7 @@ class _FrameModel:
         self.lm = lm
         self.K = K
         self.state: LMState = lm.init_state(batch, steps)
-        self.device = lm.transformer.norm_in.weight.device
+        self.device = lm.device if hasattr(lm, "device") else lm.transformer.norm_in.weight.device
         self.tables = tables
         self.buffer = _empty_rows(steps if tables is not None else chunk, batch * K, lm.cfg.card)
         self.t = 0

@@ -1,4 +1,10 @@
-"""Golden .ecdc files (tests/golden, made by bin/make_golden.py) must decode bit-exact in every later version."""
+"""Golden .ecdc files (tests/golden, made by bin/make_golden.py) must decode bit-exact in every later version.
+
+One exception, by construction: `lm_mono_24khz.ecdc` (`machine_bound`) was LM-coded before exact LM
+arithmetic, with the float32 LM, so it decodes only on machines whose float kernels give its
+writer's bits (FORMAT.md §4.3); elsewhere it must fail cleanly with the CRC error, never decode to
+wrong codes silently. Every file written since (`lm_exact_24khz.ecdc`) must decode everywhere.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -9,6 +15,7 @@ import pytest
 import torch
 
 from neucodec import ecdc
+from neucodec.errors import CorruptStream
 from neucodec.hub import load_codec, load_lm
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -27,6 +34,10 @@ def test_golden_decodes_bit_exact(name: str) -> None:
     torch.set_num_threads(1)  # the audio hashes were taken with 1 thread
     try:
         info, audio = ecdc.decode_bytes(data, codec, lm)  # codes are checked against their stored CRC32
+    except CorruptStream as e:
+        if not exp.get("machine_bound") or "fail their CRC" not in str(e):
+            raise
+        pytest.skip("float32-LM file of another kind of machine: its codes fail their CRC here, as documented")
     finally:
         torch.set_num_threads(old)
     assert (info.length, info.segments, info.lm_segments) == (exp["length"], exp["segments"], exp["lm_segments"])

@@ -68,7 +68,8 @@ def test_run_known_matches_step(B: int, T: int, chunk: int, past: int) -> None:
         state = lm.run_known(previous[t: t + chunk], state, 4, out[t: t + chunk])
     assert torch.equal(out, expected)
     assert state.offset == T
-    assert all(lm._known_matches_step.values())  # the batched path was found exact, and used
+    # whether the chunked path was found exact (and used) depends on this machine's kernels: on a
+    # second Xeon it was not for 6-7 sequences; either way the probabilities are the step's
 
 
 def test_run_known_keeps_stepping_where_it_would_differ(monkeypatch: pytest.MonkeyPatch) -> None:

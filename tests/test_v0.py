@@ -198,10 +198,9 @@ def test_reference_v0_lm_needs_the_right_lm(monkeypatch: pytest.MonkeyPatch) -> 
         ecdc.decode_bytes(data, ours)  # offline, empty cache: the official LM is missing
     with pytest.raises(ModelMismatch, match="encodec_lm_24khz"):
         ecdc.decode_bytes(data, ours, skewed_lm())
-    try:  # another LM of the same shape: wrong codes, usually detected
-        _, audio = ecdc.decode_bytes(data, ours, reference_lm(ref, seed=4)[1])
-        assert not torch.equal(audio, ecdc.decode_bytes(data, ours, lm)[1])
-    except CorruptStream:
+    try:  # another LM of the same shape: version 0 has no checksums, so wrong codes go unnoticed
+        ecdc.decode_bytes(data, ours, reference_lm(ref, seed=4)[1])  # (or, with two nearly uniform random
+    except CorruptStream:  # LMs, the same codes: seen on a second machine); never another exception
         pass
 
 

@@ -1,0 +1,427 @@
+"""The entropy-coding LM computed in exact arithmetic: the same probabilities on every machine.
+
+Range decoding needs, at every frame, exactly the probabilities the encoder used. A float32
+transformer does not give them across machines: matrix-product kernels, vector widths and thread
+counts change the order of the sums, so another CPU gets other last bits, and a file coded on one
+machine fails its CRC on another (seen: the golden LM file of FORMAT.md §4 on a second Xeon).
+
+`ExactLM` runs a `LanguageModel`'s weights (numpy, float64 and integers) so that every operation
+either is exact or is one IEEE-754 basic operation (+, -, *, /, sqrt: correctly rounded, the same
+bits on every conforming machine), in a fixed order:
+
+* Every matrix product multiplies integers: inputs are quantized per row to |q| <= 2^15 with a
+  power-of-two-free scale (row max * 2^-15), weights per output row the same way, once. Summed in
+  float64, all partial sums are integers below 2^53, so the result is exact whatever the BLAS
+  kernel, the order of the sums or the thread count.
+* Layer norms quantize their input per row to |q| <= 2^17 and take the mean and variance from the
+  integer sums n*sum(q^2) - sum(q)^2 (exact), then one sqrt and one division per row.
+* exp (attention and output softmax) is a table: x - max(x) is rounded, in float32, to whole
+  1/1024-ths of a bit, u = 1024 i + j, and the weight is the integer round(2^b * 2^(-j/1024))
+  shifted right by i; that table comes from repeated square roots of 1/2 (correctly rounded). Sums
+  of weights are integer sums.
+* Attention values are rounded to the grid 2^-12; GELU interpolates a table computed in decimal
+  arithmetic (`decimal`: software, the same digits everywhere); sinusoidal positions too.
+* Output probabilities are integers: floor(p * 2^20) with a floor of 1, times 2^-20, in float32.
+
+The result differs from the float32 LM by rounding noise (+0.01 % in bits on real codes) and is
+the same on every machine, thread count and batch composition: the encoder runs many frames at
+once (`run_known`), the decoder steps (`step`), and both give the same bits by construction.
+Format: docs/FORMAT.md §4.3 (header `coder.arithmetic` = "exact-v1").
+"""
+from __future__ import annotations
+
+import dataclasses
+import decimal
+import functools
+import math
+import typing as tp
+
+import numpy as np
+import torch
+
+from .lm import LanguageModel
+
+NAME = "exact-v1"  # the header's coder "arithmetic" for this computation
+ACT_BITS = 15  # matrix-product inputs and weights: integers with |q| <= 2^15
+NORM_BITS = 17  # layer-norm inputs: integers with |q| <= 2^17
+EXP_SHIFT = 10  # exp's argument is rounded to 2^-EXP_SHIFT of a bit
+ATTN_ONE = 20  # attention weights are integers, the largest 2^ATTN_ONE
+VALUE_GRID = 12  # attention values are rounded to multiples of 2^-VALUE_GRID ...
+VALUE_MAX = (1 << 20) - 1  # ... and clamped to this many of them
+PROB_BITS = 20  # probabilities are multiples of 2^-PROB_BITS, at least one
+GELU_STEP = 128  # GELU table: points every 1/GELU_STEP ...
+GELU_RANGE = 6  # ... on [-GELU_RANGE, GELU_RANGE]; beyond: GELU(x) = x or 0
+MAX_WIDTH = 512  # widths (and feed-forward widths / 4) up to this keep every integer sum below 2^53
+MAX_CONTEXT = 4096
+
+_LOG2E_UNITS = np.float32((1 << EXP_SHIFT) * 1.4426950408889634)  # nats -> units: log2(e) written out
+_MAX_UNITS = np.float32(31 << EXP_SHIFT)  # shifts of 31 bits and more give 0
+
+
+# ---------------------------------------------------------------- tables
+@functools.cache
+def exp2_table() -> np.ndarray:
+    """T[j] = 2^(-j / 2^EXP_SHIFT) from repeated square roots of 1/2 (correctly rounded operations)."""
+    roots = [0.5]  # roots[b] = 2^(-2^b / 2^EXP_SHIFT) for the bits b of j
+    for _ in range(EXP_SHIFT):
+        roots.insert(0, math.sqrt(roots[0]))
+    out = []
+    for j in range(1 << EXP_SHIFT):
+        v = 1.0
+        for b in range(EXP_SHIFT):
+            if j >> b & 1:
+                v *= roots[b]
+        out.append(v)
+    return np.array(out, dtype=np.float64)
+
+
+@functools.cache
+def _exp_ints(one_bits: int) -> np.ndarray:
+    """Entry u = 2^EXP_SHIFT * i + j: round(2^one_bits * T[j]) >> i, int32 (one_bits <= 24, i < 32)."""
+    ints = np.round(exp2_table() * 2.0 ** one_bits).astype(np.int32)
+    return np.concatenate([ints >> i for i in range(32)])
+
+
+def exp_weights(x: np.ndarray, one_bits: int) -> np.ndarray:
+    """Integer weights ~ 2^one_bits * exp(x - max(x)) along the last axis (int32; -inf gives 0)."""
+    xf = x.astype(np.float32)
+    u = np.max(xf, axis=-1, keepdims=True) - xf
+    u *= _LOG2E_UNITS
+    np.round(u, out=u)
+    np.minimum(u, _MAX_UNITS, out=u)
+    return _exp_ints(one_bits)[u.astype(np.int32)]
+
+
+_PI = decimal.Decimal("3.14159265358979323846264338327950288419716939937510582097494459")
+with decimal.localcontext() as _ctx:
+    _ctx.prec = 60
+    _SQRT_PI = _PI.sqrt()
+    _SQRT2 = decimal.Decimal(2).sqrt()
+
+
+def _decimal_erf(x: decimal.Decimal) -> decimal.Decimal:
+    """erf by its Taylor series in decimal arithmetic (|x| <= GELU_RANGE / sqrt 2; 60 digits)."""
+    total, term, n = decimal.Decimal(0), x, 0
+    x2 = x * x
+    while True:
+        add = term / (2 * n + 1)
+        total += add
+        if abs(add) < decimal.Decimal("1e-40"):
+            return total * 2 / _SQRT_PI
+        n += 1
+        term = -term * x2 / n
+
+
+@functools.cache
+def gelu_table() -> np.ndarray:
+    """GELU(k / GELU_STEP) for k in [-GELU_RANGE * GELU_STEP, GELU_RANGE * GELU_STEP]."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        n = GELU_RANGE * GELU_STEP
+        out = [float(x * (1 + _decimal_erf(x / _SQRT2)) / 2)
+               for x in (decimal.Decimal(k) / GELU_STEP for k in range(-n, n + 1))]
+    return np.array(out, dtype=np.float64)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """GELU by linear interpolation in `gelu_table` (IEEE operations in a fixed order)."""
+    table, n = gelu_table(), GELU_RANGE * GELU_STEP
+    u = x * GELU_STEP
+    k = np.clip(np.floor(u), -n, n - 1)
+    frac = u - k
+    i = k.astype(np.int64) + n
+    lo = table[i]
+    y = lo + (table[i + 1] - lo) * frac
+    return np.where(x >= GELU_RANGE, x, np.where(x < -GELU_RANGE, 0.0, y))
+
+
+def _decimal_cos_sin(x: decimal.Decimal) -> tuple[decimal.Decimal, decimal.Decimal]:
+    two_pi = 2 * _PI
+    x = x - two_pi * (x / two_pi).to_integral_value(rounding=decimal.ROUND_FLOOR)
+    c, s, term, n = decimal.Decimal(0), decimal.Decimal(0), decimal.Decimal(1), 0
+    eps = decimal.Decimal("1e-40")
+    while abs(term) > eps or n < 2:
+        if n % 2 == 0:
+            c += term if n % 4 == 0 else -term
+        else:
+            s += term if n % 4 == 1 else -term
+        n += 1
+        term = term * x / n
+    return c, s
+
+
+@functools.lru_cache(maxsize=8)
+def _frequencies(dim: int, max_period: float) -> tuple[decimal.Decimal, ...]:
+    """1 / max_period^(i / (dim/2 - 1)) for i < dim/2, in decimal arithmetic."""
+    half = dim // 2
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        log_period = decimal.Decimal(repr(float(max_period))).ln()
+        return tuple((-(log_period * i / (half - 1))).exp() for i in range(half))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _position(dim: int, max_period: float, p: int) -> np.ndarray:
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        cs = [_decimal_cos_sin(p * f) for f in _frequencies(dim, max_period)]
+    return np.array([float(c) for c, _ in cs] + [float(s) for _, s in cs], dtype=np.float64)
+
+
+def positions(dim: int, max_period: float, start: int, count: int) -> np.ndarray:
+    """Sinusoidal embeddings [count, dim] of positions start.. (cos then sin, as `lm.sin_embedding`)."""
+    return np.stack([_position(dim, max_period, p) for p in range(start, start + count)]) if count \
+        else np.zeros((0, dim))
+
+
+# ---------------------------------------------------------------- exact building blocks
+def quantize_rows(x: np.ndarray, bits: int = ACT_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """x [..., n] -> (integers q, |q| <= 2^bits, as float64; scale [..., 1]) with x ~ q * scale."""
+    scale = np.max(np.abs(x), axis=-1, keepdims=True)
+    scale *= 2.0 ** -bits
+    scale[scale == 0] = 1.0
+    return np.round(x / scale), scale
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b of integer-valued float64 matrices (torch's BLAS, which keeps to the LM's thread count)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).matmul(torch.from_numpy(b)).numpy()
+
+
+@dataclasses.dataclass
+class _Linear:
+    weight: np.ndarray  # [in, out] integers (float64)
+    scale: np.ndarray  # [out]
+    bias: np.ndarray  # [out]
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> _Linear:
+        q, s = quantize_rows(weight.detach().cpu().double().numpy())
+        b = np.zeros(weight.shape[0]) if bias is None else bias.detach().cpu().double().numpy()
+        return cls(np.ascontiguousarray(q.T), s.reshape(-1), b)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x [..., in] -> [..., out]: an exact integer product, then two roundings per element."""
+        q, s = quantize_rows(x)
+        out = _matmul(q.reshape(-1, q.shape[-1]), self.weight).reshape(*q.shape[:-1], -1)
+        out *= s * self.scale
+        out += self.bias
+        return out
+
+
+@dataclasses.dataclass
+class _Norm:
+    weight: np.ndarray
+    bias: np.ndarray
+    eps: float
+
+    @classmethod
+    def of(cls, ln: torch.nn.LayerNorm) -> _Norm:
+        return cls(ln.weight.detach().cpu().double().numpy(), ln.bias.detach().cpu().double().numpy(), float(ln.eps))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[-1]
+        q, s = quantize_rows(x, NORM_BITS)
+        s1 = q.sum(-1, keepdims=True)
+        var_n2 = n * np.einsum("...i,...i->...", q, q)[..., None] - s1 * s1  # n^2 variance / s^2, exact
+        den = np.sqrt(var_n2 + (self.eps * n * n) / (s * s))
+        out = n * q - s1
+        out /= den
+        out *= self.weight
+        out += self.bias
+        return out
+
+
+@dataclasses.dataclass
+class _Layer:
+    qkv: _Linear
+    out: _Linear
+    norm1: _Norm
+    ff1: _Linear
+    ff2: _Linear
+    norm2: _Norm
+
+
+@dataclasses.dataclass
+class ExactState:
+    """Per layer, buffers of quantized keys [B, H, capacity, Dh], their scales [B, H, capacity, 1]
+    and values on the grid; entries start..end-1 are live (the zero token first). A step writes
+    in place, so a state is consumed by `step`/`run_known`: keep using the returned one."""
+
+    keys: list[np.ndarray]
+    key_scales: list[np.ndarray]
+    values: list[np.ndarray]
+    offset: int
+    batch: int
+    start: int = 0
+    end: int = 1
+
+
+class ExactLM:
+    """A `LanguageModel`'s weights run in exact arithmetic (see the module docstring).
+
+    Offers what the range coder's frame model uses (`entropy._FrameModel`): `cfg`, `device`,
+    `init_state`, `step`, `run_known` and `known_chunk`. Probabilities are float32 multiples of
+    2^-PROB_BITS.
+    """
+
+    def __init__(self, lm: LanguageModel) -> None:
+        c = lm.cfg
+        if c.dim > MAX_WIDTH or c.dim * c.hidden_scale > 4 * MAX_WIDTH or c.past_context > MAX_CONTEXT:
+            raise ValueError(f"exact LM arithmetic supports widths up to {MAX_WIDTH} and contexts up to {MAX_CONTEXT}")
+        self.cfg = c
+        self.device = torch.device("cpu")
+        self.heads, self.head_dim = c.num_heads, c.dim // c.num_heads
+        tables = np.stack([e.weight.detach().cpu().double().numpy() for e in lm.emb])  # [n_q, card + 1, D]
+        top = float(np.abs(tables).max())
+        exponent = 20 - (math.frexp(top)[1] if top > 0 else 0)  # one power-of-two grid: exact sums
+        self.emb_scale, self.emb = 2.0 ** -exponent, np.round(tables * 2.0 ** exponent)
+        self.norm_in = _Norm.of(lm.transformer.norm_in)
+        self.layers = [_Layer(_Linear.of(ly.self_attn.in_proj_weight, ly.self_attn.in_proj_bias),
+                              _Linear.of(ly.self_attn.out_proj.weight, ly.self_attn.out_proj.bias),
+                              _Norm.of(ly.norm1), _Linear.of(ly.linear1.weight, ly.linear1.bias),
+                              _Linear.of(ly.linear2.weight, ly.linear2.bias), _Norm.of(ly.norm2))
+                       for ly in lm.transformer.layers]
+        self._heads = [_Linear.of(lm.head_weight(k), lm.linears[k].bias) for k in range(c.n_q)]
+        self._head_cache: dict[int, _Linear] = {}
+
+    def _head(self, K: int) -> _Linear:
+        head = self._head_cache.get(K)
+        if head is None:
+            hs = self._heads[:K]
+            head = _Linear(np.ascontiguousarray(np.concatenate([h.weight for h in hs], 1)),
+                           np.concatenate([h.scale for h in hs]), np.concatenate([h.bias for h in hs]))
+            self._head_cache[K] = head
+        return head
+
+    # ------------------------------------------------------------- state
+    def init_state(self, batch: int, steps: int | None = None) -> ExactState:
+        """Fresh state for `batch` sequences; `steps`, if known, sizes the key/value buffers."""
+        H, Dh = self.heads, self.head_dim
+        room = 2 * (self.cfg.past_context + 1) + 64
+        cap = min(room, steps + 1) if steps is not None else room
+        state = ExactState([], [], [], 0, batch)
+        for layer in self.layers:
+            _, bk, bv = np.split(layer.qkv.bias, 3)  # the all-zero first token: keys/values are the biases
+            kq, ks = quantize_rows(bk.reshape(H, Dh))
+            for buffers, first in ((state.keys, kq), (state.key_scales, ks),
+                                   (state.values, self._values(bv).reshape(H, Dh))):
+                buf = np.zeros((batch, H, cap, first.shape[-1]))
+                buf[:, :, 0] = first
+                buffers.append(buf)
+        return state
+
+    @staticmethod
+    def _values(v: np.ndarray) -> np.ndarray:
+        return np.clip(np.round(v * 2.0 ** VALUE_GRID), -VALUE_MAX, VALUE_MAX)
+
+    @staticmethod
+    def _make_room(state: ExactState, free: int) -> None:
+        """At least `free` unused entries after `end`: move the live ones to the front, grow if need be."""
+        cap = state.keys[0].shape[2]
+        if state.end + free <= cap:
+            return
+        live = state.end - state.start
+        cap = max(cap, live + free)
+        for buffers in (state.keys, state.key_scales, state.values):
+            for i, b in enumerate(buffers):
+                new = np.zeros((*b.shape[:2], cap, b.shape[3]))
+                new[:, :, :live] = b[:, :, state.start: state.end]
+                buffers[i] = new
+        state.start, state.end = 0, live
+
+    def known_chunk(self, batch: int, n_q: int) -> int:
+        """Steps `run_known` should take at once (any number gives the same bits)."""
+        per_step = max(1, batch) * n_q * self.cfg.card * 4 * 4  # probabilities and their temporaries
+        return max(1, min(256, (64 << 20) // per_step))
+
+    # ------------------------------------------------------------- the computation
+    def _inputs(self, previous: np.ndarray, K: int) -> np.ndarray:
+        """previous codes [..., K] (-1: none) -> normalised embedding sums [..., D]."""
+        idx = np.maximum(previous + 1, 0)
+        total = self.emb[0, idx[..., 0]]
+        for k in range(1, K):
+            total += self.emb[k, idx[..., k]]
+        total *= self.emb_scale
+        return self.norm_in(total)
+
+    def _attend(self, q: np.ndarray, keys: np.ndarray, key_scales: np.ndarray, values: np.ndarray,
+                hidden: np.ndarray | None) -> np.ndarray:
+        """q [B, H, T, Dh], keys/values [B, H, n, .], hidden [T, n] (masked keys) or None -> [B, T, D]."""
+        qq, qs = quantize_rows(q)
+        scores = qq @ keys.swapaxes(-1, -2)  # exact
+        scores *= qs * key_scales.swapaxes(-1, -2)
+        scores *= 1.0 / math.sqrt(self.head_dim)
+        if hidden is not None:
+            scores[..., hidden] = -np.inf
+        w = exp_weights(scores, ATTN_ONE)
+        out = w.astype(np.float64) @ values  # exact
+        out /= w.sum(-1, keepdims=True, dtype=np.int64)
+        out *= 2.0 ** -VALUE_GRID
+        B, H, T, Dh = out.shape
+        return out.transpose(0, 2, 1, 3).reshape(B, T, H * Dh)
+
+    def _probs(self, x: np.ndarray, K: int) -> np.ndarray:
+        """[..., D] -> float32 probabilities [..., K, card], multiples of 2^-PROB_BITS, each >= 1 unit."""
+        logits = self._head(K)(x).reshape(*x.shape[:-1], K, self.cfg.card)
+        w = exp_weights(logits, 24)  # at most 2^24: exact in float32
+        per_unit = (2.0 ** PROB_BITS / w.sum(-1, keepdims=True, dtype=np.int64)).astype(np.float32)
+        p = w.astype(np.float32)
+        p *= per_unit
+        np.floor(p, out=p)
+        np.maximum(p, np.float32(1.0), out=p)
+        p *= np.float32(2.0 ** -PROB_BITS)
+        return p
+
+    def _run(self, previous: np.ndarray, state: ExactState, K: int) -> np.ndarray:
+        """previous codes [B, T, K] for T consecutive steps -> probabilities [B, T, K, card]."""
+        B, T, _ = previous.shape
+        H, Dh, past = self.heads, self.head_dim, self.cfg.past_context
+        x = self._inputs(previous, K)
+        x += positions(self.cfg.dim, self.cfg.max_period, state.offset, T)
+        self._make_room(state, T)
+        old_end, end = state.end, state.end + T
+        lo = max(state.start, old_end - past)  # the first key any of these queries sees
+        # query t is key old_end + t; it sees keys old_end + t - past .. old_end + t
+        q_pos = np.arange(T).reshape(-1, 1) + old_end
+        k_pos = np.arange(lo, end).reshape(1, -1)
+        hidden = (k_pos > q_pos) | (k_pos < q_pos - past)
+        mask = hidden if hidden.any() else None
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(x).reshape(B, T, 3, H, Dh).transpose(2, 0, 3, 1, 4)  # [3, B, H, T, Dh]
+            kq, ks = quantize_rows(qkv[1])
+            state.keys[i][:, :, old_end:end] = kq
+            state.key_scales[i][:, :, old_end:end] = ks
+            state.values[i][:, :, old_end:end] = self._values(qkv[2])
+            a = self._attend(qkv[0], state.keys[i][:, :, lo:end], state.key_scales[i][:, :, lo:end],
+                             state.values[i][:, :, lo:end], mask)
+            x = layer.norm1(x + layer.out(a))
+            x = layer.norm2(x + layer.ff2(_gelu(layer.ff1(x))))
+        state.end, state.offset = end, state.offset + T
+        state.start = max(state.start, end - (past + 1))  # what the next query can still see
+        return self._probs(x, K)
+
+    def step(self, previous: torch.Tensor | None, state: ExactState, n_q: int,
+             out: torch.Tensor | None = None) -> tuple[torch.Tensor, ExactState]:
+        """One frame: previous codes [B, K] (None at frame 0) -> probabilities [B, K, card]."""
+        prev = np.full((state.batch, n_q), -1, dtype=np.int64) if previous is None else previous.cpu().numpy()
+        probs = torch.from_numpy(self._run(prev.reshape(state.batch, 1, n_q).astype(np.int64), state, n_q)[:, 0])
+        if out is not None:
+            out.copy_(probs)
+            return out, state
+        return probs, state
+
+    def run_known(self, previous: torch.Tensor, state: ExactState, n_q: int, out: torch.Tensor) -> ExactState:
+        """Several frames at once: previous codes [n, B, K] (-1: none) -> out [n, B, K, card]."""
+        prev = previous.cpu().numpy().astype(np.int64).transpose(1, 0, 2)
+        out.copy_(torch.from_numpy(self._run(np.ascontiguousarray(prev), state, n_q).transpose(1, 0, 2, 3)))
+        return state
+
+
+def exact(lm: tp.Any) -> ExactLM:
+    """The exact-arithmetic runner of `lm`, made once per LM object (its weights must not change after)."""
+    runner = lm.__dict__.get("_exact")
+    if runner is None:
+        runner = ExactLM(lm)
+        lm.__dict__["_exact"] = runner
+    return runner
