@@ -10,7 +10,8 @@ One run on real recordings (default: the corpus dev clips, resampled to 24 kHz a
    LM decode at 6 kbps, neucodec vs the reference encodec package (`compress`/`decompress`
    with `use_lm=True`, minus the same calls without the LM), both with the same random
    paper-size LM weights; neucodec with the writer's LM spans and with spans of the whole LM
-   context, and with the trained LM too.
+   context, and with the trained LM too. neucodec runs its LM in exact arithmetic, as its writer
+   does (`neucodec.exactlm`); the float32 LM of files written before it is timed for comparison.
 
     python bin/bench_bitstream.py --seconds 30 [--model neucodec_24khz] [--audio a.wav b.wav]
 """
@@ -23,6 +24,7 @@ import os
 import sys
 import time
 import types
+import typing as tp
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from neucodec import config, entropy  # noqa: E402
+from neucodec import config, entropy, exactlm  # noqa: E402
 from neucodec.errors import NeucodecError  # noqa: E402
 from neucodec.lm import LanguageModel  # noqa: E402
 from neucodec.model import Codec  # noqa: E402
@@ -94,6 +96,7 @@ def main() -> None:
 
     seg = round(args.segment_seconds * codec.frame_rate)
     span = entropy.lm_span(seg, lm.cfg.past_context, codec.frame_rate)  # what ecdc.encode_stream writes
+    engine = exactlm.exact(lm)  # the writer's LM arithmetic
     print(f"\nLM spans: {span} frames (writer's choice; LM context {lm.cfg.past_context} frames)")
     print(f"\n| bandwidth | K | packed kbps | LM kbps | saved | saved, {lm.cfg.past_context}-frame spans "
           "| segments LM-coded |")
@@ -102,9 +105,9 @@ def main() -> None:
         codes = codec.encode(wav, bw).codes
         items = list(codes.split(seg, -1))
         packed_bits = sum(len(entropy.pack(c)) for c in items) * 8
-        lm_bits = sum(len(r) for r in entropy.lm_encode_many(lm, items, span=span)) * 8
-        long_bits = sum(len(r) for r in entropy.lm_encode_many(lm, items, span=lm.cfg.past_context)) * 8
-        n_lm = sum(c.flags == 1 for c in entropy.encode_segments(items, lm, span=span))
+        lm_bits = sum(len(r) for r in entropy.lm_encode_many(engine, items, span=span)) * 8
+        long_bits = sum(len(r) for r in entropy.lm_encode_many(engine, items, span=lm.cfg.past_context)) * 8
+        n_lm = sum(c.flags == 1 for c in entropy.encode_segments(items, engine, span=span))
         print(f"| {bw:g} | {codes.shape[1]} | {packed_bits / dur / 1000:.2f} | {lm_bits / dur / 1000:.2f} | "
               f"{100 * (1 - lm_bits / packed_bits):+.1f} % | {100 * (1 - long_bits / packed_bits):+.1f} % | "
               f"{n_lm}/{len(items)} |")
@@ -117,7 +120,7 @@ def main() -> None:
     torch.manual_seed(0)
     rand_lm = LanguageModel(config.lm_for(codec.config)).eval()
 
-    def lm_path(model: LanguageModel, span: int) -> float:
+    def lm_path(model: tp.Any, span: int) -> float:
         """Encode (with the writer's check) + decode, every segment LM-coded; returns the RTF."""
         payloads = entropy.lm_encode_many(model, items, span=span)
         records = [(1, p, tuple(i.shape), "s") for p, i in zip(payloads, items)]
@@ -131,11 +134,13 @@ def main() -> None:
         return dur / (t_enc + t_dec)
 
     print(f"\nneucodec LM path, 6 kbps, {dur:.0f} s, {seg}-frame segments:")
-    ours = lm_path(rand_lm, span)
-    ours_long = lm_path(rand_lm, rand_lm.cfg.past_context)
+    ours = lm_path(exactlm.exact(rand_lm), span)
+    ours_long = lm_path(exactlm.exact(rand_lm), rand_lm.cfg.past_context)
+    print("  (float32 LM, as files before exact-v1 were coded: machine-bound, for comparison)")
+    ours_float = lm_path(rand_lm, span)
     if trained:
         print(f"  (trained LM {args.model})")
-        lm_path(lm, span)
+        lm_path(engine, span)
 
     # ---- reference LM path with identical random LM weights
     sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
@@ -166,7 +171,8 @@ def main() -> None:
     print(f"reference LM path, 6 kbps, {rdur:.0f} s: compress +{t_c_lm - t_c:.2f} s, decompress +{t_d_lm - t_d:.2f} s "
           f"over no-LM -> RTF {ref_rtf:.2f}")
     print(f"speed-up: {ours / ref_rtf:.1f}x with {span}-frame spans, {ours_long / ref_rtf:.1f}x with "
-          f"{rand_lm.cfg.past_context}-frame spans (target >= 10x; target RTF >= 30)")
+          f"{rand_lm.cfg.past_context}-frame spans (target >= 10x; target RTF >= 30); float32 LM "
+          f"{ours_float / ref_rtf:.1f}x")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
