@@ -34,7 +34,9 @@ KIND_END = 0x45  # 'E'
 KIND_INDEX = 0x58  # 'X'
 
 SEGMENT_PACKED = 0  # flags of a segment record: how its codes are coded
-SEGMENT_LM = 1
+SEGMENT_LM = 1  # LM range coding, the LM in float32 (files of neucodec 0.1.0: machine-bound)
+SEGMENT_LM_EXACT = 2  # LM range coding, the LM in exact arithmetic (neucodec.exactlm)
+LM_FLAGS = (SEGMENT_LM, SEGMENT_LM_EXACT)
 
 MAX_HEADER_BYTES = 1 << 16
 MAX_PAYLOAD_BYTES = 1 << 26  # 64 MiB: far above any real segment
@@ -201,7 +203,7 @@ class ContainerReader:
         if crc32(payload) != pcrc:
             raise CorruptStream(f"{where}: CRC mismatch (file damaged)")
         if kind == KIND_SEGMENT:
-            if flags not in (SEGMENT_PACKED, SEGMENT_LM):
+            if flags not in (SEGMENT_PACKED, *LM_FLAGS):
                 raise UnsupportedFormatVersion(f"{where}: unknown coder flags {flags:#x}; upgrade neucodec")
             if self.next_index >= MAX_SEGMENTS:
                 raise CorruptStream(f"{where}: more than {MAX_SEGMENTS} segments")

@@ -138,14 +138,12 @@ def _info_from_header(h: dict[str, tp.Any]) -> StreamInfo:
         raise CorruptStream("header: overlap layout without a valid segment length and stride")
     coder = need("coder", (dict,), optional=True)
     bw = need("bandwidth", (int, float), optional=True)
-    info = StreamInfo(
+    return StreamInfo(
         format_version=container.FORMAT_VERSION, model_id=need("model_id", (str,)),
         model_fingerprint=need("model_fingerprint", (str,), optional=True),
         lm_id=need("lm_id", (str,), optional=True), lm_fingerprint=need("lm_fingerprint", (str,), optional=True),
         layout=layout, segment_length=seg_len, segment_stride=seg_stride, scales=need("scales", (bool,)),
         coder=coder, bandwidth=None if bw is None else float(bw), **values)
-    _arithmetic(info)
-    return info
 
 
 # ---------------------------------------------------------------- encoding
@@ -180,14 +178,15 @@ class _SegmentSink:
     def flush(self) -> None:
         if not self.pending:
             return
-        coded = entropy.encode_segments([c for c, _ in self.pending], _lm_runner(self.lm, self.info),
-                                        self.info.bits_per_code, span=_span(self.info))
+        lm = None if self.lm is None else exactlm.exact(self.lm)  # the writer's LM arithmetic
+        coded = entropy.encode_segments([c for c, _ in self.pending], lm, self.info.bits_per_code,
+                                        span=_span(self.info))
         for (codes, scales), seg in zip(self.pending, coded):
             prefix = b"" if scales is None else np.ascontiguousarray(scales.numpy(), dtype="<f4").tobytes()
             self.writer.write_segment(prefix + seg.payload, codes.shape[-1], codes.shape[0], seg.flags, seg.codes_crc)
             self.info.segments += 1
             self.info.frames += codes.shape[-1]
-            self.info.lm_segments += seg.flags == container.SEGMENT_LM
+            self.info.lm_segments += seg.flags in container.LM_FLAGS
         self.pending = []
 
 
@@ -333,23 +332,6 @@ def _resolve_lm(lm: LanguageModel | None, info: StreamInfo) -> LanguageModel:
     return lm
 
 
-def _lm_runner(lm: LanguageModel | None, info: StreamInfo) -> tp.Any:
-    """What computes the LM's probabilities for this file (header `coder.arithmetic`): the exact
-    arithmetic of `neucodec.exactlm` (every file written since it exists), or, for files without
-    the field, the float32 LM itself, whose results depend on the CPU (FORMAT.md §4.3)."""
-    if lm is None:
-        return None
-    return exactlm.exact(lm) if _arithmetic(info) == exactlm.NAME else lm
-
-
-def _arithmetic(info: StreamInfo) -> str | None:
-    arith = (info.coder or {}).get("arithmetic")
-    if arith is not None and arith != exactlm.NAME:
-        raise UnsupportedFormatVersion(f"header: LM arithmetic {str(arith)[:30]!r} is unknown to neucodec "
-                                       f"{__version__}; upgrade neucodec")
-    return arith
-
-
 def _span(info: StreamInfo) -> int | None:
     """Frames per LM sequence (header `coder.span_frames`); None: one sequence per segment."""
     span = (info.coder or {}).get("span_frames")
@@ -383,9 +365,9 @@ def _segment_codes(reader: container.ContainerReader, info: StreamInfo, codec: C
                 payload = payload[4 * G:]
             todo.append((r.flags, payload, (G, K, r.frames), where))
             scales.append(sc)
-        if any(t[0] == container.SEGMENT_LM for t in todo) and lm_box[0] is None:
+        if any(t[0] in container.LM_FLAGS for t in todo) and lm_box[0] is None:
             lm_box[0] = _resolve_lm(None, info)
-        codes = entropy.decode_segments(todo, _lm_runner(lm_box[0], info), info.bits_per_code, span=_span(info))
+        codes = entropy.decode_segments(todo, lm_box[0], info.bits_per_code, span=_span(info))
         out = []
         for r, c, sc in zip(records, codes, scales):
             if entropy.codes_crc32(c) != r.codes_crc:
@@ -406,9 +388,9 @@ def _segment_codes(reader: container.ContainerReader, info: StreamInfo, codec: C
                                 f"{record.frames} frames (file damaged)")
         info.segments += 1
         info.frames += record.frames
-        info.lm_segments += record.flags == container.SEGMENT_LM
+        info.lm_segments += record.flags in container.LM_FLAGS
         batch.append(record)
-        if len(batch) >= LM_BATCH or record.flags != container.SEGMENT_LM:
+        if len(batch) >= LM_BATCH or record.flags not in container.LM_FLAGS:
             yield from decode(batch)
             batch = []
     if batch:
@@ -556,7 +538,7 @@ def read_info(fi: tp.BinaryIO) -> StreamInfo:
             raise CorruptStream(f"segment {record.index} at byte {record.offset}: shape does not fit the header")
         info.segments += 1
         info.frames += record.frames
-        info.lm_segments += record.flags == container.SEGMENT_LM
+        info.lm_segments += record.flags in container.LM_FLAGS
     _check_end(reader, info)
     return info
 

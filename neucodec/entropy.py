@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptStream
+from .exactlm import ExactLM, exact
 from .lm import LanguageModel, LMState
 
 Tensor = torch.Tensor
@@ -425,7 +426,7 @@ def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel |
     is the range coding itself -- probabilities constriction cannot model, a symbol it cannot
     code, a payload that decodes to other codes -- and the check decodes exactly that.
     """
-    from .container import SEGMENT_LM, SEGMENT_PACKED
+    from .container import SEGMENT_LM, SEGMENT_LM_EXACT, SEGMENT_PACKED
 
     arrs = [_as_numpy(c) for c in items]
     packed = [pack(a, bits) for a in arrs]
@@ -443,7 +444,8 @@ def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel |
             continue
         for i, c, b in zip(group, coded, back):
             if np.array_equal(b.numpy(), arrs[i]) and len(c) < len(packed[i]):
-                out[i] = CodedSegment(SEGMENT_LM, c, out[i].codes_crc)
+                out[i] = CodedSegment(SEGMENT_LM_EXACT if isinstance(lm, ExactLM) else SEGMENT_LM, c,
+                                      out[i].codes_crc)
     return out
 
 
@@ -469,22 +471,28 @@ def _groups(shapes: tp.Sequence[tuple[int, int, int]], span: int | None, card: i
     return groups
 
 
-def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int], str]], lm: LanguageModel | None,
-                    bits: int = 10, threads: int = LM_THREADS, span: int | None = None) -> list[Tensor]:
-    """Decode segments given as (flags, payload, (B, K, F), where); LM ones in one batch."""
-    from .container import SEGMENT_LM
+def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int], str]],
+                    lm: LanguageModel | ExactLM | None, bits: int = 10, threads: int = LM_THREADS,
+                    span: int | None = None) -> list[Tensor]:
+    """Decode segments given as (flags, payload, (B, K, F), where); LM ones in batches, each with the
+    LM arithmetic its flags name (`SEGMENT_LM_EXACT`: `exactlm`; `SEGMENT_LM`: the float32 LM)."""
+    from .container import LM_FLAGS, SEGMENT_LM_EXACT
 
     out: list[Tensor | None] = [None] * len(records)
-    lm_idx = [i for i, r in enumerate(records) if r[0] == SEGMENT_LM]
     for i, (flags, payload, (B, K, F), where) in enumerate(records):
-        if flags != SEGMENT_LM:
+        if flags not in LM_FLAGS:
             out[i] = unpack(payload, B, K, F, bits, where)
-    if lm_idx:
+    for flag in LM_FLAGS:
+        lm_idx = [i for i, r in enumerate(records) if r[0] == flag]
+        if not lm_idx:
+            continue
         if lm is None:
             raise CorruptStream(f"{records[lm_idx[0]][3]}: LM-coded but no LM is available")
+        base = lm.source if isinstance(lm, ExactLM) else lm
+        runner = exact(base) if flag == SEGMENT_LM_EXACT else base
         for group in _groups([records[i][2] for i in lm_idx], span):
             idx = [lm_idx[j] for j in group]
-            decoded = lm_decode_many(lm, [records[i][1] for i in idx], [records[i][2] for i in idx],
+            decoded = lm_decode_many(runner, [records[i][1] for i in idx], [records[i][2] for i in idx],
                                      threads, [records[i][3] for i in idx], span)
             for i, d in zip(idx, decoded):
                 out[i] = d

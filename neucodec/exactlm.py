@@ -269,7 +269,7 @@ class ExactLM:
         c = lm.cfg
         if c.dim > MAX_WIDTH or c.dim * c.hidden_scale > 4 * MAX_WIDTH or c.past_context > MAX_CONTEXT:
             raise ValueError(f"exact LM arithmetic supports widths up to {MAX_WIDTH} and contexts up to {MAX_CONTEXT}")
-        self.cfg = c
+        self.source, self.cfg = lm, c
         self.device = torch.device("cpu")
         self.heads, self.head_dim = c.num_heads, c.dim // c.num_heads
         tables = np.stack([e.weight.detach().cpu().double().numpy() for e in lm.emb])  # [n_q, card + 1, D]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import struct
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import torch
 from _bitstream import skewed_codes, skewed_lm, tiny_codec24
 from neucodec import container, ecdc, entropy, exactlm
 from neucodec.config import LMConfig
-from neucodec.errors import UnsupportedFormatVersion
 from neucodec.lm import LanguageModel, sin_embedding
 
 
@@ -95,7 +93,7 @@ def test_probabilities_are_on_the_grid_and_close_to_the_float_lm() -> None:
     assert abs(float(bits_exact / bits_float) - 1) < 2e-3
 
 
-def test_files_name_their_arithmetic_and_refuse_an_unknown_one() -> None:
+def test_files_name_their_arithmetic_and_old_readers_would_refuse_them() -> None:
     codec, lm = tiny_codec24(), skewed_lm()
     codes = skewed_codes(1, 8, 40)
     real = codec.quantizer.encode
@@ -106,11 +104,10 @@ def test_files_name_their_arithmetic_and_refuse_an_unknown_one() -> None:
         codec.quantizer.encode = real  # type: ignore[method-assign]
     info, _ = ecdc.decode_bytes(data, codec, lm)
     assert info.coder is not None and info.coder["arithmetic"] == exactlm.NAME and info.lm_segments > 0
-    prelude = container.read_prelude(io.BytesIO(data))  # the same header but "exact-v9", with its CRC
-    head = data[: prelude.size - 4].replace(exactlm.NAME.encode(), b"exact-v9")
-    bad = head + struct.pack("<I", container.crc32(head)) + data[prelude.size:]
-    with pytest.raises(UnsupportedFormatVersion, match="exact-v9.*upgrade neucodec"):
-        ecdc.decode_bytes(bad, codec, lm)
+    fo = io.BytesIO(data)
+    records = list(container.ContainerReader(fo, container.read_prelude(fo)))
+    assert {r.flags for r in records} <= {container.SEGMENT_PACKED, container.SEGMENT_LM_EXACT}
+    assert container.SEGMENT_LM_EXACT in {r.flags for r in records}  # flags 2: unknown to 0.1.0 readers
 
 
 def test_the_coder_round_trips_with_the_exact_lm() -> None:
@@ -120,3 +117,5 @@ def test_the_coder_round_trips_with_the_exact_lm() -> None:
     assert len(payload) < len(entropy.pack(codes))
     assert torch.equal(entropy.lm_decode(ex, payload, 3, 4, 30, span=12), codes)
     assert exactlm.exact(ex_lm := skewed_lm(n_q=4)) is exactlm.exact(ex_lm)  # made once per LM
+    records = [(container.SEGMENT_LM_EXACT, payload, (3, 4, 30), "s")]
+    assert torch.equal(entropy.decode_segments(records, ex.source, span=12)[0], codes)
