@@ -9,9 +9,11 @@ Two coders:
   constriction's queue `RangeEncoder` codes the B*K symbols of a frame in one call with
   `Categorical(perfect=False)` on C-contiguous float32 probabilities, stored as little-endian
   uint32 words. Encoder and decoder get probabilities from the same object (`_FrameModel`),
-  which runs the LM on the CPU with a fixed thread count (`LM_THREADS`), because float results
-  depend on the thread count: the decoder steps it one frame at a time, the encoder, which knows
-  every frame, computes several steps at once with the same results (`LanguageModel.run_known`).
+  which runs the LM on the CPU with a fixed thread count (`LM_THREADS`): the decoder steps it one
+  frame at a time, the encoder, which knows every frame, computes several steps at once with the
+  same results (`run_known`). The writer's LM is an `exactlm.ExactLM` (the same bits on every
+  machine); a float32 `LanguageModel` still codes and decodes the segments of neucodec 0.1.0
+  (flags 1), whose probabilities depend on the CPU and torch build.
   Many segments can be coded in one batch (`lm_encode_many`/`lm_decode_many`); each keeps its
   own coder and its own LM state.
 

@@ -26,7 +26,7 @@ bits on every conforming machine), in a fixed order:
 The result differs from the float32 LM by rounding noise (+0.01 % in bits on real codes) and is
 the same on every machine, thread count and batch composition: the encoder runs many frames at
 once (`run_known`), the decoder steps (`step`), and both give the same bits by construction.
-Format: docs/FORMAT.md §4.3 (header `coder.arithmetic` = "exact-v1").
+Format: docs/FORMAT.md §4.3 (segment flags 2; header `coder.arithmetic` = "exact-v1").
 """
 from __future__ import annotations
 
