@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from neucodec import config, entropy, exactlm  # noqa: E402
+from neucodec import config, container, entropy, exactlm  # noqa: E402
 from neucodec.errors import NeucodecError  # noqa: E402
 from neucodec.lm import LanguageModel  # noqa: E402
 from neucodec.model import Codec  # noqa: E402
@@ -107,7 +107,7 @@ def main() -> None:
         packed_bits = sum(len(entropy.pack(c)) for c in items) * 8
         lm_bits = sum(len(r) for r in entropy.lm_encode_many(engine, items, span=span)) * 8
         long_bits = sum(len(r) for r in entropy.lm_encode_many(engine, items, span=lm.cfg.past_context)) * 8
-        n_lm = sum(c.flags == 1 for c in entropy.encode_segments(items, engine, span=span))
+        n_lm = sum(c.flags in container.LM_FLAGS for c in entropy.encode_segments(items, engine, span=span))
         print(f"| {bw:g} | {codes.shape[1]} | {packed_bits / dur / 1000:.2f} | {lm_bits / dur / 1000:.2f} | "
               f"{100 * (1 - lm_bits / packed_bits):+.1f} % | {100 * (1 - long_bits / packed_bits):+.1f} % | "
               f"{n_lm}/{len(items)} |")
@@ -123,7 +123,8 @@ def main() -> None:
     def lm_path(model: tp.Any, span: int) -> float:
         """Encode (with the writer's check) + decode, every segment LM-coded; returns the RTF."""
         payloads = entropy.lm_encode_many(model, items, span=span)
-        records = [(1, p, tuple(i.shape), "s") for p, i in zip(payloads, items)]
+        flags = container.SEGMENT_LM_EXACT if isinstance(model, exactlm.ExactLM) else container.SEGMENT_LM
+        records = [(flags, p, tuple(i.shape), "s") for p, i in zip(payloads, items)]
         t_enc = best(lambda: entropy.encode_segments(items, model, span=span), args.repeat)
         t_dec = best(lambda: entropy.decode_segments(records, model, span=span), args.repeat)
         exact = getattr(model, "_known_matches_step", None)  # run_known's check against `step` (newer trees)
