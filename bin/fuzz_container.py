@@ -3,8 +3,9 @@
 
 Anything other than a clean decode or a `NeucodecError` with a one-line message (a bare
 exception, a multi-line message, a hang past --max-seconds) counts as a failure; the exit code
-is the number of failures (capped at 100). Base files: packed and LM-coded 24 kHz-style streams,
-a 48 kHz-style segmented stream and a reference version-0 stream, all from tiny fixed-seed models.
+is the number of failures (capped at 100). Base files: packed and LM-coded (exact LM) 24 kHz-style
+streams, a 48 kHz-style segmented stream and a reference version-0 stream, all from tiny fixed-seed
+models, and the float32-LM golden file of neucodec 0.1.0 (tests/golden).
 
     python bin/fuzz_container.py -n 10000 --seed 0
 """
@@ -45,8 +46,13 @@ def base_files() -> list[tuple[str, bytes, object, object]]:
     from neucodec.model import Codec
 
     big24 = Codec(encodec_24khz()).prepare_for_inference()
+    golden = ROOT / "tests" / "golden"  # a float32-LM (flags 1) file of neucodec 0.1.0, with its model
+    from neucodec.hub import load_codec, load_lm
+
+    legacy = ((golden / "lm_mono_24khz.ecdc").read_bytes(), load_codec(golden / "golden_24khz.json"),
+              load_lm(golden / "golden_24khz.json"))
     return [("packed", packed, c24, None), ("lm", lm_file, c24, lm), ("segmented", seg48, c48, None),
-            ("v0", v0, big24, None)]
+            ("v0", v0, big24, None), ("lm-float32", *legacy)]
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
