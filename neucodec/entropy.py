@@ -410,23 +410,23 @@ class CodedSegment:
     codes_crc: int
 
 
-def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel | None, bits: int = 10,
+def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel | ExactLM | None, bits: int = 10,
                     threads: int = LM_THREADS, span: int | None = None) -> list[CodedSegment]:
     """Code segments [B_i, K, F_i]: with the LM when given (verified by decoding), else packed.
 
     A segment whose LM payload does not decode back to its codes, or that is not smaller than
-    its packed form, is packed instead.
+    its packed form, is packed instead. An `ExactLM` gives flags `SEGMENT_LM_EXACT` (what the
+    writer uses), a float32 `LanguageModel` the machine-bound `SEGMENT_LM` of neucodec 0.1.0.
 
     The check range-decodes every payload with `lm_decode_many` -- the decoder's own loop, row
     layout and constriction calls -- fed with the probability tables the encoding pass recorded
     (segments are coded in groups whose tables fit in `VERIFY_TABLE_BYTES`, see `_groups`; a
     single segment too large for that is checked by running the LM again). Running the LM a
-    second time would only repeat, with the same inputs, thread count and shapes, the computation
-    just done: it could not catch what makes files undecodable elsewhere (another CPU or torch
-    build; the codes CRC reports that at decode time), and batch-composition and thread-count
-    independence are properties of `LanguageModel.step` that the tests check. What can fail here
-    is the range coding itself -- probabilities constriction cannot model, a symbol it cannot
-    code, a payload that decodes to other codes -- and the check decodes exactly that.
+    second time would only repeat the computation just done: with exact arithmetic its results
+    do not depend on the machine, the thread count, the batch or the chunking (`exactlm`, tested
+    in tests/test_exactlm.py). What can fail here is the range coding itself -- probabilities
+    constriction cannot model, a symbol it cannot code, a payload that decodes to other codes --
+    and the check decodes exactly that.
     """
     from .container import SEGMENT_LM, SEGMENT_LM_EXACT, SEGMENT_PACKED
 
