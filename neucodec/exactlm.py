@@ -100,13 +100,13 @@ with decimal.localcontext() as _ctx:
 
 
 def _decimal_erf(x: decimal.Decimal) -> decimal.Decimal:
-    """erf by its Taylor series in decimal arithmetic (|x| <= GELU_RANGE / sqrt 2; 60 digits)."""
+    """erf by its Taylor series in decimal arithmetic (|x| <= GELU_RANGE / sqrt 2; 40 digits)."""
     total, term, n = decimal.Decimal(0), x, 0
     x2 = x * x
     while True:
         add = term / (2 * n + 1)
         total += add
-        if abs(add) < decimal.Decimal("1e-40"):
+        if abs(add) < decimal.Decimal("1e-30"):
             return total * 2 / _SQRT_PI
         n += 1
         term = -term * x2 / n
@@ -116,7 +116,7 @@ def _decimal_erf(x: decimal.Decimal) -> decimal.Decimal:
 def gelu_table() -> np.ndarray:
     """GELU(k / GELU_STEP) for k in [-GELU_RANGE * GELU_STEP, GELU_RANGE * GELU_STEP]."""
     with decimal.localcontext() as ctx:
-        ctx.prec = 60
+        ctx.prec = 40
         n = GELU_RANGE * GELU_STEP
         out = [float(x * (1 + _decimal_erf(x / _SQRT2)) / 2)
                for x in (decimal.Decimal(k) / GELU_STEP for k in range(-n, n + 1))]
@@ -139,7 +139,7 @@ def _decimal_cos_sin(x: decimal.Decimal) -> tuple[decimal.Decimal, decimal.Decim
     two_pi = 2 * _PI
     x = x - two_pi * (x / two_pi).to_integral_value(rounding=decimal.ROUND_FLOOR)
     c, s, term, n = decimal.Decimal(0), decimal.Decimal(0), decimal.Decimal(1), 0
-    eps = decimal.Decimal("1e-40")
+    eps = decimal.Decimal("1e-24")
     while abs(term) > eps or n < 2:
         if n % 2 == 0:
             c += term if n % 4 == 0 else -term
@@ -163,7 +163,7 @@ def _frequencies(dim: int, max_period: float) -> tuple[decimal.Decimal, ...]:
 @functools.lru_cache(maxsize=1 << 16)
 def _position(dim: int, max_period: float, p: int) -> np.ndarray:
     with decimal.localcontext() as ctx:
-        ctx.prec = 60
+        ctx.prec = 30
         cs = [_decimal_cos_sin(p * f) for f in _frequencies(dim, max_period)]
     return np.array([float(c) for c, _ in cs] + [float(s) for _, s in cs], dtype=np.float64)
 
