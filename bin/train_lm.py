@@ -54,7 +54,8 @@ def main() -> None:
     codec_config = weights.codec_config
     assert codec_config is not None
     start = load_weights(resolve(args.init_from)) if args.init_from else None
-    base = start.lm_config if start is not None and start.lm_config is not None else cfg.lm_for(codec_config)
+    base = LMSolver.saved_config(args.run_dir) or (start.lm_config if start is not None and start.lm_config
+                                                    is not None else cfg.lm_for(codec_config))
     lm_config = dataclasses.replace(base, **json.loads(args.lm))
     args.run_dir.mkdir(parents=True, exist_ok=True)
     cache = args.run_dir / f"codes-{codes_fingerprint(weights.state)}.pt"

@@ -70,9 +70,19 @@ class LMSolver:
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save({"lm": self.lm.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+        torch.save({"lm": self.lm.state_dict(), "lm_config": json.dumps(cfg.to_dict(self.lm.cfg)),
+                    "opt": self.opt.state_dict(), "step": self.step,
                     "seconds": self.seconds, "rng": json.dumps(self.rng.getstate())}, tmp)
         os.replace(tmp, self.checkpoint_path)
+
+    @staticmethod
+    def saved_config(run_dir: str | Path) -> cfg.LMConfig | None:
+        """The LM configuration of the checkpoint in `run_dir`, if there is one that records it."""
+        path = Path(run_dir) / "lm_checkpoint.pt"
+        if not path.is_file():
+            return None
+        saved = torch.load(path, weights_only=True).get("lm_config")
+        return cfg.lm_from_dict(json.loads(saved)) if saved else None
 
     def load(self) -> bool:
         if not self.checkpoint_path.is_file():
