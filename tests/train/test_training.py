@@ -260,6 +260,12 @@ def test_lm_run_with_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert solver.step == 4 and len(out.splitlines()) == 2 and '"step_s"' in out
     assert "lm: 100%" in err and "bits_per_code=" in err
     assert (tmp_path / "lm" / "lm_checkpoint.pt").is_file()
+    assert LMSolver.saved_config(tmp_path / "lm") == lm_cfg  # what train_lm resumes with
+    again = LMSolver(lm_cfg, codec_cfg, codes, tmp_path / "lm", lr=1e-4, batch_size=2)
+    assert again.load() and again.step == 4 and again.opt.param_groups[0]["lr"] == 1e-4
+    fresh = LMSolver(lm_cfg, codec_cfg, codes, tmp_path / "other", batch_size=2)
+    fresh.init_from(solver.lm.state_dict(), steps=4, hours=0.5)
+    assert fresh.step == 4 and torch.equal(fresh.lm.emb[0].weight, solver.lm.emb[0].weight)
 
 
 def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
