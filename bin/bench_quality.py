@@ -267,7 +267,7 @@ def speed(codec: tp.Any, lm: tp.Any, clips: list[tuple[str, Path]], bandwidth: f
             t = time.perf_counter()
             data = ecdc.encode_bytes(codec, x, bandwidth, lm=model_lm)
             t1 = time.perf_counter()
-            ecdc.decode_bytes(data, codec)
+            ecdc.decode_bytes(data, codec, model_lm)
             best_enc, best_dec = min(best_enc, t1 - t), min(best_dec, time.perf_counter() - t1)
         out[f"{tag}encode"], out[f"{tag}decode"] = seconds / best_enc, seconds / best_dec
     return out
