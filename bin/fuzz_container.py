@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from _bitstream import skewed_codes, skewed_lm, tiny_codec24, tiny_codec48  # noqa: E402
+from _bitstream import lm_coded_file, skewed_lm, tiny_codec24, tiny_codec48  # noqa: E402
 from neucodec import container, ecdc, entropy  # noqa: E402
 from neucodec.errors import NeucodecError  # noqa: E402
 
@@ -32,13 +32,7 @@ def base_files() -> list[tuple[str, bytes, object, object]]:
     torch.manual_seed(0)
     c24, c48, lm = tiny_codec24(), tiny_codec48(), skewed_lm()
     packed = ecdc.encode_bytes(c24, 0.1 * torch.randn(2, 1, 6000), 6.0, segment_seconds=0.1)
-    codes = skewed_codes(1, 8, 40)
-    real = c24.quantizer.encode
-    c24.quantizer.encode = lambda z, n_q: codes[:, :n_q, : z.shape[-1]]  # type: ignore[method-assign]
-    try:
-        lm_file = ecdc.encode_bytes(c24, 0.1 * torch.randn(1, 1, 40 * 320), 6.0, lm, segment_seconds=0.2)
-    finally:
-        c24.quantizer.encode = real  # type: ignore[method-assign]
+    lm_file = lm_coded_file(c24, lm)
     seg48 = ecdc.encode_bytes(c48, 0.1 * torch.randn(1, 2, 50000), 6.0)
     v0 = container.v0_header_bytes({"m": "encodec_24khz", "al": 3000, "nc": 2, "lm": False}) + \
         entropy.pack(torch.randint(0, 1024, (1, 2, 10)))

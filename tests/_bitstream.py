@@ -45,3 +45,17 @@ def skewed_codes(B: int, K: int, F: int, seed: int = 0, favoured: int = 16) -> t
     codes = torch.randint(0, favoured, (B, K, F), generator=g)
     rare = torch.rand(B, K, F, generator=g) < 0.02
     return torch.where(rare, torch.randint(0, 1024, (B, K, F), generator=g), codes)
+
+
+def lm_coded_file(codec: Codec, lm: LanguageModel, frames: int = 40, segment_seconds: float = 0.2) -> bytes:
+    """An .ecdc file of `codec` whose codes are `skewed_codes` (so LM coding beats packing)."""
+    from neucodec import ecdc
+
+    codes = skewed_codes(1, 8, frames)
+    real = codec.quantizer.encode
+    codec.quantizer.encode = lambda z, n_q: codes[:, :n_q, : z.shape[-1]]  # type: ignore[method-assign]
+    try:
+        return ecdc.encode_bytes(codec, 0.1 * torch.randn(1, 1, frames * 320), 6.0, lm,
+                                 segment_seconds=segment_seconds)
+    finally:
+        codec.quantizer.encode = real  # type: ignore[method-assign]

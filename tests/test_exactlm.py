@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _bitstream import skewed_codes, skewed_lm, tiny_codec24
+from _bitstream import lm_coded_file, skewed_codes, skewed_lm, tiny_codec24
 from neucodec import container, ecdc, entropy, exactlm
 from neucodec.config import LMConfig
 from neucodec.lm import LanguageModel, sin_embedding
@@ -95,13 +95,7 @@ def test_probabilities_are_on_the_grid_and_close_to_the_float_lm() -> None:
 
 def test_files_name_their_arithmetic_and_old_readers_would_refuse_them() -> None:
     codec, lm = tiny_codec24(), skewed_lm()
-    codes = skewed_codes(1, 8, 40)
-    real = codec.quantizer.encode
-    codec.quantizer.encode = lambda z, n_q: codes[:, :n_q, : z.shape[-1]]  # type: ignore[method-assign]
-    try:
-        data = ecdc.encode_bytes(codec, 0.1 * torch.randn(1, 1, 40 * 320), 6.0, lm, segment_seconds=0.2)
-    finally:
-        codec.quantizer.encode = real  # type: ignore[method-assign]
+    data = lm_coded_file(codec, lm)
     info, _ = ecdc.decode_bytes(data, codec, lm)
     assert info.coder is not None and info.coder["arithmetic"] == exactlm.NAME and info.lm_segments > 0
     fo = io.BytesIO(data)
