@@ -10,7 +10,7 @@ either is exact or is one IEEE-754 basic operation (+, -, *, /, sqrt: correctly 
 bits on every conforming machine), in a fixed order:
 
 * Every matrix product multiplies integers: inputs are quantized per row to |q| <= 2^15 with a
-  power-of-two-free scale (row max * 2^-15), weights per output row the same way, once. Summed in
+  float scale (row max * 2^-15), weights per output row the same way, once. Summed in
   float64, all partial sums are integers below 2^53, so the result is exact whatever the BLAS
   kernel, the order of the sums or the thread count.
 * Layer norms quantize their input per row to |q| <= 2^17 and take the mean and variance from the
