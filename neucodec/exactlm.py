@@ -282,15 +282,16 @@ class ExactLM:
                               _Norm.of(ly.norm1), _Linear.of(ly.linear1.weight, ly.linear1.bias),
                               _Linear.of(ly.linear2.weight, ly.linear2.bias), _Norm.of(ly.norm2))
                        for ly in lm.transformer.layers]
-        self._heads = [_Linear.of(lm.head_weight(k), lm.linears[k].bias) for k in range(c.n_q)]
         self._head_cache: dict[int, _Linear] = {}
 
     def _head(self, K: int) -> _Linear:
+        """The first K output heads as one linear layer (quantized per output row: the same
+        integers and scales as each head alone), made at the first use of K."""
         head = self._head_cache.get(K)
         if head is None:
-            hs = self._heads[:K]
-            head = _Linear(np.ascontiguousarray(np.concatenate([h.weight for h in hs], 1)),
-                           np.concatenate([h.scale for h in hs]), np.concatenate([h.bias for h in hs]))
+            lm = self.source
+            head = _Linear.of(torch.cat([lm.head_weight(k) for k in range(K)]),
+                              torch.cat([lm.linears[k].bias for k in range(K)]))
             self._head_cache[K] = head
         return head
 
