@@ -99,10 +99,11 @@ def unpack(payload: bytes, B: int, K: int, F: int, bits: int = 10, where: str = 
 
 # ---------------------------------------------------------------- LM plumbing
 @contextlib.contextmanager
-def lm_threads(n: int = LM_THREADS) -> tp.Iterator[None]:
-    """Run the body with `torch.set_num_threads(n)` and inference mode; restore the old count."""
+def lm_threads(n: int | None = LM_THREADS) -> tp.Iterator[None]:
+    """Run the body with `torch.set_num_threads(n)` (None: the current count) and inference mode;
+    restore the old count."""
     old = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(old if n is None else n)
     try:
         with torch.inference_mode():
             yield
@@ -155,6 +156,7 @@ class _FrameModel:
         self.state: LMState = lm.init_state(batch, steps)
         self.device = lm.device if hasattr(lm, "device") else lm.transformer.norm_in.weight.device
         self.tables = tables
+        self.on_grid = isinstance(lm, ExactLM)  # its probabilities are already multiples of PROB_GRID
         self.buffer = _empty_rows(steps if tables is not None else chunk, batch * K, lm.cfg.card)
         self.t = 0
 
@@ -162,7 +164,8 @@ class _FrameModel:
         return self.buffer[self.t: self.t + n] if self.tables is not None else self.buffer[:n]
 
     def _done(self, rows: np.ndarray) -> None:
-        _quantize_probs_(torch.from_numpy(rows))
+        if not self.on_grid:
+            _quantize_probs_(torch.from_numpy(rows))
         if self.tables is not None:
             self.tables.extend(rows)
         self.t += len(rows)
@@ -303,7 +306,8 @@ def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray], t
     Args:
         lm: the entropy-coding LM (CPU float32).
         items: codes of each segment [B_i, K, F_i] (same K).
-        threads: torch threads for the LM (must match the decoder's).
+        threads: torch threads for the float32 LM (must match the decoder's); an `ExactLM` gives
+            the same bits with any count and runs with the caller's.
         span: frames per LM sequence (part of the format: recorded in the header).
         tables: if given, receives the probabilities of every step ([rows*K, card] float32), for
             `lm_decode_many` to check the payloads without running the LM again.
@@ -317,7 +321,7 @@ def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray], t
     batch = _Batch.of([a.shape for a in arrs], span)
     rows_arr = [_to_rows(a, sp, len(lens)) for a, (sp, lens) in zip(arrs, batch.layouts)]
     encoders = [constriction.stream.queue.RangeEncoder() for _ in arrs]
-    with lm_threads(threads):
+    with lm_threads(None if isinstance(lm, ExactLM) else threads):
         chunks = _chunks(batch.steps, lm.known_chunk(batch.rows, K))
         model = _FrameModel(lm, batch.rows, K, batch.steps, tables, max(chunks, default=1))
         previous = _known_previous(rows_arr, batch, K)
@@ -358,7 +362,7 @@ def lm_decode_many(lm: LanguageModel, payloads: tp.Sequence[bytes], shapes: tp.S
         decoders.append(constriction.stream.queue.RangeDecoder(np.frombuffer(p, dtype="<u4").astype(np.uint32)))
     batch = _Batch.of(shapes, span)
     rows_arr = [np.zeros((len(lens), K, sp), dtype=np.int64) for sp, lens in batch.layouts]
-    with lm_threads(threads):
+    with lm_threads(None if isinstance(lm, ExactLM) else threads):
         model = _FrameModel(lm, batch.rows, K, batch.steps) if tables is None else None
         previous = np.zeros((batch.rows, K), dtype=np.int64)
         for t in range(batch.steps):

@@ -39,6 +39,7 @@ import typing as tp
 import numpy as np
 import torch
 
+from . import exactkernels as kernels
 from .lm import LanguageModel
 
 NAME = "exact-v1"  # the header's coder "arithmetic" for this computation
@@ -124,7 +125,8 @@ def gelu_table() -> np.ndarray:
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
-    """GELU by linear interpolation in `gelu_table` (IEEE operations in a fixed order)."""
+    """GELU by linear interpolation in `gelu_table` (IEEE operations in a fixed order; the
+    kernel `exactkernels.gelu__` computes the same per element)."""
     table, n = gelu_table(), GELU_RANGE * GELU_STEP
     u = x * GELU_STEP
     k = np.clip(np.floor(u), -n, n - 1)
@@ -184,8 +186,8 @@ def quantize_rows(x: np.ndarray, bits: int = ACT_BITS) -> tuple[np.ndarray, np.n
 
 
 def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b of integer-valued float64 matrices (torch's BLAS, which keeps to the LM's thread count)."""
-    return torch.from_numpy(np.ascontiguousarray(a)).matmul(torch.from_numpy(b)).numpy()
+    """a @ b of integer-valued float64 matrices (torch's BLAS: exact in any order and thread count)."""
+    return torch.from_numpy(a).matmul(torch.from_numpy(b)).numpy()
 
 
 @dataclasses.dataclass
@@ -200,17 +202,25 @@ class _Linear:
         b = np.zeros(weight.shape[0]) if bias is None else bias.detach().cpu().double().numpy()
         return cls(np.ascontiguousarray(q.T), s.reshape(-1), b)
 
+    def products(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x [R, in] -> (exact integer products [R, out], row scales [R]): quantize_rows(x), then @."""
+        q, s = np.empty_like(x), np.empty(len(x))
+        kernels.quantize_rows(x, 2.0 ** -ACT_BITS, q, s)
+        return _matmul(q, self.weight), s
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x [..., in] -> [..., out]: an exact integer product, then two roundings per element."""
-        q, s = quantize_rows(x)
-        out = _matmul(q.reshape(-1, q.shape[-1]), self.weight).reshape(*q.shape[:-1], -1)
-        out *= s * self.scale
-        out += self.bias
+        """x [R, in] -> [R, out]: products * (s * scale) + bias, two roundings per element."""
+        out, s = self.products(x)
+        kernels.affine_(out, s, self.scale, self.bias)
         return out
 
 
 @dataclasses.dataclass
 class _Norm:
+    """Layer norm from integer sums: the input is quantized per row to |q| <= 2^NORM_BITS, the
+    mean and variance come from n*sum(q^2) - sum(q)^2 (exact), then one sqrt and one division
+    per row (`exactkernels.norm`)."""
+
     weight: np.ndarray
     bias: np.ndarray
     eps: float
@@ -219,16 +229,11 @@ class _Norm:
     def of(cls, ln: torch.nn.LayerNorm) -> _Norm:
         return cls(ln.weight.detach().cpu().double().numpy(), ln.bias.detach().cpu().double().numpy(), float(ln.eps))
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, residual: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """norm(x + residual) [R, n]; `out` may be x."""
         n = x.shape[-1]
-        q, s = quantize_rows(x, NORM_BITS)
-        s1 = q.sum(-1, keepdims=True)
-        var_n2 = n * np.einsum("...i,...i->...", q, q)[..., None] - s1 * s1  # n^2 variance / s^2, exact
-        den = np.sqrt(var_n2 + (self.eps * n * n) / (s * s))
-        out = n * q - s1
-        out /= den
-        out *= self.weight
-        out += self.bias
+        out = np.empty_like(x) if out is None else out
+        kernels.norm(x, residual, self.weight, self.bias, self.eps * n * n, 2.0 ** -NORM_BITS, out)
         return out
 
 
@@ -244,8 +249,8 @@ class _Layer:
 
 @dataclasses.dataclass
 class ExactState:
-    """Per layer, buffers of quantized keys [B, H, capacity, Dh], their scales [B, H, capacity, 1]
-    and values on the grid; entries start..end-1 are live (the zero token first). A step writes
+    """Per layer, buffers of quantized keys [B, H, Dh, capacity], their scales [B, H, capacity]
+    and values on the grid [B, H, capacity, Dh]; positions start..end-1 are live (the zero token first). A step writes
     in place, so a state is consumed by `step`/`run_known`: keep using the returned one."""
 
     keys: list[np.ndarray]
@@ -305,117 +310,96 @@ class ExactLM:
         for layer in self.layers:
             _, bk, bv = np.split(layer.qkv.bias, 3)  # the all-zero first token: keys/values are the biases
             kq, ks = quantize_rows(bk.reshape(H, Dh))
-            for buffers, first in ((state.keys, kq), (state.key_scales, ks),
-                                   (state.values, self._values(bv).reshape(H, Dh))):
-                buf = np.zeros((batch, H, cap, first.shape[-1]))
-                buf[:, :, 0] = first
-                buffers.append(buf)
+            vq = np.clip(np.round(bv * 2.0 ** VALUE_GRID), -VALUE_MAX, VALUE_MAX).reshape(H, Dh)
+            keys, values = np.zeros((batch, H, Dh, cap)), np.zeros((batch, H, cap, Dh))
+            keys[..., 0], values[:, :, 0] = kq, vq
+            scales = np.zeros((batch, H, cap))
+            scales[..., 0] = ks[:, 0]
+            state.keys.append(keys)
+            state.key_scales.append(scales)
+            state.values.append(values)
         return state
-
-    @staticmethod
-    def _values(v: np.ndarray) -> np.ndarray:
-        return np.clip(np.round(v * 2.0 ** VALUE_GRID), -VALUE_MAX, VALUE_MAX)
 
     @staticmethod
     def _make_room(state: ExactState, free: int) -> None:
         """At least `free` unused entries after `end`: move the live ones to the front, grow if need be."""
-        cap = state.keys[0].shape[2]
+        cap = state.key_scales[0].shape[2]
         if state.end + free <= cap:
             return
         live = state.end - state.start
         cap = max(cap, live + free)
-        for buffers in (state.keys, state.key_scales, state.values):
+        for buffers, axis in ((state.keys, 3), (state.key_scales, 2), (state.values, 2)):
             for i, b in enumerate(buffers):
-                new = np.zeros((*b.shape[:2], cap, b.shape[3]))
-                new[:, :, :live] = b[:, :, state.start: state.end]
+                shape = list(b.shape)
+                shape[axis] = cap
+                new = np.zeros(shape)
+                src = [slice(None)] * b.ndim
+                src[axis] = slice(state.start, state.end)
+                dst = [slice(None)] * b.ndim
+                dst[axis] = slice(0, live)
+                new[tuple(dst)] = b[tuple(src)]
                 buffers[i] = new
         state.start, state.end = 0, live
 
     def known_chunk(self, batch: int, n_q: int) -> int:
         """Steps `run_known` should take at once (any number gives the same bits)."""
-        per_step = max(1, batch) * n_q * self.cfg.card * 4 * 4  # probabilities and their temporaries
+        per_step = max(1, batch) * n_q * self.cfg.card * 8  # the heads' float64 products
         return max(1, min(256, (64 << 20) // per_step))
 
     # ------------------------------------------------------------- the computation
     def _inputs(self, previous: np.ndarray, K: int) -> np.ndarray:
-        """previous codes [..., K] (-1: none) -> normalised embedding sums [..., D]."""
+        """previous codes [R, K] (-1: none) -> normalised embedding sums [R, D]."""
         idx = np.maximum(previous + 1, 0)
-        total = self.emb[0, idx[..., 0]]
+        total = self.emb[0, idx[:, 0]]
         for k in range(1, K):
-            total += self.emb[k, idx[..., k]]
+            total += self.emb[k, idx[:, k]]
         total *= self.emb_scale
-        return self.norm_in(total)
+        return self.norm_in(total, np.zeros_like(total), out=total)
 
-    def _attend(self, q: np.ndarray, keys: np.ndarray, key_scales: np.ndarray, values: np.ndarray,
-                hidden: np.ndarray | None) -> np.ndarray:
-        """q [B, H, T, Dh], keys/values [B, H, n, .], hidden [T, n] (masked keys) or None -> [B, T, D]."""
-        qq, qs = quantize_rows(q)
-        scores = qq @ keys.swapaxes(-1, -2)  # exact
-        scores *= qs * key_scales.swapaxes(-1, -2)
-        scores *= 1.0 / math.sqrt(self.head_dim)
-        if hidden is not None:
-            scores[..., hidden] = -np.inf
-        w = exp_weights(scores, ATTN_ONE)
-        out = w.astype(np.float64) @ values  # exact
-        out /= w.sum(-1, keepdims=True, dtype=np.int64)
-        out *= 2.0 ** -VALUE_GRID
-        B, H, T, Dh = out.shape
-        return out.transpose(0, 2, 1, 3).reshape(B, T, H * Dh)
+    def _run(self, previous: np.ndarray, state: ExactState, K: int, out: np.ndarray) -> None:
+        """previous codes [B, T, K] for T consecutive steps -> probabilities out [B, T, K, card].
 
-    def _probs(self, x: np.ndarray, K: int) -> np.ndarray:
-        """[..., D] -> float32 probabilities [..., K, card], multiples of 2^-PROB_BITS, each >= 1 unit."""
-        logits = self._head(K)(x).reshape(*x.shape[:-1], K, self.cfg.card)
-        w = exp_weights(logits, 24)  # at most 2^24: exact in float32
-        per_unit = (2.0 ** PROB_BITS / w.sum(-1, keepdims=True, dtype=np.int64)).astype(np.float32)
-        p = w.astype(np.float32)
-        p *= per_unit
-        np.floor(p, out=p)
-        np.maximum(p, np.float32(1.0), out=p)
-        p *= np.float32(2.0 ** -PROB_BITS)
-        return p
-
-    def _run(self, previous: np.ndarray, state: ExactState, K: int) -> np.ndarray:
-        """previous codes [B, T, K] for T consecutive steps -> probabilities [B, T, K, card]."""
+        Attention (`exactkernels.attend`): query t is key old_end + t and sees keys
+        old_end + t - past .. old_end + t; keys are quantized per head like matrix-product inputs,
+        values rounded to the grid 2^-VALUE_GRID, scores exp-weighted with 2^ATTN_ONE for the largest.
+        """
         B, T, _ = previous.shape
         H, Dh, past = self.heads, self.head_dim, self.cfg.past_context
-        x = self._inputs(previous, K)
+        x = self._inputs(previous.reshape(B * T, K), K).reshape(B, T, -1)
         x += positions(self.cfg.dim, self.cfg.max_period, state.offset, T)
+        x = x.reshape(B * T, -1)
         self._make_room(state, T)
         old_end, end = state.end, state.end + T
         lo = max(state.start, old_end - past)  # the first key any of these queries sees
-        # query t is key old_end + t; it sees keys old_end + t - past .. old_end + t
-        q_pos = np.arange(T).reshape(-1, 1) + old_end
-        k_pos = np.arange(lo, end).reshape(1, -1)
-        hidden = (k_pos > q_pos) | (k_pos < q_pos - past)
-        mask = hidden if hidden.any() else None
+        a = np.empty((B, T, H * Dh))
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(x).reshape(B, T, 3, H, Dh).transpose(2, 0, 3, 1, 4)  # [3, B, H, T, Dh]
-            kq, ks = quantize_rows(qkv[1])
-            state.keys[i][:, :, old_end:end] = kq
-            state.key_scales[i][:, :, old_end:end] = ks
-            state.values[i][:, :, old_end:end] = self._values(qkv[2])
-            a = self._attend(qkv[0], state.keys[i][:, :, lo:end], state.key_scales[i][:, :, lo:end],
-                             state.values[i][:, :, lo:end], mask)
-            x = layer.norm1(x + layer.out(a))
-            x = layer.norm2(x + layer.ff2(_gelu(layer.ff1(x))))
+            kernels.attend(layer.qkv(x).reshape(B, T, 3, H, Dh), state.keys[i], state.key_scales[i],
+                           state.values[i], old_end, lo, past, 1.0 / math.sqrt(Dh), _exp_ints(ATTN_ONE),
+                           _LOG2E_UNITS, _MAX_UNITS, 2.0 ** VALUE_GRID, float(VALUE_MAX), 2.0 ** -VALUE_GRID, a)
+            layer.norm1(x, layer.out(a.reshape(B * T, -1)), out=x)
+            hidden = layer.ff1(x)
+            kernels.gelu_(hidden, gelu_table(), GELU_STEP, GELU_RANGE * GELU_STEP)
+            layer.norm2(x, layer.ff2(hidden), out=x)
         state.end, state.offset = end, state.offset + T
         state.start = max(state.start, end - (past + 1))  # what the next query can still see
-        return self._probs(x, K)
+        head = self._head(K)
+        products, s = head.products(x)
+        kernels.probs(products, s, head.scale, head.bias, K, _exp_ints(24), _LOG2E_UNITS, _MAX_UNITS,
+                      2.0 ** PROB_BITS, out)  # exp weights at most 2^24: exact in float32
 
     def step(self, previous: torch.Tensor | None, state: ExactState, n_q: int,
              out: torch.Tensor | None = None) -> tuple[torch.Tensor, ExactState]:
         """One frame: previous codes [B, K] (None at frame 0) -> probabilities [B, K, card]."""
-        prev = np.full((state.batch, n_q), -1, dtype=np.int64) if previous is None else previous.cpu().numpy()
-        probs = torch.from_numpy(self._run(prev.reshape(state.batch, 1, n_q).astype(np.int64), state, n_q)[:, 0])
-        if out is not None:
-            out.copy_(probs)
-            return out, state
-        return probs, state
+        B = state.batch
+        prev = np.full((B, n_q), -1, dtype=np.int64) if previous is None else previous.cpu().numpy()
+        out = torch.empty(B, n_q, self.cfg.card) if out is None else out
+        self._run(prev.reshape(B, 1, n_q).astype(np.int64), state, n_q, out.numpy()[:, None])
+        return out, state
 
     def run_known(self, previous: torch.Tensor, state: ExactState, n_q: int, out: torch.Tensor) -> ExactState:
         """Several frames at once: previous codes [n, B, K] (-1: none) -> out [n, B, K, card]."""
-        prev = previous.cpu().numpy().astype(np.int64).transpose(1, 0, 2)
-        out.copy_(torch.from_numpy(self._run(np.ascontiguousarray(prev), state, n_q).transpose(1, 0, 2, 3)))
+        prev = np.ascontiguousarray(previous.cpu().numpy().astype(np.int64).transpose(1, 0, 2))
+        self._run(prev, state, n_q, out.numpy().transpose(1, 0, 2, 3))
         return state
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _bitstream import lm_coded_file, skewed_codes, skewed_lm, tiny_codec24
-from neucodec import container, ecdc, entropy, exactlm
+from neucodec import container, ecdc, entropy, exactkernels as kernels, exactlm
 from neucodec.config import LMConfig
 from neucodec.lm import LanguageModel, sin_embedding
 
@@ -113,3 +113,90 @@ def test_the_coder_round_trips_with_the_exact_lm() -> None:
     assert exactlm.exact(ex_lm := skewed_lm(n_q=4)) is exactlm.exact(ex_lm)  # made once per LM
     records = [(container.SEGMENT_LM_EXACT, payload, (3, 4, 30), "s")]
     assert torch.equal(entropy.decode_segments(records, ex.source, span=12)[0], codes)
+
+
+# ---- the compiled kernels against the numpy expressions they implement, bit for bit
+def _rows(seed: int, R: int = 7, n: int = 50) -> np.ndarray:
+    """Random rows with the awkward cases: a zero row, a row of exact halves (ties of the
+    rounding), huge and tiny magnitudes."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(R, n)) * np.exp(rng.normal(size=(R, 1)) * 5)
+    x[0] = 0.0
+    x[1] = rng.integers(-2 ** 15, 2 ** 15, size=n) + 0.5
+    x[1, 0] = 2 ** 15  # scale 1: x / scale are the halves themselves
+    return x
+
+
+def test_quantize_and_affine_kernels() -> None:
+    x = _rows(0)
+    q, s = np.empty_like(x), np.empty(len(x))
+    kernels.quantize_rows(x, 2.0 ** -exactlm.ACT_BITS, q, s)
+    q_ref, s_ref = exactlm.quantize_rows(x)
+    assert np.array_equal(q, q_ref) and np.array_equal(s, s_ref[:, 0])
+    rng = np.random.default_rng(1)
+    scale, bias = rng.normal(size=50) * 1e-5, rng.normal(size=50)
+    ref = q * (s[:, None] * scale) + bias
+    kernels.affine_(q, s, scale, bias)
+    assert np.array_equal(q, ref)
+
+
+def test_norm_and_gelu_kernels() -> None:
+    x, y = _rows(2), _rows(3)[::-1].copy()
+    rng = np.random.default_rng(4)
+    weight, bias, eps = rng.normal(size=50), rng.normal(size=50), 1e-5
+    n = x.shape[1]
+    q, s = exactlm.quantize_rows(x + y, exactlm.NORM_BITS)
+    s1 = q.sum(-1, keepdims=True)
+    den = np.sqrt(n * np.einsum("...i,...i->...", q, q)[..., None] - s1 * s1 + (eps * n * n) / (s * s))
+    ref = (n * q - s1) / den * weight + bias
+    out = np.empty_like(x)
+    kernels.norm(x, y, weight, bias, eps * n * n, 2.0 ** -exactlm.NORM_BITS, out)
+    assert np.array_equal(out, ref)
+    g = np.concatenate([_rows(5) * 1e-3, _rows(6), np.linspace(-7, 7, 50)[None]])
+    ref = exactlm._gelu(g)
+    kernels.gelu_(g, exactlm.gelu_table(), exactlm.GELU_STEP, exactlm.GELU_RANGE * exactlm.GELU_STEP)
+    assert np.array_equal(g, ref)
+
+
+def test_probs_kernel() -> None:
+    rng = np.random.default_rng(7)
+    R, K, card = 3, 2, 1024
+    acc = np.round(rng.normal(size=(R, K * card)) * 2 ** 20)
+    s, scale, bias = np.abs(rng.normal(size=R)) * 1e-5, np.abs(rng.normal(size=K * card)) * 1e-3, rng.normal(size=K * card)
+    bias[:5] = 40.0  # rows dominated by a few symbols: many weights floored to one unit
+    logits = (acc * (s[:, None] * scale) + bias).reshape(R, K, card)
+    w = exactlm.exp_weights(logits, 24)
+    p = w.astype(np.float32) * (2.0 ** 20 / w.sum(-1, keepdims=True, dtype=np.int64)).astype(np.float32)
+    ref = np.maximum(np.floor(p), np.float32(1)) * np.float32(2.0 ** -20)
+    out = np.empty((R, 1, K, card), np.float32)
+    kernels.probs(acc, s, scale, bias, K, exactlm._exp_ints(24), exactlm._LOG2E_UNITS, exactlm._MAX_UNITS,
+                  2.0 ** 20, out)
+    assert np.array_equal(out[:, 0], ref)
+
+
+def test_attend_kernel() -> None:
+    """Against the attention written with numpy: scores of all keys, the masked ones -inf."""
+    rng = np.random.default_rng(8)
+    B, T, H, Dh, old_end, lo, past = 2, 5, 3, 7, 9, 2, 6
+    cap = old_end + T
+    qkv = rng.normal(size=(B, T, 3, H, Dh)) * 3
+    keys, scales = np.round(rng.normal(size=(B, H, Dh, cap)) * 2 ** 14), np.abs(rng.normal(size=(B, H, cap))) * 1e-4
+    values = np.round(rng.normal(size=(B, H, cap, Dh)) * 2 ** 12)
+    out = np.empty((B, T, H * Dh))
+    kernels.attend(qkv, keys, scales, values, old_end, lo, past, 1 / np.sqrt(Dh), exactlm._exp_ints(20),
+                   exactlm._LOG2E_UNITS, exactlm._MAX_UNITS, 2.0 ** 12, float(exactlm.VALUE_MAX), 2.0 ** -12, out)
+    kq, ks = exactlm.quantize_rows(qkv[:, :, 1].transpose(0, 2, 1, 3))  # [B, H, T, Dh]
+    assert np.array_equal(keys[..., old_end:], kq.swapaxes(-1, -2)) and np.array_equal(scales[..., old_end:], ks[..., 0])
+    v = np.clip(np.round(qkv[:, :, 2].transpose(0, 2, 1, 3) * 2.0 ** 12), -exactlm.VALUE_MAX, exactlm.VALUE_MAX)
+    assert np.array_equal(values[:, :, old_end:], v)
+    qq, qs = exactlm.quantize_rows(qkv[:, :, 0].transpose(0, 2, 1, 3))
+    scores = qq @ keys[..., lo:]
+    scores *= qs * scales[:, :, None, lo:]
+    scores *= 1 / np.sqrt(Dh)
+    q_pos, k_pos = np.arange(T)[:, None] + old_end, np.arange(lo, cap)[None]
+    scores[..., (k_pos > q_pos) | (k_pos < q_pos - past)] = -np.inf
+    w = exactlm.exp_weights(scores, 20)
+    ref = w.astype(np.float64) @ values[:, :, lo:]
+    ref /= w.sum(-1, keepdims=True, dtype=np.int64)
+    ref *= 2.0 ** -12
+    assert np.array_equal(out, ref.transpose(0, 2, 1, 3).reshape(B, T, H * Dh))
