@@ -105,18 +105,19 @@ def attend(qkv, keys, key_scales, values, old_end, lo, past, inv_sqrt, exp_ints,
     """One layer's attention for T new steps (positions old_end .. old_end + T - 1).
 
     qkv [B, T, 3, H, Dh] (projected). The new keys go, quantized per head like matrix-product
-    inputs, to keys [B, H, Dh, cap] (positions last) and key_scales [B, H, cap]; the new values,
-    rounded to multiples of 1 / value_scale and clamped, to values [B, H, cap, Dh]. Query t sees
-    keys max(lo, old_end + t - past) .. old_end + t: scores (q.k) * (q_scale * k_scale) * inv_sqrt,
+    inputs, to keys [B, H, Dh, cap] (int32) and key_scales [B, H, cap]; the new values, rounded to
+    multiples of 1 / value_scale and clamped, to values [B, H, Dh, cap] (int32). Query t sees keys
+    max(lo, old_end + t - past) .. old_end + t: scores (q.k) * (q_scale * k_scale) * inv_sqrt,
     rounded to float32, exp-weighted (integer weights) and the values' weighted mean -> out [B, T, H * Dh].
+    The products of integers are summed in int64 (exact: below 2^49).
     """
     B, T, _, H, Dh = qkv.shape
     kscale = 2.0 ** -15
-    qq = np.empty(Dh)
-    acc = np.empty(Dh)
+    qq = np.empty(Dh, np.int64)
     n_keys = old_end + T - lo
-    dots = np.empty(n_keys)
+    dots = np.empty(n_keys, np.int64)
     scores = np.empty(n_keys, np.float32)
+    w = np.empty(n_keys, np.int64)
     for b in range(B):
         for t in range(T):
             p = old_end + t
@@ -129,9 +130,9 @@ def attend(qkv, keys, key_scales, values, old_end, lo, past, inv_sqrt, exp_ints,
                     sc = 1.0
                 key_scales[b, h, p] = sc
                 for d in range(Dh):
-                    keys[b, h, d, p] = np.rint(qkv[b, t, 1, h, d] / sc)
+                    keys[b, h, d, p] = int(np.rint(qkv[b, t, 1, h, d] / sc))
                     v = np.rint(qkv[b, t, 2, h, d] * value_scale)
-                    values[b, h, p, d] = min(max(v, -value_max), value_max)
+                    values[b, h, d, p] = int(min(max(v, -value_max), value_max))
     for b in range(B):
         for t in range(T):
             pos = old_end + t
@@ -145,28 +146,27 @@ def attend(qkv, keys, key_scales, values, old_end, lo, past, inv_sqrt, exp_ints,
                 if qs == 0.0:
                     qs = 1.0
                 for d in range(Dh):
-                    qq[d] = np.rint(qkv[b, t, 0, h, d] / qs)
-                dots[:n] = 0.0
-                for d in range(Dh):  # integer sums: exact in any order
+                    qq[d] = int(np.rint(qkv[b, t, 0, h, d] / qs))
+                dots[:n] = 0
+                for d in range(Dh):
                     qd = qq[d]
                     for i in range(n):
-                        dots[i] += qd * keys[b, h, d, first + i]
+                        dots[i] += qd * np.int64(keys[b, h, d, first + i])
                 top = np.float32(-np.inf)
                 for i in range(n):
-                    f = np.float32((dots[i] * (qs * key_scales[b, h, first + i])) * inv_sqrt)
+                    f = np.float32((np.float64(dots[i]) * (qs * key_scales[b, h, first + i])) * inv_sqrt)
                     scores[i] = f
                     top = max(top, f)
                 total = 0
-                acc[:] = 0.0
                 for i in range(n):
                     u = min(np.rint((top - scores[i]) * log2e_units), max_units)
-                    wk = exp_ints[int(u)]
-                    total += wk
-                    if wk:
-                        for d in range(Dh):
-                            acc[d] += wk * np.float64(values[b, h, first + i, d])
+                    w[i] = exp_ints[int(u)]
+                    total += w[i]
                 for d in range(Dh):
-                    out[b, t, h * Dh + d] = (acc[d] / total) * value_unit
+                    acc = 0
+                    for i in range(n):
+                        acc += w[i] * np.int64(values[b, h, d, first + i])
+                    out[b, t, h * Dh + d] = (np.float64(acc) / total) * value_unit
 
 
 @_jit

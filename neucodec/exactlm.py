@@ -249,8 +249,8 @@ class _Layer:
 
 @dataclasses.dataclass
 class ExactState:
-    """Per layer, buffers of quantized keys [B, H, Dh, capacity], their scales [B, H, capacity]
-    and values on the grid [B, H, capacity, Dh]; positions start..end-1 are live (the zero token first). A step writes
+    """Per layer, buffers of quantized keys [B, H, Dh, capacity] (int32), their scales
+    [B, H, capacity] and values on the grid [B, H, Dh, capacity] (int32); positions start..end-1 are live (the zero token first). A step writes
     in place, so a state is consumed by `step`/`run_known`: keep using the returned one."""
 
     keys: list[np.ndarray]
@@ -311,8 +311,8 @@ class ExactLM:
             _, bk, bv = np.split(layer.qkv.bias, 3)  # the all-zero first token: keys/values are the biases
             kq, ks = quantize_rows(bk.reshape(H, Dh))
             vq = np.clip(np.round(bv * 2.0 ** VALUE_GRID), -VALUE_MAX, VALUE_MAX).reshape(H, Dh)
-            keys, values = np.zeros((batch, H, Dh, cap)), np.zeros((batch, H, cap, Dh))
-            keys[..., 0], values[:, :, 0] = kq, vq
+            keys, values = np.zeros((batch, H, Dh, cap), np.int32), np.zeros((batch, H, Dh, cap), np.int32)
+            keys[..., 0], values[..., 0] = kq, vq
             scales = np.zeros((batch, H, cap))
             scales[..., 0] = ks[:, 0]
             state.keys.append(keys)
@@ -323,21 +323,15 @@ class ExactLM:
     @staticmethod
     def _make_room(state: ExactState, free: int) -> None:
         """At least `free` unused entries after `end`: move the live ones to the front, grow if need be."""
-        cap = state.key_scales[0].shape[2]
+        cap = state.key_scales[0].shape[-1]
         if state.end + free <= cap:
             return
         live = state.end - state.start
         cap = max(cap, live + free)
-        for buffers, axis in ((state.keys, 3), (state.key_scales, 2), (state.values, 2)):
+        for buffers in (state.keys, state.key_scales, state.values):  # positions: the last axis
             for i, b in enumerate(buffers):
-                shape = list(b.shape)
-                shape[axis] = cap
-                new = np.zeros(shape)
-                src = [slice(None)] * b.ndim
-                src[axis] = slice(state.start, state.end)
-                dst = [slice(None)] * b.ndim
-                dst[axis] = slice(0, live)
-                new[tuple(dst)] = b[tuple(src)]
+                new = np.zeros((*b.shape[:-1], cap), b.dtype)
+                new[..., :live] = b[..., state.start: state.end]
                 buffers[i] = new
         state.start, state.end = 0, live
 

@@ -115,6 +115,31 @@ def test_the_coder_round_trips_with_the_exact_lm() -> None:
     assert torch.equal(entropy.decode_segments(records, ex.source, span=12)[0], codes)
 
 
+
+def test_segment_groups_run_side_by_side_with_the_same_bits() -> None:
+    """Exact-LM groups run on one Python thread per torch thread: the payloads and the decoded
+    codes do not depend on it (the float32 LM keeps one group at a time)."""
+    ex = exactlm.exact(skewed_lm(n_q=4))
+    items = [skewed_codes(2, 4, 30, seed=i) for i in range(3)]
+    shapes = [tuple(c.shape) for c in items]
+    assert entropy._groups(shapes, 12, workers=2) == [[0, 1], [2]]  # 6 + 6 rows, then 6: half of 18
+    assert entropy._groups(shapes, 12) == [[0, 1, 2]]
+    assert entropy._workers(ex.source) == 1
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = entropy.encode_segments(items, ex, span=12)
+        torch.set_num_threads(2)
+        assert entropy._workers(ex) == 2
+        assert entropy.encode_segments(items, ex, span=12) == alone
+        assert torch.get_num_threads() == 2  # the caller's count is restored
+        assert all(c.flags == container.SEGMENT_LM_EXACT for c in alone)
+        records = [(c.flags, c.payload, s, "s") for c, s in zip(alone, shapes)]
+        assert all(torch.equal(a, b) for a, b in zip(entropy.decode_segments(records, ex, span=12), items))
+    finally:
+        torch.set_num_threads(old)
+
+
 # ---- the compiled kernels against the numpy expressions they implement, bit for bit
 def _rows(seed: int, R: int = 7, n: int = 50) -> np.ndarray:
     """Random rows with the awkward cases: a zero row, a row of exact halves (ties of the
@@ -180,23 +205,24 @@ def test_attend_kernel() -> None:
     B, T, H, Dh, old_end, lo, past = 2, 5, 3, 7, 9, 2, 6
     cap = old_end + T
     qkv = rng.normal(size=(B, T, 3, H, Dh)) * 3
-    keys, scales = np.round(rng.normal(size=(B, H, Dh, cap)) * 2 ** 14), np.abs(rng.normal(size=(B, H, cap))) * 1e-4
-    values = np.round(rng.normal(size=(B, H, cap, Dh)) * 2 ** 12)
+    keys = np.round(rng.normal(size=(B, H, Dh, cap)) * 2 ** 14).astype(np.int32)
+    scales = np.abs(rng.normal(size=(B, H, cap))) * 1e-4
+    values = np.round(rng.normal(size=(B, H, Dh, cap)) * 2 ** 12).astype(np.int32)
     out = np.empty((B, T, H * Dh))
     kernels.attend(qkv, keys, scales, values, old_end, lo, past, 1 / np.sqrt(Dh), exactlm._exp_ints(20),
                    exactlm._LOG2E_UNITS, exactlm._MAX_UNITS, 2.0 ** 12, float(exactlm.VALUE_MAX), 2.0 ** -12, out)
     kq, ks = exactlm.quantize_rows(qkv[:, :, 1].transpose(0, 2, 1, 3))  # [B, H, T, Dh]
     assert np.array_equal(keys[..., old_end:], kq.swapaxes(-1, -2)) and np.array_equal(scales[..., old_end:], ks[..., 0])
     v = np.clip(np.round(qkv[:, :, 2].transpose(0, 2, 1, 3) * 2.0 ** 12), -exactlm.VALUE_MAX, exactlm.VALUE_MAX)
-    assert np.array_equal(values[:, :, old_end:], v)
+    assert np.array_equal(values[..., old_end:], v.swapaxes(-1, -2))
     qq, qs = exactlm.quantize_rows(qkv[:, :, 0].transpose(0, 2, 1, 3))
-    scores = qq @ keys[..., lo:]
+    scores = qq @ keys[..., lo:].astype(np.float64)
     scores *= qs * scales[:, :, None, lo:]
     scores *= 1 / np.sqrt(Dh)
     q_pos, k_pos = np.arange(T)[:, None] + old_end, np.arange(lo, cap)[None]
     scores[..., (k_pos > q_pos) | (k_pos < q_pos - past)] = -np.inf
     w = exactlm.exp_weights(scores, 20)
-    ref = w.astype(np.float64) @ values[:, :, lo:]
+    ref = w.astype(np.float64) @ values[..., lo:].swapaxes(-1, -2).astype(np.float64)
     ref /= w.sum(-1, keepdims=True, dtype=np.int64)
     ref *= 2.0 ** -12
     assert np.array_equal(out, ref.transpose(0, 2, 1, 3).reshape(B, T, H * Dh))
