@@ -79,7 +79,9 @@ def main() -> None:
     paths = args.audio or sorted(glob.glob(DEFAULT_AUDIO))
     wav = load_audio(paths, args.seconds)
     dur = wav.shape[-1] / 24000
-    print(f"audio: {len(paths)} file(s), {dur:.1f} s at 24 kHz; torch threads 2 (LM runs with {entropy.LM_THREADS})")
+    print(f"audio: {len(paths)} file(s), {dur:.1f} s at 24 kHz; torch threads 2 (the exact LM: groups of segments "
+          f"side by side on {torch.get_num_threads()} Python threads, {entropy.LM_THREADS} torch thread each; "
+          f"the float32 LM: one group at a time, {entropy.LM_THREADS} thread)")
 
     trained = True
     try:
@@ -160,17 +162,19 @@ def main() -> None:
     ref_compress.MODELS["encodec_24khz"] = lambda: ref  # decompress builds its model from this table
     rwav = wav[0, :, : int(args.ref_seconds * 24000)]
     rdur = rwav.shape[-1] / 24000
-    torch.set_num_threads(1)  # the reference's own test pins 1 thread; 2 threads is slower under load
-    t_c_lm = best(lambda: ref_compress.compress(ref, rwav, use_lm=True), 1)
-    t_c = best(lambda: ref_compress.compress(ref, rwav, use_lm=False), 1)
-    blob_lm = ref_compress.compress(ref, rwav, use_lm=True)
-    blob = ref_compress.compress(ref, rwav, use_lm=False)
-    t_d_lm = best(lambda: ref_compress.decompress(blob_lm), 1)
-    t_d = best(lambda: ref_compress.decompress(blob), 1)
-    ref_lm_time = max(1e-9, (t_c_lm - t_c) + (t_d_lm - t_d))
-    ref_rtf = rdur / ref_lm_time
-    print(f"reference LM path, 6 kbps, {rdur:.0f} s: compress +{t_c_lm - t_c:.2f} s, decompress +{t_d_lm - t_d:.2f} s "
-          f"over no-LM -> RTF {ref_rtf:.2f}")
+    ref_rtf = 0.0
+    for threads in (1, 2):  # the reference at its best on the 2 cores (1 thread wins under load)
+        torch.set_num_threads(threads)
+        t_c_lm = best(lambda: ref_compress.compress(ref, rwav, use_lm=True), 1)
+        t_c = best(lambda: ref_compress.compress(ref, rwav, use_lm=False), 1)
+        blob_lm = ref_compress.compress(ref, rwav, use_lm=True)
+        blob = ref_compress.compress(ref, rwav, use_lm=False)
+        t_d_lm = best(lambda: ref_compress.decompress(blob_lm), 1)
+        t_d = best(lambda: ref_compress.decompress(blob), 1)
+        rtf = rdur / max(1e-9, (t_c_lm - t_c) + (t_d_lm - t_d))
+        print(f"reference LM path, 6 kbps, {rdur:.0f} s, {threads} torch thread(s): compress +{t_c_lm - t_c:.2f} s, "
+              f"decompress +{t_d_lm - t_d:.2f} s over no-LM -> RTF {rtf:.2f}")
+        ref_rtf = max(ref_rtf, rtf)
     print(f"speed-up: {ours / ref_rtf:.1f}x with {span}-frame spans, {ours_long / ref_rtf:.1f}x with "
           f"{rand_lm.cfg.past_context}-frame spans (target >= 10x; target RTF >= 30); float32 LM "
           f"{ours_float / ref_rtf:.1f}x")

@@ -27,6 +27,10 @@ The result differs from the float32 LM by rounding noise (+0.01 % in bits on rea
 the same on every machine, thread count and batch composition: the encoder runs many frames at
 once (`run_known`), the decoder steps (`step`), and both give the same bits by construction.
 Format: docs/FORMAT.md §4.3 (segment flags 2; header `coder.arithmetic` = "exact-v1").
+
+The per-element work runs as compiled loops (`exactkernels`, numba; compiled at first use and
+cached on disk); `quantize_rows`, `exp_weights` and `_gelu` below are the numpy definitions the
+tests hold those loops to, bit for bit.
 """
 from __future__ import annotations
 
@@ -39,7 +43,6 @@ import typing as tp
 import numpy as np
 import torch
 
-from . import exactkernels as kernels
 from .lm import LanguageModel
 
 NAME = "exact-v1"  # the header's coder "arithmetic" for this computation
@@ -54,6 +57,8 @@ GELU_STEP = 128  # GELU table: points every 1/GELU_STEP ...
 GELU_RANGE = 6  # ... on [-GELU_RANGE, GELU_RANGE]; beyond: GELU(x) = x or 0
 MAX_WIDTH = 512  # widths (and feed-forward widths / 4) up to this keep every integer sum below 2^53
 MAX_CONTEXT = 4096
+
+kernels: tp.Any = None  # `exactkernels`, imported with the first ExactLM (importing numba takes ~0.4 s)
 
 _LOG2E_UNITS = np.float32((1 << EXP_SHIFT) * 1.4426950408889634)  # nats -> units: log2(e) written out
 _MAX_UNITS = np.float32(31 << EXP_SHIFT)  # shifts of 31 bits and more give 0
@@ -271,6 +276,10 @@ class ExactLM:
     """
 
     def __init__(self, lm: LanguageModel) -> None:
+        global kernels
+        if kernels is None:
+            from . import exactkernels
+            kernels = exactkernels
         c = lm.cfg
         if c.dim > MAX_WIDTH or c.dim * c.hidden_scale > 4 * MAX_WIDTH or c.past_context > MAX_CONTEXT:
             raise ValueError(f"exact LM arithmetic supports widths up to {MAX_WIDTH} and contexts up to {MAX_CONTEXT}")
