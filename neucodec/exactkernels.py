@@ -150,8 +150,9 @@ def attend(qkv, keys, key_scales, values, old_end, lo, past, inv_sqrt, exp_ints,
                 dots[:n] = 0
                 for d in range(Dh):
                     qd = qq[d]
+                    row = keys[b, h, d, first: pos + 1]  # 1-D views: simple loops that vectorise
                     for i in range(n):
-                        dots[i] += qd * np.int64(keys[b, h, d, first + i])
+                        dots[i] += qd * np.int64(row[i])
                 top = np.float32(-np.inf)
                 for i in range(n):
                     f = np.float32((np.float64(dots[i]) * (qs * key_scales[b, h, first + i])) * inv_sqrt)
@@ -164,8 +165,9 @@ def attend(qkv, keys, key_scales, values, old_end, lo, past, inv_sqrt, exp_ints,
                     total += w[i]
                 for d in range(Dh):
                     acc = 0
+                    row = values[b, h, d, first: pos + 1]
                     for i in range(n):
-                        acc += w[i] * np.int64(values[b, h, d, first + i])
+                        acc += w[i] * np.int64(row[i])
                     out[b, t, h * Dh + d] = (np.float64(acc) / total) * value_unit
 
 
