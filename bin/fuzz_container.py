@@ -4,8 +4,9 @@
 Anything other than a clean decode or a `NeucodecError` with a one-line message (a bare
 exception, a multi-line message, a hang past --max-seconds) counts as a failure; the exit code
 is the number of failures (capped at 100). Base files: packed and LM-coded (exact LM) 24 kHz-style
-streams, a 48 kHz-style segmented stream and a reference version-0 stream, all from tiny fixed-seed
-models, and the float32-LM golden file of neucodec 0.1.0 (tests/golden).
+streams, a 48 kHz-style segmented stream and a plain version-0 stream, all from tiny fixed-seed
+models; the float32-LM golden file of neucodec 0.1.0 (tests/golden); and, when the reference
+`encodec` package is installed, a version-0 file it LM-coded (random paper-size LM, 2 codebooks).
 
     python bin/fuzz_container.py -n 10000 --seed 0
 """
@@ -45,8 +46,38 @@ def base_files() -> list[tuple[str, bytes, object, object]]:
 
     legacy = ((golden / "lm_mono_24khz.ecdc").read_bytes(), load_codec(golden / "golden_24khz.json"),
               load_lm(golden / "golden_24khz.json"))
-    return [("packed", packed, c24, None), ("lm", lm_file, c24, lm), ("segmented", seg48, c48, None),
-            ("v0", v0, big24, None), ("lm-float32", *legacy)]
+    bases = [("packed", packed, c24, None), ("lm", lm_file, c24, lm), ("segmented", seg48, c48, None),
+             ("v0", v0, big24, None), ("lm-float32", *legacy)]
+    v0_lm = reference_v0_lm_file()
+    if v0_lm is not None:
+        bases.append(("v0-lm", v0_lm[0], big24, v0_lm[1]))
+    return bases
+
+
+def reference_v0_lm_file() -> tuple[bytes, object] | None:
+    """0.4 s of noise LM-coded at 1.5 kbps by the reference `compress`, with a random LM, and that
+    LM as a neucodec `LanguageModel`; None without the reference package."""
+    import sys as _sys
+    import types
+
+    _sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))  # see tests/reference.py
+    try:
+        from encodec.compress import compress
+        from encodec.model import EncodecModel, LMModel
+    except ImportError:
+        return None
+    from neucodec import config
+    from neucodec.lm import LanguageModel
+
+    torch.manual_seed(0)
+    ref = EncodecModel.encodec_model_24khz(pretrained=False).eval()
+    ref.name = "encodec_24khz"
+    ref.set_target_bandwidth(1.5)
+    rlm = LMModel(ref.quantizer.n_q, 1024, num_layers=5, dim=200, past_context=int(3.5 * ref.frame_rate)).eval()
+    ref.get_lm_model = lambda: rlm  # type: ignore[method-assign]  (the real one downloads)
+    lm = LanguageModel(config.lm_for(config.encodec_24khz()))
+    lm.load_state_dict(rlm.state_dict())
+    return compress(ref, 0.1 * torch.randn(1, 9600), use_lm=True), lm.eval()
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
