@@ -2,7 +2,7 @@
 
 Layout (all integers little-endian; full specification in docs/FORMAT.md)::
 
-    prelude  b"NCDC" | version u8 | flags u8 | header length u32 | header JSON | CRC32 u32
+    prelude  b"NCDC" | version u8 | flags u8 | header length u32 | header JSON (zlib) | CRC32 u32
     record   kind u8 | flags u8 | items u16 | payload length u32 | frames u32
              | payload CRC32 u32 | codes CRC32 u32 | record-head CRC32 u32 | payload
     ...      one 'S' record per segment, then one 'E' (end) record, then one 'X' (index) record
@@ -37,6 +37,20 @@ SEGMENT_PACKED = 0  # flags of a segment record: how its codes are coded
 SEGMENT_LM = 1  # LM range coding, the LM in float32 (files of neucodec 0.1.0: machine-bound)
 SEGMENT_LM_EXACT = 2  # LM range coding, the LM in exact arithmetic (neucodec.exactlm)
 LM_FLAGS = (SEGMENT_LM, SEGMENT_LM_EXACT)
+
+PRELUDE_ZHEADER = 1  # prelude flags bit 0: the header JSON is zlib-compressed with HEADER_DICTIONARY
+
+#: zlib preset dictionary of compressed headers (FORMAT.md §2). Part of the format: never change it
+#: (a different dictionary needs another prelude flag). A typical header and the strings of others.
+HEADER_DICTIONARY = (
+    b'"encodec_48khz""encodec_lm_48khz""encodec_lm_24khz""encodec_24khz""overlap""sd:"'
+    b'{"bandwidth":6.0,"bits_per_code":10,"channels":1,"coder":{"arithmetic":"exact-v1","dtype":"float32",'
+    b'"lm_threads":1,"model":"Categorical(perfect=False)","name":"constriction.queue.RangeEncoder",'
+    b'"prob_grid":9.5367431640625e-07,"span_frames":75,"word":"uint32le"},"encoder":"neucodec 0.1.0",'
+    b'"frame_rate":75,"groups":1,"hop_length":320,"layout":"stream","lm_fingerprint":null,'
+    b'"lm_id":"neucodec_24khz","model_fingerprint":null,"model_id":"neucodec_24khz","n_q":8,'
+    b'"sample_rate":24000,"scales":false,"segment_frames":750,"segment_length":null,'
+    b'"segment_stride":null,"source_channels":1,"source_sample_rate":24000}')
 
 MAX_HEADER_BYTES = 1 << 16
 MAX_PAYLOAD_BYTES = 1 << 26  # 64 MiB: far above any real segment
@@ -146,9 +160,31 @@ def read_prelude(fo: tp.BinaryIO) -> Prelude:
     (stored,) = struct.unpack("<I", read_exactly(fo, 4, f"header CRC at byte {_PRELUDE.size + size}"))
     if crc32(first + rest + raw) != stored:
         raise CorruptStream(f"header at byte {_PRELUDE.size}: CRC mismatch (file damaged)")
-    if flags != 0:
+    if flags & ~PRELUDE_ZHEADER:
         raise UnsupportedFormatVersion(f"header flags {flags:#x} are not known to this neucodec; upgrade neucodec")
+    if flags & PRELUDE_ZHEADER:
+        raw = _inflate_header(raw, _PRELUDE.size)
     return Prelude(version, _parse_json(raw, _PRELUDE.size), _PRELUDE.size + size + 4)
+
+
+def _deflate_header(raw: bytes) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, HEADER_DICTIONARY)
+    return c.compress(raw) + c.flush()
+
+
+def _inflate_header(data: bytes, offset: int) -> bytes:
+    """The JSON of a compressed header: at most MAX_HEADER_BYTES, one complete zlib stream."""
+    if len(data) < 2 or not data[1] & 0x20:  # FLG.FDICT: made with the dictionary
+        raise CorruptStream(f"header at byte {offset}: compressed header without the header dictionary (file damaged)")
+    d = zlib.decompressobj(zdict=HEADER_DICTIONARY)
+    try:
+        raw = d.decompress(data, MAX_HEADER_BYTES)
+    except zlib.error:
+        raise CorruptStream(f"header at byte {offset}: not a valid compressed header (file damaged)") from None
+    if d.unconsumed_tail or not d.eof or d.unused_data:
+        raise CorruptStream(f"header at byte {offset}: compressed header is incomplete, too long or followed "
+                            "by extra bytes (file damaged)")
+    return raw
 
 
 def _parse_json(raw: bytes, offset: int) -> Json:
@@ -284,7 +320,8 @@ class ContainerWriter:
         raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
         if len(raw) > MAX_HEADER_BYTES:
             raise ValueError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
-        prelude = _PRELUDE.pack(MAGIC, FORMAT_VERSION, 0, len(raw)) + raw
+        packed = _deflate_header(raw)  # ~20-120 bytes instead of ~630 (FORMAT.md §2)
+        prelude = _PRELUDE.pack(MAGIC, FORMAT_VERSION, PRELUDE_ZHEADER, len(packed)) + packed
         self.fo = fo
         self.offsets: list[int] = []
         self.frames = 0

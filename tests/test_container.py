@@ -93,6 +93,43 @@ def test_unknown_version() -> None:
         C.read_prelude(io.BytesIO(bytes(data)))
 
 
+
+def _prelude(flags: int, header: bytes) -> bytes:
+    head = struct.pack("<4sBBI", C.MAGIC, 1, flags, len(header)) + header
+    return head + struct.pack("<I", C.crc32(head))
+
+
+def test_headers_are_compressed_and_plain_ones_still_read() -> None:
+    import json
+    import zlib
+
+    header = {"model_id": "neucodec_24khz", "n_q": 8, "coder": None, "layout": "stream"}
+    data = build([b"a"])
+    assert data[5] == C.PRELUDE_ZHEADER
+    buf = io.BytesIO()
+    C.ContainerWriter(buf, header)
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    assert struct.unpack("<I", buf.getvalue()[6:10])[0] < len(raw) / 2
+    assert C.read_prelude(io.BytesIO(buf.getvalue())).header == header
+    assert C.read_prelude(io.BytesIO(_prelude(0, raw))).header == header  # files before compressed headers
+    with pytest.raises(UnsupportedFormatVersion, match="flags 0x3"):
+        C.read_prelude(io.BytesIO(_prelude(3, C._deflate_header(raw))))
+    packed = C._deflate_header(raw)
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, C.HEADER_DICTIONARY)
+    for bad in (packed[:-3], packed + b"x", b"\x78\x9c" + bytes(20), zlib.compress(raw),  # no/other dictionary
+                bomb.compress(b" " * (C.MAX_HEADER_BYTES + 1)) + bomb.flush()):
+        with pytest.raises(CorruptStream, match="header at byte 10"):
+            C.read_prelude(io.BytesIO(_prelude(1, bad)))
+
+
+def test_format_md_holds_the_header_dictionary() -> None:
+    """The preset dictionary is part of the format: FORMAT.md prints it byte for byte."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "FORMAT.md").read_text()
+    block = text.split("<!-- header dictionary -->\n```\n", 1)[1].split("\n```", 1)[0]
+    assert block.replace("\n", "").encode() == C.HEADER_DICTIONARY
+
 def test_truncations_name_a_position() -> None:
     data = build([b"a" * 50, b"b" * 50])
     for cut in range(len(data) - C.TRAILER_BYTES - 8 * 2 - C.RECORD_HEAD_BYTES - 12):
