@@ -131,7 +131,7 @@ def gelu_table() -> np.ndarray:
 
 def _gelu(x: np.ndarray) -> np.ndarray:
     """GELU by linear interpolation in `gelu_table` (IEEE operations in a fixed order; the
-    kernel `exactkernels.gelu__` computes the same per element)."""
+    kernel `exactkernels.gelu_` computes the same per element)."""
     table, n = gelu_table(), GELU_RANGE * GELU_STEP
     u = x * GELU_STEP
     k = np.clip(np.floor(u), -n, n - 1)
@@ -255,7 +255,8 @@ class _Layer:
 @dataclasses.dataclass
 class ExactState:
     """Per layer, buffers of quantized keys [B, H, Dh, capacity] (int32), their scales
-    [B, H, capacity] and values on the grid [B, H, Dh, capacity] (int32); positions start..end-1 are live (the zero token first). A step writes
+    [B, H, capacity] and values on the grid [B, H, Dh, capacity] (int32); positions
+    start..end-1 are live (the zero token first). A step writes
     in place, so a state is consumed by `step`/`run_known`: keep using the returned one."""
 
     keys: list[np.ndarray]
