@@ -134,8 +134,12 @@ def test_segment_groups_run_side_by_side_with_the_same_bits() -> None:
         assert entropy.encode_segments(items, ex, span=12) == alone
         assert torch.get_num_threads() == 2  # the caller's count is restored
         assert all(c.flags == container.SEGMENT_LM_EXACT for c in alone)
-        records = [(c.flags, c.payload, s, "s") for c, s in zip(alone, shapes)]
+        records = [(c.flags, c.payload, s, f"segment {i}") for i, (c, s) in enumerate(zip(alone, shapes))]
         assert all(torch.equal(a, b) for a, b in zip(entropy.decode_segments(records, ex, span=12), items))
+        records[2] = (records[2][0], records[2][1][:4], records[2][2], records[2][3])  # the second group's
+        back = entropy.decode_segments(records, ex, span=12)  # damage stays in its segment (the CRC reports it)
+        assert torch.equal(back[0], items[0]) and torch.equal(back[1], items[1]) and not torch.equal(back[2], items[2])
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)
 
