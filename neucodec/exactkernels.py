@@ -25,17 +25,20 @@ def _jit(fn):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def _row_scale(row, bits_scale):  # type: ignore[no-untyped-def]
+    """max|row| * 2^-bits (1 if the row is zero): the scale of a row quantization."""
+    m = 0.0
+    for v in row:
+        m = max(m, abs(v))
+    sc = m * bits_scale
+    return 1.0 if sc == 0.0 else sc
+
+
+@_jit
 def quantize_rows(x, bits_scale, q, s):  # type: ignore[no-untyped-def]
     """s = max|x| * 2^-bits per row (1 if 0); q = round(x / s).   x, q [R, n]; s [R]."""
     for r in range(x.shape[0]):
-        m = 0.0
-        for j in range(x.shape[1]):
-            a = abs(x[r, j])
-            if a > m:
-                m = a
-        sc = m * bits_scale
-        if sc == 0.0:
-            sc = 1.0
+        sc = _row_scale(x[r], bits_scale)
         s[r] = sc
         for j in range(x.shape[1]):
             q[r, j] = np.rint(x[r, j] / sc)
@@ -122,12 +125,7 @@ def attend(qkv, keys, key_scales, values, old_end, lo, past, inv_sqrt, exp_ints,
         for t in range(T):
             p = old_end + t
             for h in range(H):
-                m = 0.0
-                for d in range(Dh):
-                    m = max(m, abs(qkv[b, t, 1, h, d]))
-                sc = m * kscale
-                if sc == 0.0:
-                    sc = 1.0
+                sc = _row_scale(qkv[b, t, 1, h], kscale)
                 key_scales[b, h, p] = sc
                 for d in range(Dh):
                     keys[b, h, d, p] = int(np.rint(qkv[b, t, 1, h, d] / sc))
@@ -139,12 +137,7 @@ def attend(qkv, keys, key_scales, values, old_end, lo, past, inv_sqrt, exp_ints,
             first = max(lo, pos - past)
             n = pos + 1 - first
             for h in range(H):
-                m = 0.0
-                for d in range(Dh):
-                    m = max(m, abs(qkv[b, t, 0, h, d]))
-                qs = m * kscale
-                if qs == 0.0:
-                    qs = 1.0
+                qs = _row_scale(qkv[b, t, 0, h], kscale)
                 for d in range(Dh):
                     qq[d] = int(np.rint(qkv[b, t, 0, h, d] / qs))
                 dots[:n] = 0
