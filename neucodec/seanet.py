@@ -63,7 +63,7 @@ class ResBlock(nn.Module):
             w_short, b_short = self.shortcut.weight_matrix()
             rows = x.mT.reshape(-1, x.shape[1])  # [B * T, C], a view for time-major input
             out = torch.addmm(b_last + b_short, h.mT.reshape(-1, h.shape[1]), w_last.t())
-            out.addmm_(rows, w_short.t())
+            out.addmm_(rows.to(out.dtype), w_short.t().to(out.dtype))  # under autocast, out is bf16/fp16
             return out.view(x.shape[0], x.shape[2], -1).mT
         return self.shortcut(x) + last(h)
 

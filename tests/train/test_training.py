@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from neucodec import config as cfg
 from neucodec.quantization import ResidualVectorQuantizer, kmeans
-from neucodec.train.data import Batches, Clip, Pool
+from neucodec.train.data import Batches, Clip, Pool, Prefetched
 from neucodec.train.losses import Balancer, MultiScaleMelLoss, si_snr
 from neucodec.train.solver import Solver, TrainConfig, append_csv
 
@@ -33,6 +33,22 @@ def _batches(seed: int = 0, batch: int = 4, length: int = 4800) -> Batches:
                    + 0.02 * rng.standard_normal(len(t))).astype(np.float32), 0, len(t), f"s{f}")
              for f in (110, 220, 330, 440)]
     return Batches({"music": Pool(clips)}, batch, length, seed=seed)
+
+
+def test_prefetched_batches_come_from_seeded_workers() -> None:
+    def first(n: int, state: dict | None = None) -> list[torch.Tensor]:
+        stream = Prefetched(_batches(seed=5), workers=2)
+        if state is not None:
+            stream.set_state(state)
+        return [stream.next() for _ in range(n)]
+
+    a, b = first(4), first(4)
+    assert all(x.shape == (4, 1, 4800) for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # same seed, same batches in the same order
+    assert not torch.equal(a[0], a[1])  # the two workers draw different crops
+    moved = _batches(seed=5)
+    moved.next()
+    assert not torch.equal(first(1, moved.state())[0], a[0])  # a restored generator state seeds the workers
 
 
 def test_balancer_gives_each_loss_its_weight_fraction() -> None:

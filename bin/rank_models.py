@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Rank candidate codecs quickly on the dev clips (a minute per model on 2 threads).
+
+    python bin/rank_models.py A/neucodec_24khz.json B/neucodec_24khz.json ...
+
+Per model, one JSON line of means per category and bandwidth (1.5 and 6 kbps): log-mel distance
+and SI-SNR on every clip, ViSQOL (speech mode, 16 kHz) on the speech and music clips at 6 kbps.
+The codec runs without the container or the LM; `bin/bench_quality.py` is the full report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from neucodec import load_codec
+from neucodec.train.losses import mel_distance, si_snr
+from neucodec.train.metrics import load_visqol
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+")
+    p.add_argument("--clips", type=Path, default=Path.home() / ".cache/neucodec-train/corpus/dev/clips")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    visqol = load_visqol()
+    clips = sorted(args.clips.glob("*.wav"))
+    if not clips:
+        raise SystemExit(f"no dev clips in {args.clips}; run bin/build_corpus.py first")
+    for model in args.models:
+        codec = load_codec(model).eval()
+        scores: dict[str, list[float]] = {}
+        for path in clips:
+            x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+            wav = torch.from_numpy(x.mean(1))[None, None]
+            category = path.stem.split("_")[0]
+            with torch.no_grad():
+                z = codec.encoder(wav)
+                for bw in (1.5, 6.0):
+                    q = codec.quantizer(z, codec.config.n_q_for_bandwidth(bw))
+                    y = codec.decoder(q.quantized)[..., : wav.shape[-1]]
+                    key = f"{category}_{bw:g}k"
+                    scores.setdefault(f"{key}_mel", []).append(mel_distance(y, wav, sr))
+                    scores.setdefault(f"{key}_si_snr", []).append(float(si_snr(y, wav).mean()))
+                    if visqol is not None and category != "sfx" and bw == 6.0:
+                        scores.setdefault(f"{key}_visqol", []).append(
+                            visqol(wav.flatten().numpy(), y.flatten().numpy(), sr))
+        print(json.dumps({"model": model, **{k: round(float(np.mean(v)), 3) for k, v in sorted(scores.items())}}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One time-boxed GPU lease of training (docs/training.md, "On a lent GPU"):
+#
+#   bin/train_gpu.sh PACKED_CORPUS INIT_RELEASE OUT_DIR SECONDS
+#
+# unpacks the corpus carried by bin/pack_corpus.py and runs two fine-tunings of INIT_RELEASE's
+# decoder side by side on the one GPU (a model this small leaves it mostly idle): `p` with the
+# reconstruction losses only, `g` adversarially (discriminator warm-up first), the latter in three
+# resumed stretches. The encoder and codebooks stay frozen, so the codes and the shipped LM stay
+# valid. It leaves OUT_DIR/{p,g1,g2,g3}.safetensors (codec weights of each stretch's end) and
+# OUT_DIR/runs.tgz (their release JSON files and logs). Everything is bounded by the clock.
+set -u
+packed=$1 init=$2 out=$3 budget=$4
+end=$(($(date +%s) + budget - 20))  # 20 s to pack the results
+corpus=/tmp/neucodec-corpus work=/tmp/neucodec-gpu
+mkdir -p "$out" "$work"
+python3 bin/pack_corpus.py unpack "$packed" "$corpus" || exit 1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+step=$(python3 -c "import json; print(json.load(open('$init'))['training']['steps'])")
+
+gpu=(batch_size=${BATCH:-64} loader_workers=6 eval_every=0 log_every=100 checkpoint_every=1000000)
+plain=(--config configs/neucodec_24khz_gan.json --set adversarial=false lr=3e-4 'betas=[0.9,0.999]' "${gpu[@]}")
+adv=(--config configs/neucodec_24khz_gan.json --set "${gpu[@]}" adversarial_start="$step"
+     disc_warmup="${WARMUP:-300}" disc_filters=32 lr=2e-4 disc_lr=3e-4)
+overhead=20  # seconds a train.py start, final checkpoint and export take, about
+
+train() {  # UNTIL NAME EXPORT ARGS...: one train.py run, its checkpoint in $work/NAME, that stops by UNTIL (epoch s)
+    local until=$1 name=$2 export=$3; shift 3
+    local hours; hours=$(python3 -c "import time; print(max($until - time.time() - $overhead, 5) / 3600)")
+    python3 bin/train.py --corpus "$corpus" --device "${DEVICE:-cuda}" --threads 3 --run-dir "$work/run-$name" \
+        --init-from "$init" --export "$work/$export/neucodec_24khz.json" --max-hours "$hours" "$@"
+}
+run() {  # UNTIL NAME EXPORT ARGS...: train, once more in float32 if bf16 autocast failed
+    train "$@" || train "$@" bf16=false
+}
+
+run "$end" p p "${plain[@]}" > "$work/p.log" 2>&1 &
+(
+    now=$(date +%s)
+    for i in 1 2 3; do
+        run $((now + (end - now) * i / 3)) g "g$i" "${adv[@]}" || break
+    done
+) > "$work/g.log" 2>&1 &
+wait
+for name in p g1 g2 g3; do
+    [ -f "$work/$name/neucodec_24khz.safetensors" ] && mv "$work/$name/neucodec_24khz.safetensors" "$out/$name.safetensors"
+done
+for run_dir in "$work"/run-*; do cp "$run_dir/log.csv" "$work/log_${run_dir##*-}.csv" 2>/dev/null; done
+tar czf "$out/runs.tgz" -C "$work" $(cd "$work" && ls -d ./*.log ./*.csv ./*/neucodec_24khz.json 2>/dev/null)
+tail -n 4 "$work"/*.log
+ls -la "$out"
