@@ -470,6 +470,7 @@ def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list
                  summary: dict[tuple[str, str], dict[str, tp.Any]], plots: dict[str, Path], seconds: float,
                  command: str, rtf: dict[str, float], load: float) -> str:
     train = model["training"] or {}
+    how_trained = train.get("history") or f"batch {train.get('batch_size', '?')} × {train.get('segment_seconds', '?')} s"
     has_lm = model["lm"] is not None
     counts = ", ".join(f"{sum(c == cat for c, _ in clips)} {cat}" for cat in CATEGORIES)
     out_dir = Path(args.out).resolve().parent
@@ -484,7 +485,7 @@ def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list
         f"({seconds / 60:.1f} min on {torch.get_num_threads()} thread(s))",
         f"* **Model:** `{model['model_id']}`, fingerprint `{model['fingerprint']}` (`{_home(model['source'])}`)",
         f"* **Training behind the weights:** {train.get('steps', '?')} steps, {train.get('train_hours', '?')} h "
-        f"(batch {train.get('batch_size', '?')} × {train.get('segment_seconds', '?')} s)",
+        f"({how_trained})",
         f"* **Entropy-coding LM:** {model['lm'] or 'none in this package (LM bitrates n/a)'}",
         *_blank_warning(model["blank_codebooks"], model["n_q"]),
         f"* **Clips:** {counts} × 10 s, 24 kHz mono, from `{_home(str(args.clips))}` (held out from training).",
@@ -559,7 +560,10 @@ def _quote(arg: str) -> str:
 
 
 def _home(path: str) -> str:
-    home = str(Path.home())
+    """A path as the report shows it: relative to the repository, or with ~ for the home folder."""
+    root, home = str(ROOT) + "/", str(Path.home())
+    if path.startswith(root):
+        return path[len(root):]
     return "~" + path[len(home):] if path.startswith(home) else path
 
 

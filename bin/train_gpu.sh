@@ -24,7 +24,7 @@ adv=(--config configs/neucodec_24khz_gan.json --set "${gpu[@]}" adversarial_star
      disc_warmup="${WARMUP:-300}" disc_filters=32 lr=2e-4 disc_lr=3e-4)
 overhead=20  # seconds a train.py start, final checkpoint and export take, about
 
-train() {  # UNTIL NAME EXPORT ARGS...: one train.py run, its checkpoint in $work/NAME, that stops by UNTIL (epoch s)
+train() {  # UNTIL NAME EXPORT ARGS...: one train.py run, its checkpoint in $work/run-NAME, that stops by UNTIL (epoch s)
     local until=$1 name=$2 export=$3; shift 3
     local hours; hours=$(python3 -c "import time; print(max($until - time.time() - $overhead, 5) / 3600)")
     python3 bin/train.py --corpus "$corpus" --device "${DEVICE:-cuda}" --threads 3 --run-dir "$work/run-$name" \
