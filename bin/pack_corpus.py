@@ -6,9 +6,10 @@
 
 `pack` draws pieces of the train split the way training samples it (source by the pool's weight,
 then file by duration; music as excerpts), up to the given minutes of speech, music and general
-sounds, and writes per category one Ogg Opus stream (opusenc, VBR at --kbps) plus a JSON index.
-`unpack` decodes them (soundfile) into the corpus layout that `bin/train.py --corpus` reads:
-`train/{category}.npy` (int16) and `train/{category}.json`. About 1.5 hours fit in 30 MB at 40 kbps.
+sounds (and --dev-minutes of the dev split, which `bin/train_lm.py` reports on), and writes per
+split and category one Ogg Opus stream (opusenc, VBR at --kbps) plus a JSON index. `unpack`
+decodes them (soundfile) into the corpus layout that `bin/train.py --corpus` reads:
+`{split}/{category}.npy` (int16) and `.json`. About 1.5 hours fit in 30 MB at 40 kbps.
 """
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ CATEGORIES = ("speech", "music", "sfx")
 MAX_PIECE_S = {"speech": 20.0, "music": 15.0, "sfx": 10.0}  # longer files contribute an excerpt
 
 
-def pack(corpus: Path, out: Path, minutes: list[float], kbps: float, seed: int) -> None:
+def pack(corpus: Path, out: Path, split: str, minutes: list[float], kbps: float, seed: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from neucodec.train.data import load_corpus
 
-    pools = load_corpus(corpus, "train")
+    pools = load_corpus(corpus, split)
+    out = out / split
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for cat, budget_min in zip(CATEGORIES, minutes):
@@ -61,7 +63,7 @@ def pack(corpus: Path, out: Path, minutes: list[float], kbps: float, seed: int) 
                            check=True)
         (out / f"{cat}.json").write_text(json.dumps({"samples": total, "entries": entries}))
         mb = (out / f"{cat}.opus").stat().st_size / 1e6
-        print(f"{cat}: {total / SAMPLE_RATE / 60:.1f} min in {len(entries)} pieces, {mb:.1f} MB", flush=True)
+        print(f"{split}/{cat}: {total / SAMPLE_RATE / 60:.1f} min in {len(entries)} pieces, {mb:.1f} MB", flush=True)
 
 
 def _unpack_one(packed: Path, dest: Path, cat: str) -> str:
@@ -76,15 +78,18 @@ def _unpack_one(packed: Path, dest: Path, cat: str) -> str:
     data[: min(n, len(audio))] = audio[:n]
     np.save(dest / f"{cat}.npy", data)
     (dest / f"{cat}.json").write_text(json.dumps({"entries": meta["entries"]}))
-    return f"{cat}: {n / SAMPLE_RATE / 60:.1f} min"
+    return f"{dest.name}/{cat}: {n / SAMPLE_RATE / 60:.1f} min"
 
 
 def unpack(packed: Path, corpus: Path) -> None:
-    dest = corpus / "train"
-    dest.mkdir(parents=True, exist_ok=True)
-    cats = [c for c in CATEGORIES if (packed / f"{c}.opus").is_file()]
-    with ProcessPoolExecutor(len(cats)) as pool:
-        for line in pool.map(_unpack_one, [packed] * len(cats), [dest] * len(cats), cats):
+    jobs = [(packed / split, corpus / split, cat) for split in ("train", "dev") for cat in CATEGORIES
+            if (packed / split / f"{cat}.opus").is_file()]
+    if not jobs:
+        raise SystemExit(f"no packed corpus in {packed}")
+    for _, dest, _ in jobs:
+        dest.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(len(jobs)) as pool:
+        for line in pool.map(_unpack_one, *zip(*jobs)):
             print(line, flush=True)
 
 
@@ -95,6 +100,7 @@ def main() -> None:
     a.add_argument("corpus", type=Path)
     a.add_argument("out", type=Path)
     a.add_argument("--minutes", type=float, nargs=3, default=[50, 55, 15], metavar=("SPEECH", "MUSIC", "SFX"))
+    a.add_argument("--dev-minutes", type=float, nargs=3, default=[2, 2, 1], metavar=("SPEECH", "MUSIC", "SFX"))
     a.add_argument("--kbps", type=float, default=40)
     a.add_argument("--seed", type=int, default=0)
     b = sub.add_parser("unpack")
@@ -102,7 +108,8 @@ def main() -> None:
     b.add_argument("corpus", type=Path)
     args = p.parse_args()
     if args.cmd == "pack":
-        pack(args.corpus, args.out, args.minutes, args.kbps, args.seed)
+        pack(args.corpus, args.out, "train", args.minutes, args.kbps, args.seed)
+        pack(args.corpus, args.out, "dev", args.dev_minutes, args.kbps, args.seed)
     else:
         unpack(args.packed, args.corpus)
 

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # One time-boxed GPU lease of training (docs/training.md, "On a lent GPU"):
 #
-#   bin/train_gpu.sh PACKED_CORPUS INIT_RELEASE OUT_DIR SECONDS
+#   bin/train_gpu.sh PACKED_CORPUS INIT_RELEASE OUT_DIR SECONDS [decoder|full]
 #
-# unpacks the corpus carried by bin/pack_corpus.py and runs two fine-tunings of INIT_RELEASE's
-# decoder side by side on the one GPU (a model this small leaves it mostly idle): `p` with the
-# reconstruction losses only, `g` adversarially (discriminator warm-up first), the latter in three
-# resumed stretches. The encoder and codebooks stay frozen, so the codes and the shipped LM stay
-# valid. It leaves OUT_DIR/{p,g1,g2,g3}.safetensors (codec weights of each stretch's end) and
-# OUT_DIR/runs.tgz (their release JSON files and logs). Everything is bounded by the clock.
+# unpacks the corpus carried by bin/pack_corpus.py, then, bounded by the clock:
+# decoder (the default): two fine-tunings of INIT_RELEASE's decoder side by side on the one GPU (a
+#   model this small leaves it mostly idle): `p` with the reconstruction losses only, `g`
+#   adversarially (discriminator warm-up first) in three resumed stretches. The encoder and
+#   codebooks stay frozen, so the codes and the shipped LM stay valid. Leaves
+#   OUT_DIR/{p,g1,g2,g3}.safetensors (codec weights at each stretch's end).
+# full: the whole codec (encoder, codebooks, decoder) with the reconstruction losses for 70 % of
+#   the time, then its LM, from INIT_RELEASE's, on the new codes. Leaves the release package as
+#   OUT_DIR/full.json and OUT_DIR/full.safetensors.part-a* (split under the 16 MiB a returned file
+#   may have; `cat` them back together).
+# Both leave OUT_DIR/runs.tgz (release JSON files and logs).
 set -u
-packed=$1 init=$2 out=$3 budget=$4
+packed=$1 init=$2 out=$3 budget=$4 mode=${5:-decoder}
 end=$(($(date +%s) + budget - 20))  # 20 s to pack the results
 corpus=/tmp/neucodec-corpus work=/tmp/neucodec-gpu
 mkdir -p "$out" "$work"
@@ -34,17 +39,29 @@ run() {  # UNTIL NAME EXPORT ARGS...: train, once more in float32 if bf16 autoca
     train "$@" || train "$@" bf16=false
 }
 
-run "$end" p p "${plain[@]}" > "$work/p.log" 2>&1 &
-(
+if [ "$mode" = full ]; then
     now=$(date +%s)
-    for i in 1 2 3; do
-        run $((now + (end - now) * i / 3)) g "g$i" "${adv[@]}" || break
+    run $((now + (end - now) * 7 / 10)) f f --config configs/neucodec_24khz.json --set "${gpu[@]}" lr=3e-4 \
+        > "$work/f.log" 2>&1
+    hours=$(python3 -c "import time; print(max($end - time.time() - 60, 10) / 3600)")  # 60 s: coding, export
+    python3 bin/train_lm.py --codec "$work/f/neucodec_24khz.json" --init-from "$init" --corpus "$corpus" \
+        --device "${DEVICE:-cuda}" --run-dir "$work/run-lm" --steps 1000000 --max-hours "$hours" \
+        --batch-size 64 --crops "${CROPS:-128}" --lr 3e-4 --export "$work/full/neucodec_24khz.json" > "$work/lm.log" 2>&1
+    cp "$work/full/neucodec_24khz.json" "$out/full.json"
+    split -b 15m "$work/full/neucodec_24khz.safetensors" "$out/full.safetensors.part-"
+else
+    run "$end" p p "${plain[@]}" > "$work/p.log" 2>&1 &
+    (
+        now=$(date +%s)
+        for i in 1 2 3; do
+            run $((now + (end - now) * i / 3)) g "g$i" "${adv[@]}" || break
+        done
+    ) > "$work/g.log" 2>&1 &
+    wait
+    for name in p g1 g2 g3; do
+        [ -f "$work/$name/neucodec_24khz.safetensors" ] && mv "$work/$name/neucodec_24khz.safetensors" "$out/$name.safetensors"
     done
-) > "$work/g.log" 2>&1 &
-wait
-for name in p g1 g2 g3; do
-    [ -f "$work/$name/neucodec_24khz.safetensors" ] && mv "$work/$name/neucodec_24khz.safetensors" "$out/$name.safetensors"
-done
+fi
 for run_dir in "$work"/run-*; do cp "$run_dir/log.csv" "$work/log_${run_dir##*-}.csv" 2>/dev/null; done
 tar czf "$out/runs.tgz" -C "$work" $(cd "$work" && ls -d ./*.log ./*.csv ./*/neucodec_24khz.json 2>/dev/null)
 tail -n 4 "$work"/*.log

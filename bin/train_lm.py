@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--max-hours", type=float)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--crops", type=int, default=64, help="batches of 8 x 5 s crops to code for training")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (also on resume)")
@@ -49,7 +50,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    codec = load_codec(args.codec)
+    codec = load_codec(args.codec).to(args.device)
     weights = load_weights(resolve(args.codec))
     codec_config = weights.codec_config
     assert codec_config is not None
@@ -68,7 +69,7 @@ def main() -> None:
         torch.save({"codes": codes, "dev": dev}, cache)
     print(f"{len(codes)} training sequences, {len(dev)} dev sequences", flush=True)
     solver = LMSolver(lm_config, codec_config, codes, args.run_dir, lr=args.lr, batch_size=args.batch_size,
-                      dev_codes=dev)
+                      dev_codes=dev, device=args.device)
     if solver.load():
         print(f"resumed LM at step {solver.step}", flush=True)
     elif start is not None:

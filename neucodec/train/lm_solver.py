@@ -33,7 +33,7 @@ Tensor = torch.Tensor
 def code_dataset(codec: Codec, batches: Batches, n_batches: int) -> Tensor:
     """Codes [N, n_q, frames] (int16) of `n_batches` batches of crops, all codebooks."""
     codec.eval()
-    out = [codec.encode(batches.next().to(codec.device), None, chunk_seconds=None).codes.to(torch.int16)
+    out = [codec.encode(batches.next().to(codec.device), None, chunk_seconds=None).codes.to(torch.int16).cpu()
            for _ in range(n_batches)]
     return torch.cat(out)
 
@@ -49,9 +49,10 @@ class LMSolver:
 
     def __init__(self, lm_config: cfg.LMConfig, codec_config: cfg.CodecConfig, codes: Tensor,
                  run_dir: str | Path, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
-                 dev_codes: Tensor | None = None) -> None:
+                 dev_codes: Tensor | None = None, device: str = "cpu") -> None:
         torch.manual_seed(seed)
-        self.lm = LanguageModel(lm_config)
+        self.device = torch.device(device)
+        self.lm = LanguageModel(lm_config).to(self.device)
         self.codes, self.dev_codes = codes, dev_codes
         self.run_dir = Path(run_dir)
         self.batch_size = batch_size
@@ -87,7 +88,7 @@ class LMSolver:
     def load(self) -> bool:
         if not self.checkpoint_path.is_file():
             return False
-        state = torch.load(self.checkpoint_path, weights_only=True)
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
         self.lm.load_state_dict(state["lm"])
         self.opt.load_state_dict(state["opt"])
         for group in self.opt.param_groups:  # the caller's rate, not the saved one (resume to anneal)
@@ -106,7 +107,7 @@ class LMSolver:
         self.lm.train()
         idx = torch.tensor([self.rng.randrange(len(self.codes)) for _ in range(self.batch_size)])
         k = self.rng.choice(self.ks)
-        codes = self.codes[idx, :k].long()
+        codes = self.codes[idx, :k].long().to(self.device)
         offset = self.rng.randrange(1000) if self.rng.random() < 0.5 else 0
         loss = lm_loss(self.lm, codes, offset)
         self.opt.zero_grad(set_to_none=True)
@@ -123,7 +124,7 @@ class LMSolver:
         self.lm.eval()
         out = {}
         for k in self.ks:
-            bits = float(lm_loss(self.lm, self.dev_codes[:, :k].long())) / math.log(2)
+            bits = float(lm_loss(self.lm, self.dev_codes[:, :k].long().to(self.device))) / math.log(2)
             out[f"bits_k{k}"] = bits
             out[f"saving_k{k}"] = 1 - bits / self.bits
         return out
