@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 SAMPLE_RATE = 24000
 CATEGORIES = ("speech", "music", "sfx")
@@ -57,7 +58,6 @@ def pack(corpus: Path, out: Path, split: str, minutes: list[float], kbps: float,
         audio = np.concatenate(pieces)
         with tempfile.TemporaryDirectory() as tmp:
             wav = Path(tmp) / f"{cat}.wav"
-            import soundfile as sf
             sf.write(wav, audio, SAMPLE_RATE, subtype="PCM_16")
             subprocess.run(["opusenc", "--quiet", "--vbr", "--bitrate", f"{kbps:g}", str(wav), str(out / f"{cat}.opus")],
                            check=True)
@@ -67,8 +67,6 @@ def pack(corpus: Path, out: Path, split: str, minutes: list[float], kbps: float,
 
 
 def _unpack_one(packed: Path, dest: Path, cat: str) -> str:
-    import soundfile as sf
-
     meta = json.loads((packed / f"{cat}.json").read_text())
     audio, sr = sf.read(str(packed / f"{cat}.opus"), dtype="int16")
     if sr != SAMPLE_RATE:
