@@ -13,13 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
 import torch
 
 from neucodec import load_codec
-from neucodec.train.losses import mel_distance, si_snr
 from neucodec.train.metrics import load_visqol
+from neucodec.train.solver import dev_scores
 
 
 def main() -> None:
@@ -34,25 +32,9 @@ def main() -> None:
     if not clips:
         raise SystemExit(f"no dev clips in {args.clips}; run bin/build_corpus.py first")
     for model in args.models:
-        codec = load_codec(model).eval()
-        scores: dict[str, list[float]] = {}
-        for path in clips:
-            x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-            wav = torch.from_numpy(x.mean(1))[None, None]
-            category = path.stem.split("_")[0]
-            with torch.no_grad():
-                z = codec.encoder(wav)
-                for bw in (1.5, 6.0):
-                    q = codec.quantizer(z, codec.config.n_q_for_bandwidth(bw))
-                    y = codec.decoder(q.quantized)[..., : wav.shape[-1]]
-                    key = f"{category}_{bw:g}k"
-                    scores.setdefault(f"{key}_mel", []).append(mel_distance(y, wav, sr))
-                    scores.setdefault(f"{key}_si_snr", []).append(float(si_snr(y, wav).mean()))
-                    if visqol is not None and category != "sfx" and bw == 6.0:
-                        scores.setdefault(f"{key}_visqol", []).append(
-                            visqol(wav.flatten().numpy(), y.flatten().numpy(), sr))
-        print(json.dumps({"model": model, **{k: round(float(np.mean(v)), 3) for k, v in sorted(scores.items())}}),
-              flush=True)
+        scores = dev_scores(load_codec(model).eval(), clips, (1.5, 6.0), visqol,
+                            lambda category, index, bandwidth: category != "sfx" and bandwidth == 6.0)
+        print(json.dumps({"model": model, **{k: round(v, 3) for k, v in sorted(scores.items())}}), flush=True)
 
 
 if __name__ == "__main__":

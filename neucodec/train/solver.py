@@ -257,30 +257,12 @@ class Solver:
             log_line("visqol-python is not installed: evaluation without ViSQOL")
         return scorer
 
-    @torch.no_grad()
     def evaluate(self, bandwidths: tp.Sequence[float] = (1.5, 6.0)) -> dict[str, float]:
         """Mean SI-SNR and mel distance on the dev clips, per category and bandwidth, and ViSQOL
         (speech mode, 16 kHz) on the first `visqol_clips` clips of each category when it is installed."""
-        self.codec.eval()
-        out: dict[str, list[float]] = {}
-        per_category: dict[str, int] = {}
-        for path in self.dev_clips:
-            x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-            wav = torch.from_numpy(x.mean(1))[None, None].to(self.device)
-            cat = path.stem.split("_")[0]
-            per_category[cat] = per_category.get(cat, 0) + 1
-            score_visqol = per_category[cat] <= self.cfg.visqol_clips and self.visqol is not None
-            z = self.codec.encoder(wav)
-            for bw in bandwidths:
-                q = self.codec.quantizer(z, self.codec.config.n_q_for_bandwidth(bw))
-                y = self.codec.decoder(q.quantized)[..., : wav.shape[-1]]
-                key = f"{cat}_{bw:g}k"
-                out.setdefault(f"{key}_si_snr", []).append(float(si_snr(y, wav).mean()))
-                out.setdefault(f"{key}_mel", []).append(mel_distance(y, wav, self.codec.sample_rate))
-                if score_visqol:
-                    out.setdefault(f"{key}_visqol", []).append(self.visqol(  # type: ignore[misc]
-                        wav.flatten().cpu().numpy(), y.flatten().float().cpu().numpy(), self.codec.sample_rate))
-        return {k: float(np.mean(v)) for k, v in out.items()}
+        return dev_scores(self.codec.eval(), self.dev_clips, bandwidths,
+                          self.visqol if self.cfg.visqol_clips else None,
+                          lambda category, index, bandwidth: index < self.cfg.visqol_clips)
 
     # ------------------------------------------------------------------ loop
     def run(self, export_to: Path | None = None, max_seconds: float | None = None,
@@ -336,6 +318,34 @@ class Solver:
         meta = {"steps": self.step, "train_hours": round(self.seconds / 3600, 3),
                 "batch_size": self.cfg.batch_size * self.world, "segment_seconds": self.cfg.segment_seconds}
         return save_release(path, self.cfg.codec.name, self.codec, self.cfg.codec, lm, lm_config, meta)
+
+
+@torch.no_grad()
+def dev_scores(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.Sequence[float],
+               visqol: VisqolSpeech | None, visqol_for: tp.Callable[[str, int, float], bool]) -> dict[str, float]:
+    """Means over `clips` of SI-SNR and mel distance per category (the file name's prefix) and
+    bandwidth, keys `{category}_{bandwidth}k_{metric}`, coding with `codec`'s encoder, quantizer and
+    decoder (no container, no LM); ViSQOL too where `visqol_for(category, index of the clip within
+    its category, bandwidth)` says so and a scorer is given."""
+    out: dict[str, list[float]] = {}
+    per_category: dict[str, int] = {}
+    for path in clips:
+        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        wav = torch.from_numpy(x.mean(1))[None, None].to(codec.device)
+        cat = path.stem.split("_")[0]
+        index = per_category.get(cat, 0)
+        per_category[cat] = index + 1
+        z = codec.encoder(wav)
+        for bw in bandwidths:
+            q = codec.quantizer(z, codec.config.n_q_for_bandwidth(bw))
+            y = codec.decoder(q.quantized)[..., : wav.shape[-1]]
+            key = f"{cat}_{bw:g}k"
+            out.setdefault(f"{key}_si_snr", []).append(float(si_snr(y, wav).mean()))
+            out.setdefault(f"{key}_mel", []).append(mel_distance(y, wav, codec.sample_rate))
+            if visqol is not None and visqol_for(cat, index, bw):
+                out.setdefault(f"{key}_visqol", []).append(visqol(
+                    wav.flatten().cpu().numpy(), y.flatten().float().cpu().numpy(), codec.sample_rate))
+    return {k: float(np.mean(v)) for k, v in out.items()}
 
 
 def append_csv(path: Path, row: dict[str, tp.Any]) -> None:
