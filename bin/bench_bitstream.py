@@ -11,7 +11,8 @@ One run on real recordings (default: the corpus dev clips, resampled to 24 kHz a
    with `use_lm=True`, minus the same calls without the LM), both with the same random
    paper-size LM weights; neucodec with the writer's LM spans and with spans of the whole LM
    context, and with the trained LM too. neucodec runs its LM in exact arithmetic, as its writer
-   does (`neucodec.exactlm`); the float32 LM of files written before it is timed for comparison.
+   does (`neucodec.exactlm`: exact-v2, int8 products); exact-v1 (float64 products, files of
+   neucodec 0.2.0) and the float32 LM of files written before it are timed for comparison.
 
     python bin/bench_bitstream.py --seconds 30 [--model neucodec_24khz] [--audio a.wav b.wav]
 """
@@ -101,8 +102,8 @@ def main() -> None:
     engine = exactlm.exact(lm)  # the writer's LM arithmetic
     print(f"\nLM spans: {span} frames (writer's choice; LM context {lm.cfg.past_context} frames)")
     print(f"\n| bandwidth | K | packed kbps | LM kbps | saved | saved, {lm.cfg.past_context}-frame spans "
-          "| segments LM-coded |")
-    print("|---|---|---|---|---|---|---|")
+          "| segments LM-coded | exact-v2 bits vs exact-v1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for bw in codec.config.bandwidths:
         codes = codec.encode(wav, bw).codes
         items = list(codes.split(seg, -1))
@@ -110,9 +111,10 @@ def main() -> None:
         lm_bits = sum(len(r) for r in entropy.lm_encode_many(engine, items, span=span)) * 8
         long_bits = sum(len(r) for r in entropy.lm_encode_many(engine, items, span=lm.cfg.past_context)) * 8
         n_lm = sum(c.flags in container.LM_FLAGS for c in entropy.encode_segments(items, engine, span=span))
+        v1_bits = sum(len(r) for r in entropy.lm_encode_many(exactlm.exact(lm, exactlm.V1), items, span=span)) * 8
         print(f"| {bw:g} | {codes.shape[1]} | {packed_bits / dur / 1000:.2f} | {lm_bits / dur / 1000:.2f} | "
               f"{100 * (1 - lm_bits / packed_bits):+.1f} % | {100 * (1 - long_bits / packed_bits):+.1f} % | "
-              f"{n_lm}/{len(items)} |")
+              f"{n_lm}/{len(items)} | {100 * (lm_bits / v1_bits - 1):+.3f} % |")
     if not trained:
         print("(random LM: no compression expected; sizes show coder overhead only)")
 
@@ -125,20 +127,21 @@ def main() -> None:
     def lm_path(model: tp.Any, span: int) -> float:
         """Encode (with the writer's check) + decode, every segment LM-coded; returns the RTF."""
         payloads = entropy.lm_encode_many(model, items, span=span)
-        flags = container.SEGMENT_LM_EXACT if isinstance(model, exactlm.ExactLM) else container.SEGMENT_LM
+        exact = isinstance(model, exactlm.ExactLM)
+        flags = container.ARITHMETIC_FLAGS[model.arithmetic] if exact else container.SEGMENT_LM
         records = [(flags, p, tuple(i.shape), "s") for p, i in zip(payloads, items)]
         t_enc = best(lambda: entropy.encode_segments(items, model, span=span), args.repeat)
         t_dec = best(lambda: entropy.decode_segments(records, model, span=span), args.repeat)
-        exact = getattr(model, "_known_matches_step", None)  # run_known's check against `step` (newer trees)
-        how = "" if exact is None else (", encoder batches LM steps" if exact and all(exact.values())
-                                       else ", encoder steps frame by frame (batched steps not exact here)")
-        print(f"  {type(model).__name__} dim {model.cfg.dim}, {span}-frame spans: encode+check {t_enc:.2f} s, "
-              f"decode {t_dec:.2f} s -> RTF {dur / (t_enc + t_dec):.1f}{how}")
+        name = model.arithmetic if exact else "float32"
+        print(f"  {type(model).__name__} {name} dim {model.cfg.dim}, {span}-frame spans: encode+check {t_enc:.2f} s, "
+              f"decode {t_dec:.2f} s -> RTF {dur / (t_enc + t_dec):.1f}")
         return dur / (t_enc + t_dec)
 
     print(f"\nneucodec LM path, 6 kbps, {dur:.0f} s, {seg}-frame segments:")
     ours = lm_path(exactlm.exact(rand_lm), span)
     ours_long = lm_path(exactlm.exact(rand_lm), rand_lm.cfg.past_context)
+    print("  (exact-v1, float64 products, as files of neucodec 0.2.0 were coded)")
+    ours_v1 = lm_path(exactlm.exact(rand_lm, exactlm.V1), span)
     print("  (float32 LM, as files before exact-v1 were coded: machine-bound, for comparison)")
     ours_float = lm_path(rand_lm, span)
     if trained:
@@ -176,8 +179,8 @@ def main() -> None:
               f"decompress +{t_d_lm - t_d:.2f} s over no-LM -> RTF {rtf:.2f}")
         ref_rtf = max(ref_rtf, rtf)
     print(f"speed-up: {ours / ref_rtf:.1f}x with {span}-frame spans, {ours_long / ref_rtf:.1f}x with "
-          f"{rand_lm.cfg.past_context}-frame spans (target >= 10x; target RTF >= 30); float32 LM "
-          f"{ours_float / ref_rtf:.1f}x")
+          f"{rand_lm.cfg.past_context}-frame spans (target >= 10x; target RTF >= 30); exact-v1 "
+          f"{ours_v1 / ref_rtf:.1f}x; float32 LM {ours_float / ref_rtf:.1f}x")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

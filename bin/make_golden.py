@@ -7,8 +7,9 @@ hashes that tests/test_golden.py asserts. Later runs add the cases that are miss
 new format version) and keep every existing file and model: they pin what every later neucodec
 must decode. `lm_mono_24khz.ecdc` predates exact LM arithmetic (FORMAT.md §4.3): its LM ran in
 float32, so it decodes only where the LM's float kernels give the writer's bits; it is marked
-`machine_bound` and `lm_exact_24khz.ecdc` is its portable successor. The `*_zheader_*` files
-pin the compressed header of FORMAT.md §2 (earlier files keep their plain JSON headers).
+`machine_bound` and `lm_exact_24khz.ecdc` (exact-v1) is its portable successor;
+`lm_exact2_24khz.ecdc` pins exact-v2, the int8-product arithmetic written since. The `*_zheader_*`
+files pin the compressed header of FORMAT.md §2 (earlier files keep their plain JSON headers).
 """
 from __future__ import annotations
 
@@ -61,12 +62,13 @@ def main() -> None:
         save_release(OUT / "golden_48khz.json", "golden_48khz", c48, c48.config)
     c24, lm = load_codec(OUT / "golden_24khz.json"), load_lm(OUT / "golden_24khz.json")
     c48 = load_codec(OUT / "golden_48khz.json")
-    cases = {  # the float32-LM file (lm_mono_24khz.ecdc) can no longer be written: this neucodec writes exact-v1
+    cases = {  # lm_mono (float32 LM) and lm_exact* (exact-v1) can no longer be written: this neucodec writes exact-v2
         "packed_2groups_24khz.ecdc": (c24, torch.cat([tone, -0.5 * tone]), 1.5, None, 1.0),
         "packed_48khz.ecdc": (c48, noise, 6.0, None, 10.0),
         "lm_exact_24khz.ecdc": (c24, tone, 3.0, lm, 0.5),
         "lm_exact_zheader_24khz.ecdc": (c24, tone, 3.0, lm, 0.5),  # compressed header (FORMAT.md §2)
         "packed_zheader_48khz.ecdc": (c48, noise, 6.0, None, 10.0),
+        "lm_exact2_24khz.ecdc": (c24, tone, 3.0, lm, 0.5),
     }
     path = OUT / "expected.json"
     expected = json.loads(path.read_text()) if path.is_file() else {"torch": torch.__version__, "files": {}}

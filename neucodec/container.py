@@ -35,8 +35,10 @@ KIND_INDEX = 0x58  # 'X'
 
 SEGMENT_PACKED = 0  # flags of a segment record: how its codes are coded
 SEGMENT_LM = 1  # LM range coding, the LM in float32 (files of neucodec 0.1.0: machine-bound)
-SEGMENT_LM_EXACT = 2  # LM range coding, the LM in exact arithmetic (neucodec.exactlm)
-LM_FLAGS = (SEGMENT_LM, SEGMENT_LM_EXACT)
+SEGMENT_LM_EXACT = 2  # LM range coding, the LM in exact arithmetic exact-v1 (neucodec 0.2.0)
+SEGMENT_LM_EXACT2 = 3  # LM range coding, the LM in exact arithmetic exact-v2 (int8 products; the writer's)
+LM_FLAGS = (SEGMENT_LM, SEGMENT_LM_EXACT, SEGMENT_LM_EXACT2)
+ARITHMETIC_FLAGS = {"exact-v1": SEGMENT_LM_EXACT, "exact-v2": SEGMENT_LM_EXACT2}  # neucodec.exactlm's names
 
 PRELUDE_ZHEADER = 1  # prelude flags bit 0: the header JSON is zlib-compressed with HEADER_DICTIONARY
 
@@ -78,7 +80,7 @@ class SegmentRecord:
 
     index: int  # 0-based position among the segments
     offset: int  # byte offset of the record head from the start of the container
-    flags: int  # SEGMENT_PACKED or SEGMENT_LM
+    flags: int  # SEGMENT_PACKED or one of LM_FLAGS
     items: int  # independent sequences (coded channel groups) in the segment
     frames: int
     payload: bytes

@@ -409,7 +409,7 @@ def lm_decode(lm: LanguageModel, payload: bytes, B: int, K: int, F: int, threads
 class CodedSegment:
     """What `encode_segments` returns for each segment."""
 
-    flags: int  # container.SEGMENT_PACKED or container.SEGMENT_LM
+    flags: int  # container.SEGMENT_PACKED or one of container.LM_FLAGS
     payload: bytes
     codes_crc: int
 
@@ -419,8 +419,9 @@ def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel |
     """Code segments [B_i, K, F_i]: with the LM when given (verified by decoding), else packed.
 
     A segment whose LM payload does not decode back to its codes, or that is not smaller than
-    its packed form, is packed instead. An `ExactLM` gives flags `SEGMENT_LM_EXACT` (what the
-    writer uses), a float32 `LanguageModel` the machine-bound `SEGMENT_LM` of neucodec 0.1.0.
+    its packed form, is packed instead. An `ExactLM` gives the flags of its arithmetic
+    (`container.ARITHMETIC_FLAGS`; the writer's: exact-v2, flags 3), a float32 `LanguageModel`
+    the machine-bound `SEGMENT_LM` of neucodec 0.1.0.
     With an `ExactLM`, groups of segments run in parallel on up to `torch.get_num_threads()`
     Python threads, each running the LM with `threads` torch threads (see `_workers`).
 
@@ -434,14 +435,14 @@ def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel |
     constriction cannot model, a symbol it cannot code, a payload that decodes to other codes --
     and the check decodes exactly that.
     """
-    from .container import SEGMENT_LM, SEGMENT_LM_EXACT, SEGMENT_PACKED
+    from .container import ARITHMETIC_FLAGS, SEGMENT_LM, SEGMENT_PACKED
 
     arrs = [_as_numpy(c) for c in items]
     packed = [pack(a, bits) for a in arrs]
     out = [CodedSegment(SEGMENT_PACKED, p, codes_crc32(a)) for a, p in zip(arrs, packed)]
     if lm is None or not arrs:
         return out
-    flags = SEGMENT_LM_EXACT if isinstance(lm, ExactLM) else SEGMENT_LM
+    flags = ARITHMETIC_FLAGS[lm.arithmetic] if isinstance(lm, ExactLM) else SEGMENT_LM
     workers = _workers(lm)
 
     def code(group: list[int]) -> list[bytes | None]:
@@ -517,8 +518,8 @@ def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int],
                     lm: LanguageModel | ExactLM | None, bits: int = 10, threads: int = LM_THREADS,
                     span: int | None = None) -> list[Tensor]:
     """Decode segments given as (flags, payload, (B, K, F), where); LM ones in batches, each with the
-    LM arithmetic its flags name (`SEGMENT_LM_EXACT`: `exactlm`; `SEGMENT_LM`: the float32 LM)."""
-    from .container import LM_FLAGS, SEGMENT_LM_EXACT
+    LM arithmetic its flags name (`container.ARITHMETIC_FLAGS`: `exactlm`; `SEGMENT_LM`: the float32 LM)."""
+    from .container import ARITHMETIC_FLAGS, LM_FLAGS
 
     out: list[Tensor | None] = [None] * len(records)
     for i, (flags, payload, (B, K, F), where) in enumerate(records):
@@ -531,7 +532,8 @@ def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int],
         if lm is None:
             raise CorruptStream(f"{records[lm_idx[0]][3]}: LM-coded but no LM is available")
         base = lm.source if isinstance(lm, ExactLM) else lm
-        runner = exact(base) if flag == SEGMENT_LM_EXACT else base
+        arithmetic = {f: name for name, f in ARITHMETIC_FLAGS.items()}.get(flag)
+        runner = exact(base, arithmetic) if arithmetic else base
         workers = _workers(runner)
 
         def decode(group: list[int]) -> list[Tensor]:

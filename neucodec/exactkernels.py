@@ -45,6 +45,30 @@ def quantize_rows(x, bits_scale, q, s):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def quantize_halves(x, bits_scale, halves, s):  # type: ignore[no-untyped-def]
+    """quantize_rows, each integer v then split as v = 256 * hi + lo, lo in [-128, 127]:
+    halves[r] = hi, halves[R + r] = lo (int8 for |v| <= 2^14).   x [R, n]; halves [2R, n]; s [R]."""
+    R = x.shape[0]
+    for r in range(R):
+        sc = _row_scale(x[r], bits_scale)
+        s[r] = sc
+        for j in range(x.shape[1]):
+            v = np.rint(x[r, j] / sc)
+            hi = np.floor((v + 128.0) * 0.00390625)  # / 256: exact
+            halves[r, j] = hi
+            halves[R + r, j] = v - 256.0 * hi
+
+
+@_jit
+def join_halves(acc, out):  # type: ignore[no-untyped-def]
+    """out = 256 * acc[:R] + acc[R:] in float64 (exact integers).   acc [2R, n] (int32); out [R, n]."""
+    R = out.shape[0]
+    for r in range(R):
+        for j in range(out.shape[1]):
+            out[r, j] = 256.0 * acc[r, j] + acc[R + r, j]
+
+
+@_jit
 def affine_(acc, s, scale, bias):  # type: ignore[no-untyped-def]
     """acc *= s[:, None] * scale; acc += bias (in place).   acc [R, n]; s [R]; scale, bias [n]."""
     for r in range(acc.shape[0]):

@@ -23,10 +23,21 @@ bits on every conforming machine), in a fixed order:
   arithmetic (`decimal`: software, the same digits everywhere); sinusoidal positions too.
 * Output probabilities are integers: floor(p * 2^20) with a floor of 1, times 2^-20, in float32.
 
+Two arithmetics, differing only in the matrix products (FORMAT.md §4.3):
+
+* `exact-v1` (segment flags 2, neucodec 0.2.0): inputs and weights as above, the products of
+  16-bit integers summed in float64 (BLAS).
+* `exact-v2` (flags 3, what the writer uses since): weights quantized per output row to
+  |q| <= 127 (scale max / 127), inputs per row to |q| <= 2^14, each input integer split as
+  256 * hi + lo with hi, lo int8, so that a product is two int8 matrix products summed exactly in
+  int32 (`torch._int_mm`: AVX-512 VNNI / AMX where present; float64 where it is missing -- the
+  same integers). About ten times faster than float64 products; the same bits on real codes as
+  exact-v1 to within 0.02 % (docs/benchmarks.md).
+
 The result differs from the float32 LM by rounding noise (+0.01 % in bits on real codes) and is
 the same on every machine, thread count and batch composition: the encoder runs many frames at
 once (`run_known`), the decoder steps (`step`), and both give the same bits by construction.
-Format: docs/FORMAT.md §4.3 (segment flags 2; header `coder.arithmetic` = "exact-v1").
+Format: docs/FORMAT.md §4.3 (header `coder.arithmetic` names the writer's arithmetic).
 
 The per-element work runs as compiled loops (`exactkernels`, numba; compiled at first use and
 cached on disk); `quantize_rows`, `exp_weights` and `_gelu` below are the numpy definitions the
@@ -45,8 +56,11 @@ import torch
 
 from .lm import LanguageModel
 
-NAME = "exact-v1"  # the header's coder "arithmetic" for this computation
-ACT_BITS = 15  # matrix-product inputs and weights: integers with |q| <= 2^15
+V1, V2 = "exact-v1", "exact-v2"  # the arithmetics (the header's coder "arithmetic")
+NAME = V2  # the writer's
+ACT_BITS = 15  # exact-v1 matrix-product inputs and weights: integers with |q| <= 2^15
+INT8_ACT_BITS = 14  # exact-v2 matrix-product inputs: |q| <= 2^14, split into two int8 halves
+INT8_WEIGHT_MAX = 127  # exact-v2 weights: |q| <= 127 per output row
 NORM_BITS = 17  # layer-norm inputs: integers with |q| <= 2^17
 EXP_SHIFT = 10  # exp's argument is rounded to 2^-EXP_SHIFT of a bit
 ATTN_ONE = 20  # attention weights are integers, the largest 2^ATTN_ONE
@@ -195,6 +209,24 @@ def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return torch.from_numpy(a).matmul(torch.from_numpy(b)).numpy()
 
 
+@functools.cache
+def _int_mm_works() -> bool:
+    """Whether `torch._int_mm` (int8 x int8 -> int32) runs here and gives the exact products."""
+    a = torch.arange(-128, 128, dtype=torch.int8).view(32, 8)
+    try:
+        return torch.equal(torch._int_mm(a, a.t().contiguous()).double(), a.double() @ a.double().t())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _int8_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b of int8 matrices, exact: int32 sums (|sum| < 2^31 for inner sizes up to 2^17), or
+    float64 where `torch._int_mm` is missing (the same integers)."""
+    if _int_mm_works():
+        return torch._int_mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    return _matmul(a.astype(np.float64), b.astype(np.float64))
+
+
 @dataclasses.dataclass
 class _Linear:
     weight: np.ndarray  # [in, out] integers (float64)
@@ -218,6 +250,29 @@ class _Linear:
         out, s = self.products(x)
         kernels.affine_(out, s, self.scale, self.bias)
         return out
+
+
+@dataclasses.dataclass
+class _Linear8(_Linear):
+    """exact-v2: weights |q| <= 127 (`weight`: int8), inputs |q| <= 2^14 as two int8 halves
+    (module docstring)."""
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> _Linear8:
+        w = weight.detach().cpu().double().numpy()
+        scale = np.max(np.abs(w), axis=1) / INT8_WEIGHT_MAX
+        scale[scale == 0] = 1.0
+        q = np.round(w / scale[:, None])
+        b = np.zeros(weight.shape[0]) if bias is None else bias.detach().cpu().double().numpy()
+        return cls(np.ascontiguousarray(q.T, dtype=np.int8), scale, b)
+
+    def products(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        R = len(x)
+        halves, s = np.empty((2 * R, x.shape[1]), np.int8), np.empty(R)
+        kernels.quantize_halves(x, 2.0 ** -INT8_ACT_BITS, halves, s)
+        out = np.empty((R, self.weight.shape[1]))
+        kernels.join_halves(_int8_matmul(halves, self.weight), out)
+        return out, s
 
 
 @dataclasses.dataclass
@@ -276,7 +331,7 @@ class ExactLM:
     2^-PROB_BITS.
     """
 
-    def __init__(self, lm: LanguageModel) -> None:
+    def __init__(self, lm: LanguageModel, arithmetic: str = NAME) -> None:
         global kernels
         if kernels is None:
             from . import exactkernels
@@ -284,7 +339,10 @@ class ExactLM:
         c = lm.cfg
         if c.dim > MAX_WIDTH or c.dim * c.hidden_scale > 4 * MAX_WIDTH or c.past_context > MAX_CONTEXT:
             raise ValueError(f"exact LM arithmetic supports widths up to {MAX_WIDTH} and contexts up to {MAX_CONTEXT}")
-        self.source, self.cfg = lm, c
+        if arithmetic not in (V1, V2):
+            raise ValueError(f"unknown LM arithmetic {arithmetic!r}")
+        self.source, self.cfg, self.arithmetic = lm, c, arithmetic
+        linear = _Linear8.of if arithmetic == V2 else _Linear.of
         self.device = torch.device("cpu")
         self.heads, self.head_dim = c.num_heads, c.dim // c.num_heads
         tables = np.stack([e.weight.detach().cpu().double().numpy() for e in lm.emb])  # [n_q, card + 1, D]
@@ -292,10 +350,10 @@ class ExactLM:
         exponent = 20 - (math.frexp(top)[1] if top > 0 else 0)  # one power-of-two grid: exact sums
         self.emb_scale, self.emb = 2.0 ** -exponent, np.round(tables * 2.0 ** exponent)
         self.norm_in = _Norm.of(lm.transformer.norm_in)
-        self.layers = [_Layer(_Linear.of(ly.self_attn.in_proj_weight, ly.self_attn.in_proj_bias),
-                              _Linear.of(ly.self_attn.out_proj.weight, ly.self_attn.out_proj.bias),
-                              _Norm.of(ly.norm1), _Linear.of(ly.linear1.weight, ly.linear1.bias),
-                              _Linear.of(ly.linear2.weight, ly.linear2.bias), _Norm.of(ly.norm2))
+        self.layers = [_Layer(linear(ly.self_attn.in_proj_weight, ly.self_attn.in_proj_bias),
+                              linear(ly.self_attn.out_proj.weight, ly.self_attn.out_proj.bias),
+                              _Norm.of(ly.norm1), linear(ly.linear1.weight, ly.linear1.bias),
+                              linear(ly.linear2.weight, ly.linear2.bias), _Norm.of(ly.norm2))
                        for ly in lm.transformer.layers]
         self._head_cache: dict[int, _Linear] = {}
 
@@ -305,8 +363,9 @@ class ExactLM:
         head = self._head_cache.get(K)
         if head is None:
             lm = self.source
-            head = _Linear.of(torch.cat([lm.head_weight(k) for k in range(K)]),
-                              torch.cat([lm.linears[k].bias for k in range(K)]))
+            linear = _Linear8.of if self.arithmetic == V2 else _Linear.of
+            head = linear(torch.cat([lm.head_weight(k) for k in range(K)]),
+                          torch.cat([lm.linears[k].bias for k in range(K)]))
             self._head_cache[K] = head
         return head
 
@@ -407,10 +466,9 @@ class ExactLM:
         return state
 
 
-def exact(lm: tp.Any) -> ExactLM:
-    """The exact-arithmetic runner of `lm`, made once per LM object (its weights must not change after)."""
-    runner = lm.__dict__.get("_exact")
-    if runner is None:
-        runner = ExactLM(lm)
-        lm.__dict__["_exact"] = runner
-    return runner
+def exact(lm: tp.Any, arithmetic: str = NAME) -> ExactLM:
+    """The runner of `lm` in `arithmetic`, made once per LM object (its weights must not change after)."""
+    runners = lm.__dict__.setdefault("_exact", {})
+    if arithmetic not in runners:
+        runners[arithmetic] = ExactLM(lm, arithmetic)
+    return runners[arithmetic]

@@ -62,9 +62,14 @@ def _known(ex: exactlm.ExactLM, codes: torch.Tensor, chunk: int, steps: int | No
     return out
 
 
+ARITHMETICS = pytest.mark.parametrize("arithmetic", [exactlm.V1, exactlm.V2])
+
+
+@ARITHMETICS
 @pytest.mark.parametrize("B, T, chunk, steps", [(5, 50, 7, 50), (1, 45, 45, None), (3, 30, 1, 10_000)])
-def test_chunks_steps_batches_and_threads_give_the_same_bits(B: int, T: int, chunk: int, steps: int | None) -> None:
-    ex = exactlm.ExactLM(_lm())
+def test_chunks_steps_batches_and_threads_give_the_same_bits(B: int, T: int, chunk: int, steps: int | None,
+                                                             arithmetic: str) -> None:
+    ex = exactlm.ExactLM(_lm(), arithmetic)
     codes = _codes(T, B, seed=B)
     stepped = _stepped(ex, codes, steps)
     assert torch.equal(_known(ex, codes, chunk, steps), stepped)  # past the context of 20: the window slides
@@ -77,10 +82,11 @@ def test_chunks_steps_batches_and_threads_give_the_same_bits(B: int, T: int, chu
         torch.set_num_threads(old)
 
 
-def test_probabilities_are_on_the_grid_and_close_to_the_float_lm() -> None:
+@ARITHMETICS
+def test_probabilities_are_on_the_grid_and_close_to_the_float_lm(arithmetic: str) -> None:
     lm = _lm(past=262)
     codes = _codes(40, 3)
-    p = _stepped(exactlm.ExactLM(lm), codes, None)
+    p = _stepped(exactlm.ExactLM(lm, arithmetic), codes, None)
     units = p.double() * 2 ** exactlm.PROB_BITS
     assert torch.equal(units, units.round()) and float(units.min()) >= 1
     with torch.no_grad():
@@ -100,19 +106,48 @@ def test_files_name_their_arithmetic_and_old_readers_would_refuse_them() -> None
     assert info.coder is not None and info.coder["arithmetic"] == exactlm.NAME and info.lm_segments > 0
     fo = io.BytesIO(data)
     records = list(container.ContainerReader(fo, container.read_prelude(fo)))
-    assert {r.flags for r in records} <= {container.SEGMENT_PACKED, container.SEGMENT_LM_EXACT}
-    assert container.SEGMENT_LM_EXACT in {r.flags for r in records}  # flags 2: unknown to 0.1.0 readers
+    assert exactlm.NAME == exactlm.V2 and {r.flags for r in records} <= {container.SEGMENT_PACKED, 3}
+    assert 3 in {r.flags for r in records}  # flags 3 (exact-v2): unknown to neucodec 0.2.0, which asks for an upgrade
 
 
-def test_the_coder_round_trips_with_the_exact_lm() -> None:
-    ex = exactlm.exact(skewed_lm(n_q=4))
+@ARITHMETICS
+def test_the_coder_round_trips_with_the_exact_lm(arithmetic: str) -> None:
+    ex = exactlm.exact(skewed_lm(n_q=4), arithmetic)
     codes = skewed_codes(3, 4, 30)
     payload = entropy.lm_encode(ex, codes, span=12)
     assert len(payload) < len(entropy.pack(codes))
     assert torch.equal(entropy.lm_decode(ex, payload, 3, 4, 30, span=12), codes)
-    assert exactlm.exact(ex_lm := skewed_lm(n_q=4)) is exactlm.exact(ex_lm)  # made once per LM
-    records = [(container.SEGMENT_LM_EXACT, payload, (3, 4, 30), "s")]
-    assert torch.equal(entropy.decode_segments(records, ex.source, span=12)[0], codes)
+    assert exactlm.exact(ex_lm := skewed_lm(n_q=4), arithmetic) is exactlm.exact(ex_lm, arithmetic)  # once per LM
+    flags = container.ARITHMETIC_FLAGS[arithmetic]
+    assert entropy.encode_segments([codes], ex, span=12)[0].flags == flags
+    records = [(flags, payload, (3, 4, 30), "s")]
+    assert torch.equal(entropy.decode_segments(records, ex.source, span=12)[0], codes)  # the flags pick the arithmetic
+    other = container.ARITHMETIC_FLAGS[exactlm.V1 if arithmetic == exactlm.V2 else exactlm.V2]
+    assert not torch.equal(entropy.decode_segments([(other, payload, (3, 4, 30), "s")], ex.source, span=12)[0], codes)
+
+
+def test_the_two_arithmetics_code_real_sized_layers_alike() -> None:
+    """exact-v2's int8 products are the exact products of its integers, with `torch._int_mm` or
+    without it, and its probabilities stay within rounding noise of exact-v1's."""
+    lm = _lm(past=262)
+    v1, v2 = exactlm.ExactLM(lm, exactlm.V1), exactlm.ExactLM(lm, exactlm.V2)
+    lin = v2.layers[0].ff1
+    x = _rows(9, R=6, n=50)
+    products, s = lin.products(x)
+    q, s_ref = exactlm.quantize_rows(x, exactlm.INT8_ACT_BITS)
+    assert lin.weight.dtype == np.int8 and np.abs(lin.weight).max() == exactlm.INT8_WEIGHT_MAX
+    assert np.array_equal(products, q @ lin.weight.astype(np.float64)) and np.array_equal(s, s_ref[:, 0])
+    works = exactlm._int_mm_works
+    try:
+        exactlm._int_mm_works = lambda: False  # type: ignore[assignment]  # a torch without int8 products
+        assert np.array_equal(lin.products(x)[0], products)
+    finally:
+        exactlm._int_mm_works = works  # type: ignore[assignment]
+    codes = _codes(40, 3)
+    p1, p2 = _stepped(v1, codes, None), _stepped(v2, codes, None)
+    assert not torch.equal(p1, p2) and float((p1 - p2).abs().max()) < 1e-3
+    with pytest.raises(ValueError, match="arithmetic"):
+        exactlm.ExactLM(lm, "exact-v9")
 
 
 
@@ -133,7 +168,7 @@ def test_segment_groups_run_side_by_side_with_the_same_bits() -> None:
         assert entropy._workers(ex) == 2
         assert entropy.encode_segments(items, ex, span=12) == alone
         assert torch.get_num_threads() == 2  # the caller's count is restored
-        assert all(c.flags == container.SEGMENT_LM_EXACT for c in alone)
+        assert all(c.flags == container.ARITHMETIC_FLAGS[exactlm.NAME] for c in alone)
         records = [(c.flags, c.payload, s, f"segment {i}") for i, (c, s) in enumerate(zip(alone, shapes))]
         assert all(torch.equal(a, b) for a, b in zip(entropy.decode_segments(records, ex, span=12), items))
         records[2] = (records[2][0], records[2][1][:4], records[2][2], records[2][3])  # the second group's
@@ -167,6 +202,21 @@ def test_quantize_and_affine_kernels() -> None:
     ref = q * (s[:, None] * scale) + bias
     kernels.affine_(q, s, scale, bias)
     assert np.array_equal(q, ref)
+
+
+def test_int8_halves_kernels() -> None:
+    x = _rows(0)
+    x[2, :3] = [1.0, -1.0, 0.99998]  # the extremes +-2^14 and a value just below
+    halves, s = np.empty((2 * len(x), x.shape[1]), np.int8), np.empty(len(x))
+    kernels.quantize_halves(x, 2.0 ** -exactlm.INT8_ACT_BITS, halves, s)
+    q, s_ref = exactlm.quantize_rows(x, exactlm.INT8_ACT_BITS)
+    hi, lo = halves[: len(x)].astype(np.int64), halves[len(x):].astype(np.int64)
+    assert np.array_equal(256 * hi + lo, q) and np.array_equal(s, s_ref[:, 0])
+    assert lo.min() >= -128 and lo.max() <= 127 and np.abs(hi).max() == 64
+    acc = np.random.default_rng(3).integers(-2 ** 31, 2 ** 31, size=(2 * len(x), 9)).astype(np.int32)
+    out = np.empty((len(x), 9))
+    kernels.join_halves(acc, out)
+    assert np.array_equal(out, 256.0 * acc[: len(x)] + acc[len(x):])
 
 
 def test_norm_and_gelu_kernels() -> None:
