@@ -3,9 +3,10 @@
 
 Anything other than a clean decode or a `NeucodecError` with a one-line message (a bare
 exception, a multi-line message, a hang past --max-seconds) counts as a failure; the exit code
-is the number of failures (capped at 100). Base files: packed and LM-coded (exact LM) 24 kHz-style
+is the number of failures (capped at 100). Base files: packed and LM-coded (exact-v2 LM) 24 kHz-style
 streams, a 48 kHz-style segmented stream and a plain version-0 stream, all from tiny fixed-seed
-models; the float32-LM golden file of neucodec 0.1.0 (tests/golden); and, when the reference
+models; the golden files LM-coded by neucodec 0.1.0 (float32 LM) and 0.2.0 (exact-v1)
+(tests/golden); and, when the reference
 `encodec` package is installed, a version-0 file it LM-coded (random paper-size LM, 2 codebooks).
 
     python bin/fuzz_container.py -n 10000 --seed 0
@@ -41,13 +42,13 @@ def base_files() -> list[tuple[str, bytes, object, object]]:
     from neucodec.model import Codec
 
     big24 = Codec(encodec_24khz()).prepare_for_inference()
-    golden = ROOT / "tests" / "golden"  # a float32-LM (flags 1) file of neucodec 0.1.0, with its model
+    golden = ROOT / "tests" / "golden"  # LM-coded files of neucodec 0.1.0 (flags 1) and 0.2.0 (flags 2)
     from neucodec.hub import load_codec, load_lm
 
-    legacy = ((golden / "lm_mono_24khz.ecdc").read_bytes(), load_codec(golden / "golden_24khz.json"),
-              load_lm(golden / "golden_24khz.json"))
+    g_codec, g_lm = load_codec(golden / "golden_24khz.json"), load_lm(golden / "golden_24khz.json")
     bases = [("packed", packed, c24, None), ("lm", lm_file, c24, lm), ("segmented", seg48, c48, None),
-             ("v0", v0, big24, None), ("lm-float32", *legacy)]
+             ("v0", v0, big24, None), ("lm-float32", (golden / "lm_mono_24khz.ecdc").read_bytes(), g_codec, g_lm),
+             ("lm-exact-v1", (golden / "lm_exact_24khz.ecdc").read_bytes(), g_codec, g_lm)]
     v0_lm = reference_v0_lm_file()
     if v0_lm is not None:
         bases.append(("v0-lm", v0_lm[0], big24, v0_lm[1]))
