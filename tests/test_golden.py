@@ -3,7 +3,8 @@
 One exception, by construction: `lm_mono_24khz.ecdc` (`machine_bound`) was LM-coded before exact LM
 arithmetic, with the float32 LM, so it decodes only on machines whose float kernels give its
 writer's bits (FORMAT.md §4.3); elsewhere it must fail cleanly with the CRC error, never decode to
-wrong codes silently. Every file written since (`lm_exact_24khz.ecdc`) must decode everywhere.
+wrong codes silently. Every file written since (`lm_exact_24khz.ecdc` in exact-v1, `lm_exact2_24khz.ecdc`
+in exact-v2) must decode everywhere.
 """
 from __future__ import annotations
 
