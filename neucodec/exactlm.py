@@ -215,7 +215,7 @@ def _int_mm_works() -> bool:
     a = torch.arange(-128, 128, dtype=torch.int8).view(32, 8)
     try:
         return torch.equal(torch._int_mm(a, a.t().contiguous()).double(), a.double() @ a.double().t())
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError, TypeError):  # an older torch, or a build without the kernel
         return False
 
 
