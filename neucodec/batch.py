@@ -3,7 +3,8 @@
 On the CPU the files are spread over worker processes (`jobs`), each loading the model once. On a
 GPU up to `jobs` files run together in this process, sharing the model: their pipelines run in
 lockstep and the codec steps of all of them go through the GPU as one batch (`neucodec.lockstep`),
-so the GPU sees batches, not single files, and each file still gets the codes it would get alone.
+so the GPU sees batches, not single files, and each file still gets the codes it would get alone;
+their LM coding runs as one batch on the CPU the same way.
 A file that fails is reported and the rest go on; the summary says how many failed.
 """
 from __future__ import annotations
@@ -171,7 +172,8 @@ def run(jobs: list[Job], mode: Mode, options: dict[str, tp.Any], *, force: bool 
                 finished(_run_one(mode, job, options, progress=progress))
         elif batched:
             codecs: dict[str, lockstep.SharedCodec] = {}
-            lockstep.run([functools.partial(_run_shared, mode, job, options, codecs) for job in todo],
+            coder = lockstep.SharedCoder()
+            lockstep.run([functools.partial(_run_shared, mode, job, options, codecs, coder) for job in todo],
                          n_jobs, finished, max_batch_samples)
         else:
             _run_parallel(todo, mode, options, n_jobs, finished)
@@ -181,8 +183,10 @@ def run(jobs: list[Job], mode: Mode, options: dict[str, tp.Any], *, force: bool 
     return Summary(outcomes, time.perf_counter() - t0)
 
 
-def _run_shared(mode: Mode, job: Job, options: dict[str, tp.Any], codecs: dict[str, lockstep.SharedCodec]) -> Outcome:
-    """`_run_one` with the codec shared by all files of a batched run (`codecs`, by model)."""
+def _run_shared(mode: Mode, job: Job, options: dict[str, tp.Any], codecs: dict[str, lockstep.SharedCodec],
+                coder: lockstep.SharedCoder) -> Outcome:
+    """`_run_one` with the codec (`codecs`, by model) and the entropy coder shared by all files of a
+    batched run."""
     shared = None
     model = options.get("model")
     try:
@@ -198,6 +202,7 @@ def _run_shared(mode: Mode, job: Job, options: dict[str, tp.Any], codecs: dict[s
             shared = codecs[str(model)]
     except (NeucodecError, OSError):
         pass  # left to the pipeline, which meets the same problem and reports it for this file
+    options = dict(options, segments_coder=coder)
     return _run_one(mode, job, options if shared is None else dict(options, codec=shared))
 
 

@@ -165,8 +165,9 @@ def _counted(chunks: tp.Iterable[Tensor], codec: Codec, first: Tensor | None, re
 class _SegmentSink:
     """Collects finished segments, codes them in batches and writes them."""
 
-    def __init__(self, writer: container.ContainerWriter, info: StreamInfo, lm: LanguageModel | None) -> None:
-        self.writer, self.info, self.lm = writer, info, lm
+    def __init__(self, writer: container.ContainerWriter, info: StreamInfo, lm: LanguageModel | None,
+                 segments_coder: tp.Any) -> None:
+        self.writer, self.info, self.lm, self.segments_coder = writer, info, lm, segments_coder
         self.pending: list[tuple[Tensor, Tensor | None]] = []
         self.batch = LM_BATCH if lm is not None else 1
 
@@ -179,8 +180,8 @@ class _SegmentSink:
         if not self.pending:
             return
         lm = None if self.lm is None else exactlm.exact(self.lm)  # the writer's LM arithmetic
-        coded = entropy.encode_segments([c for c, _ in self.pending], lm, self.info.bits_per_code,
-                                        span=_span(self.info))
+        coded = self.segments_coder.encode_segments([c for c, _ in self.pending], lm, self.info.bits_per_code,
+                                                    span=_span(self.info))
         for (codes, scales), seg in zip(self.pending, coded):
             prefix = b"" if scales is None else np.ascontiguousarray(scales.numpy(), dtype="<f4").tobytes()
             self.writer.write_segment(prefix + seg.payload, codes.shape[-1], codes.shape[0], seg.flags, seg.codes_crc)
@@ -192,7 +193,8 @@ class _SegmentSink:
 
 def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *, bandwidth: float | None,
                   lm: LanguageModel | None, source_sample_rate: int, source_channels: int,
-                  segment_seconds: float = 10.0, progress: tp.Callable[[int], None] | None = None) -> StreamInfo:
+                  segment_seconds: float = 10.0, progress: tp.Callable[[int], None] | None = None,
+                  segments_coder: tp.Any = entropy) -> StreamInfo:
     """Encode audio chunks into an .ecdc stream written to `fo` (which need not seek).
 
     Args:
@@ -205,6 +207,8 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
         segment_seconds: causal codecs: length of a container segment (unit of damage and of
             random access; the LM restarts at each).
         progress: called with the number of samples of each chunk consumed.
+        segments_coder: what codes the segments' codes: `neucodec.entropy`, or a lockstep run's
+            shared view of it (`lockstep.SharedCoder`, which codes several files' segments at once).
     Returns:
         the `StreamInfo` of the written stream (length, segments and bytes filled in).
     """
@@ -236,7 +240,7 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
         segment_frames=seg_frames, segment_length=cfg.segment_length, segment_stride=cfg.segment_stride,
         scales=bool(cfg.normalize), coder=coder)
     writer = container.ContainerWriter(fo, _header(info))
-    sink = _SegmentSink(writer, info, lm)
+    sink = _SegmentSink(writer, info, lm, segments_coder)
     total = [0]
     audio = _counted(chunks, codec, first, it, progress, total)
     with torch.inference_mode():
@@ -346,8 +350,8 @@ def _payload_bound(info: StreamInfo, items: int, frames: int) -> int:
     return 4 * items * info.scales + items * info.n_q * frames * 4 + 64
 
 
-def _segment_codes(reader: container.ContainerReader, info: StreamInfo, codec: Codec,
-                   lm_box: list[LanguageModel | None]) -> tp.Iterator[tuple[Tensor, Tensor | None]]:
+def _segment_codes(reader: container.ContainerReader, info: StreamInfo, lm_box: list[LanguageModel | None],
+                   segments_coder: tp.Any) -> tp.Iterator[tuple[Tensor, Tensor | None]]:
     """Read, check and decode segments (LM ones in batches): yields (codes [G, K, F], scales [G] | None)."""
     G, K = info.groups, info.n_q
     batch: list[container.SegmentRecord] = []
@@ -367,7 +371,7 @@ def _segment_codes(reader: container.ContainerReader, info: StreamInfo, codec: C
             scales.append(sc)
         if any(t[0] in container.LM_FLAGS for t in todo) and lm_box[0] is None:
             lm_box[0] = _resolve_lm(None, info)
-        codes = entropy.decode_segments(todo, lm_box[0], info.bits_per_code, span=_span(info))
+        codes = segments_coder.decode_segments(todo, lm_box[0], info.bits_per_code, span=_span(info))
         out = []
         for r, c, sc in zip(records, codes, scales):
             if entropy.codes_crc32(c) != r.codes_crc:
@@ -481,7 +485,8 @@ def _audio(codes_iter: tp.Iterator[tuple[Tensor, Tensor | None]], codec: Codec, 
 
 
 def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel | None = None, *,
-                  v0_lm_threads: int | None = None) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
+                  v0_lm_threads: int | None = None,
+                  segments_coder: tp.Any = entropy) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
     """Read an .ecdc stream (v1, or a reference v0 file) and decode it chunk by chunk.
 
     Args:
@@ -493,6 +498,7 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
             LM ran with (their probabilities depend on it; see `neucodec.v0lm`). None: the
             environment variable `NEUCODEC_V0_LM_THREADS`, else this process's torch thread count
             (what the reference tool itself would use here).
+        segments_coder: what decodes the segments' codes (`encode_stream`).
     Returns:
         (info, chunks): audio chunks [G, C, t] at the codec rate, `info.length` samples in all;
         `info.length` and the totals are filled in once the iterator is exhausted.
@@ -506,7 +512,7 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
     codec = _resolve_codec(codec, info)
     lm_box: list[LanguageModel | None] = [None if lm is None or info.lm_id is None else _resolve_lm(lm, info)]
     reader = container.ContainerReader(fi, prelude)
-    codes = _segment_codes(reader, info, codec, lm_box)
+    codes = _segment_codes(reader, info, lm_box, segments_coder)
 
     def finish() -> int:
         for _ in codes:  # pragma: no cover - all consumed already

@@ -1,4 +1,4 @@
-"""Cross-file batching: many files' pipelines run in lockstep, their codec steps run as one batch.
+"""Cross-file batching: many files' pipelines run in lockstep, their codec steps (and LM coding) run as one batch.
 
 Each file keeps its own, unchanged pipeline (`pipeline.encode_file`/`decode_file`: reading,
 resampling, entropy coding, the atomic write, its own errors). It runs as a *fiber*: a thread that
@@ -10,6 +10,11 @@ pipelines use:
     decode_step(codes [B, K, f], state, final)        causal models, streaming decode
     _encode_segments(x [N, C, L], n_q)                segmented models (48 kHz), 1 s segments
     _decode_segments(codes [N, K, F], scales [N])
+
+The entropy coder is shared the same way (`SharedCoder`): a file's `encode_segments` or
+`decode_segments` call waits too, and the calls of all paused files with the same exact-arithmetic
+LM, bandwidth and LM spans run as one call, one LM run over all their segments (an exact LM gives
+every segment the same payload, and decodes it to the same codes, whatever it is batched with).
 
 When every live fiber is paused, the scheduler groups the steps that can be stacked (same method,
 same shapes but for the batch dimension, same streaming-state shapes, same `final`), concatenates
@@ -29,11 +34,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import threading
 import typing as tp
 
 import torch
 
+from . import entropy
+from .container import ARITHMETIC_FLAGS, SEGMENT_PACKED
+from .exactlm import ExactLM
 from .layers import LSTMState
 from .model import Codec
 
@@ -55,10 +64,11 @@ _local = threading.local()
 
 @dataclasses.dataclass
 class _Step:
-    codec: Codec
+    target: tp.Any  # a Codec, or the `entropy` module
     method: str
     args: tuple[tp.Any, ...]
     samples: int  # audio samples the step covers (its share of the device memory)
+    key: tp.Hashable  # steps with equal keys run as one call; None: alone
 
 
 class _Fiber:
@@ -158,7 +168,44 @@ class SharedCodec:
         fiber: _Fiber | None = getattr(_local, "fiber", None)
         if fiber is None:
             return getattr(self.codec, method)(*args)
-        return fiber.pause(_Step(self.codec, method, args, samples * self.codec.channels))
+        key = (id(self.codec), method, _signature(args))
+        return fiber.pause(_Step(self.codec, method, args, samples * self.codec.channels, key))
+
+
+class SharedCoder:
+    """`neucodec.entropy`'s `encode_segments`/`decode_segments` as the files of a lockstep run see
+    them: called from a fiber, they wait to run together with the other files' calls (module
+    docstring). Only calls that give every segment the result it would get alone are stacked:
+    those with an exact-arithmetic LM (and packed segments); a float32-LM call runs alone, since
+    its results depend on the batch."""
+
+    def encode_segments(self, items: list[Tensor], lm: tp.Any, bits: int = 10, threads: int = entropy.LM_THREADS,
+                        span: int | None = None) -> list[entropy.CodedSegment]:
+        stackable = isinstance(lm, ExactLM) and len({tuple(i.shape[1:-1]) for i in items}) == 1
+        key = ("encode_segments", _lm_key(lm), bits, threads, span, tuple(items[0].shape[1:-1])) \
+            if stackable and items else None
+        return self._step("encode_segments", key, list(items), lm, bits, threads, span)
+
+    def decode_segments(self, records: list[tuple[int, bytes, tuple[int, int, int], str]], lm: tp.Any, bits: int = 10,
+                        threads: int = entropy.LM_THREADS, span: int | None = None) -> list[Tensor]:
+        exact = {SEGMENT_PACKED, *ARITHMETIC_FLAGS.values()}
+        stackable = lm is not None and all(r[0] in exact for r in records) and len({r[2][1] for r in records}) == 1
+        key = ("decode_segments", _lm_key(lm), bits, threads, span, records[0][2][1]) \
+            if stackable and records else None
+        return self._step("decode_segments", key, list(records), lm, bits, threads, span)
+
+    @staticmethod
+    def _step(method: str, key: tp.Hashable, *args: tp.Any) -> tp.Any:
+        fiber: _Fiber | None = getattr(_local, "fiber", None)
+        if fiber is None:
+            return getattr(entropy, method)(*args)
+        return fiber.pause(_Step(entropy, method, args, 0, key))
+
+
+def _lm_key(lm: tp.Any) -> tp.Hashable:
+    """What must be equal for LM calls to stack: the arithmetic and the weights (hub's fingerprint)."""
+    base = lm.source if isinstance(lm, ExactLM) else lm
+    return type(lm).__name__, getattr(lm, "arithmetic", None), getattr(base, "fingerprint", None) or id(base)
 
 
 # --------------------------------------------------------------------------------------- scheduler
@@ -201,7 +248,7 @@ def _execute(steps: list[_Step], max_samples: int) -> list[tuple[tp.Any, BaseExc
     replies: list[tuple[tp.Any, BaseException | None]] = [(None, None)] * len(steps)
     groups: dict[tp.Hashable, list[int]] = {}
     for i, s in enumerate(steps):
-        groups.setdefault((id(s.codec), s.method, _signature(s.args)), []).append(i)
+        groups.setdefault(("alone", i) if s.key is None else s.key, []).append(i)
     with torch.inference_mode():
         for members in groups.values():
             batch: list[int] = []
@@ -218,15 +265,23 @@ def _execute(steps: list[_Step], max_samples: int) -> list[tuple[tp.Any, BaseExc
 
 
 def _run_batch(steps: list[_Step], batch: list[int], replies: list[tuple[tp.Any, BaseException | None]]) -> None:
-    """Run steps[i] for i in `batch` as one call; their results (or errors) go into `replies`."""
+    """Run steps[i] for i in `batch` as one call; their results (or errors) go into `replies`.
+    Codec steps stack their tensors and states; coder steps concatenate their lists of segments
+    (results: one per segment)."""
     first = steps[batch[0]]
-    fn = getattr(first.codec, first.method)
+    fn = getattr(first.target, first.method)
     try:
         if len(batch) == 1:
             replies[batch[0]] = (fn(*first.args), None)
             return
-        out = fn(*_cat([steps[i].args for i in batch]))
-        for i, o in zip(batch, _split(out, [int(steps[i].args[0].shape[0]) for i in batch])):
+        if isinstance(first.args[0], list):
+            sizes = [len(steps[i].args[0]) for i in batch]
+            out = fn([x for i in batch for x in steps[i].args[0]], *first.args[1:])
+            parts = [out[a: a + n] for a, n in zip(itertools.accumulate(sizes, initial=0), sizes)]
+        else:
+            out = fn(*_cat([steps[i].args for i in batch]))
+            parts = _split(out, [int(steps[i].args[0].shape[0]) for i in batch])
+        for i, o in zip(batch, parts):
             replies[i] = (o, None)
     except Exception as e:  # noqa: BLE001 - goes to the file(s) at fault
         if len(batch) == 1:

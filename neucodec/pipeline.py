@@ -161,7 +161,8 @@ def _translate(e: BaseException, target: str) -> NeucodecError | None:
 def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, bandwidth: float | None = None,
                 use_lm: bool = False, device: str | torch.device = "auto", force: bool = False,
                 progress: bool = False, notify: Notify | None = None, codec: Codec | None = None,
-                lm: LanguageModel | None = None, segment_seconds: float | None = None) -> FileResult:
+                lm: LanguageModel | None = None, segment_seconds: float | None = None,
+                segments_coder: tp.Any = None) -> FileResult:
     """Compress an audio file (or `-` for stdin) into an .ecdc file (or `-` for stdout).
 
     Args:
@@ -171,6 +172,7 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         force: replace an existing `dst`.
         progress: show a bar for long files on stderr.
         notify: called with one-line notes (resampling, per-channel bitrate).
+        codec, lm, segments_coder: shared by the files of a batched folder run (`neucodec.batch`).
     Returns:
         FileResult with the stream's StreamInfo, the audio duration and the stream size.
     """
@@ -197,6 +199,8 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
                                          source_channels=reader.channels)
         if segment_seconds is not None:
             kwargs["segment_seconds"] = segment_seconds
+        if segments_coder is not None:
+            kwargs["segments_coder"] = segments_coder
         try:
             if _is_stdio(dst):
                 out = _binary_stdout()
@@ -260,7 +264,8 @@ def _codec_chunks(reader: audio_io.AudioReader, codec: Codec, bar: _Bar) -> tp.I
 def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
                 device: str | torch.device = "auto", force: bool = False, subtype: str | None = None,
                 sample_rate: int | None = None, progress: bool = False, notify: Notify | None = None,
-                codec: Codec | None = None, lm: LanguageModel | None = None) -> FileResult:
+                codec: Codec | None = None, lm: LanguageModel | None = None,
+                segments_coder: tp.Any = None) -> FileResult:
     """Decompress an .ecdc file (or `-` for stdin) into WAV/FLAC (or WAV on stdout for `-`).
 
     The output has the source's sample rate and channel count unless `sample_rate` is given.
@@ -286,7 +291,8 @@ def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
         if lm is None and model is not None and (known is None or known.lm_id):
             lm = _optional_lm(model)
         try:
-            info, chunks = ecdc.decode_stream(fi, codec=codec, lm=lm)
+            info, chunks = ecdc.decode_stream(fi, codec=codec, lm=lm,
+                                              **({} if segments_coder is None else {"segments_coder": segments_coder}))
         except (UnknownModel, WeightsUnavailable) as e:
             if model is not None:
                 raise

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from neucodec import batch, load_codec, model
+from neucodec import batch, entropy, load_codec, model
 from neucodec.atomic import TMP_MARK
 from neucodec.ecdc import decode_bytes
 from neucodec.model import Codec
@@ -18,6 +18,7 @@ from neucodec.model import Codec
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = ("encode_step", "decode_step", "_encode_segments", "_decode_segments")
+CODER = ("encode_segments", "decode_segments")  # entropy: LM coding, batched across files too
 
 
 def test_steps_depend_only_on_the_length() -> None:
@@ -35,8 +36,8 @@ def test_steps_depend_only_on_the_length() -> None:
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
-    """Rows of every codec step that runs (the real steps, only counted)."""
-    seen: dict[str, list[int]] = {name: [] for name in STEPS}
+    """Rows of every codec step that runs, and segments of every LM-coding call (the real calls, only counted)."""
+    seen: dict[str, list[int]] = {name: [] for name in STEPS + CODER}
     for name in STEPS:
         real = getattr(Codec, name)
 
@@ -45,6 +46,16 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
             return _real(self, x, *args)
 
         monkeypatch.setattr(Codec, name, spy)
+    for name in CODER:
+        real = getattr(entropy, name)
+
+        def coder_spy(segments: list[tp.Any], lm: tp.Any, *args: tp.Any, _real: tp.Any = real, _name: str = name,
+                      **kw: tp.Any) -> tp.Any:
+            if lm is not None:
+                seen[_name].append(len(segments))
+            return _real(segments, lm, *args, **kw)
+
+        monkeypatch.setattr(entropy, name, coder_spy)
     return seen
 
 
@@ -94,16 +105,22 @@ def test_batched_folder_gives_the_files_of_a_one_by_one_run(
     (rows_alone, n_alone), (rows_batched, n_batched) = runs["alone"], runs["batched"]
     assert rows_alone == rows_batched  # the same work ...
     assert sum(n_batched.values()) < sum(n_alone.values())  # ... in fewer, larger calls
+    if use_lm:  # LM coding too: the ten files' segments in fewer calls than files
+        assert rows_alone["encode_segments"] >= 10 and n_batched["encode_segments"] < n_alone["encode_segments"]
     assert not list(tmp_path.rglob(f"*{TMP_MARK}*"))
 
     (tmp_path / "alone" / "corrupt.ecdc").write_bytes(b"NCDC\x01" + bytes(100))
-    decoded = {}
+    decoded, lm_calls = {}, {}
     for name, kw in (("alone", dict(n_jobs=1)), ("batched", dict(n_jobs=4, batched=True, max_batch_samples=cap))):
+        calls["decode_segments"].clear()
         dst = tmp_path / f"dec_{name}"
         summary = batch.run(batch.plan(tmp_path / "alone", dst, "decode"), "decode",
                             dict(model=weights, device="cpu", subtype="FLOAT"), progress=False, **kw)
         assert [o.job.source.name for o in summary.failed] == ["corrupt.ecdc"] and summary.count("done") == 10
         decoded[name] = {k: sf.read(p, always_2d=True) for k, p in _outputs(dst, ".wav").items()}
+        lm_calls[name] = list(calls["decode_segments"])
+    if use_lm:
+        assert sum(lm_calls["alone"]) == sum(lm_calls["batched"]) and len(lm_calls["batched"]) < len(lm_calls["alone"])
     for key, (audio, rate) in decoded["alone"].items():
         other, other_rate = decoded["batched"][key]
         assert rate == other_rate and audio.shape == other.shape
