@@ -194,7 +194,7 @@ class _SegmentSink:
 def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *, bandwidth: float | None,
                   lm: LanguageModel | None, source_sample_rate: int, source_channels: int,
                   segment_seconds: float = 10.0, progress: tp.Callable[[int], None] | None = None,
-                  segments_coder: tp.Any = entropy) -> StreamInfo:
+                  segments_coder: tp.Any = None) -> StreamInfo:
     """Encode audio chunks into an .ecdc stream written to `fo` (which need not seek).
 
     Args:
@@ -207,8 +207,8 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
         segment_seconds: causal codecs: length of a container segment (unit of damage and of
             random access; the LM restarts at each).
         progress: called with the number of samples of each chunk consumed.
-        segments_coder: what codes the segments' codes: `neucodec.entropy`, or a lockstep run's
-            shared view of it (`lockstep.SharedCoder`, which codes several files' segments at once).
+        segments_coder: what codes the segments' codes: None for `neucodec.entropy`, or a lockstep
+            run's shared view of it (`lockstep.SharedCoder`, which codes several files' segments at once).
     Returns:
         the `StreamInfo` of the written stream (length, segments and bytes filled in).
     """
@@ -240,7 +240,7 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
         segment_frames=seg_frames, segment_length=cfg.segment_length, segment_stride=cfg.segment_stride,
         scales=bool(cfg.normalize), coder=coder)
     writer = container.ContainerWriter(fo, _header(info))
-    sink = _SegmentSink(writer, info, lm, segments_coder)
+    sink = _SegmentSink(writer, info, lm, segments_coder or entropy)
     total = [0]
     audio = _counted(chunks, codec, first, it, progress, total)
     with torch.inference_mode():
@@ -486,7 +486,7 @@ def _audio(codes_iter: tp.Iterator[tuple[Tensor, Tensor | None]], codec: Codec, 
 
 def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel | None = None, *,
                   v0_lm_threads: int | None = None,
-                  segments_coder: tp.Any = entropy) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
+                  segments_coder: tp.Any = None) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
     """Read an .ecdc stream (v1, or a reference v0 file) and decode it chunk by chunk.
 
     Args:
@@ -512,7 +512,7 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
     codec = _resolve_codec(codec, info)
     lm_box: list[LanguageModel | None] = [None if lm is None or info.lm_id is None else _resolve_lm(lm, info)]
     reader = container.ContainerReader(fi, prelude)
-    codes = _segment_codes(reader, info, lm_box, segments_coder)
+    codes = _segment_codes(reader, info, lm_box, segments_coder or entropy)
 
     def finish() -> int:
         for _ in codes:  # pragma: no cover - all consumed already

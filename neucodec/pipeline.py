@@ -196,11 +196,9 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         bar = _Bar(progress, reader.seconds, Path(src).name if not _is_stdio(src) else "stdin")
         chunks = _codec_chunks(reader, codec, bar)
         kwargs: dict[str, tp.Any] = dict(bandwidth=bandwidth, lm=lm, source_sample_rate=reader.sample_rate,
-                                         source_channels=reader.channels)
+                                         source_channels=reader.channels, segments_coder=segments_coder)
         if segment_seconds is not None:
             kwargs["segment_seconds"] = segment_seconds
-        if segments_coder is not None:
-            kwargs["segments_coder"] = segments_coder
         try:
             if _is_stdio(dst):
                 out = _binary_stdout()
@@ -291,8 +289,7 @@ def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
         if lm is None and model is not None and (known is None or known.lm_id):
             lm = _optional_lm(model)
         try:
-            info, chunks = ecdc.decode_stream(fi, codec=codec, lm=lm,
-                                              **({} if segments_coder is None else {"segments_coder": segments_coder}))
+            info, chunks = ecdc.decode_stream(fi, codec=codec, lm=lm, segments_coder=segments_coder)
         except (UnknownModel, WeightsUnavailable) as e:
             if model is not None:
                 raise
