@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""What limits the model's ViSQOL: score the decoded dev speech against oracle repairs of it.
+
+Each row is the mean ViSQOL (speech mode, 16 kHz) over the dev speech clips of one signal:
+
+* the model at a bandwidth, and its encoder -> decoder with no quantizer at all (the latent as is);
+* the model's output with its short-time spectral envelope replaced by the reference's
+  ("oracle envelope"): the STFT (512-point Hann, hop 128) is rescaled so that its power, smoothed
+  over F bins x T frames, matches the reference's smoothed the same way; the fine structure and
+  phase stay the model's. F x T = 8 x 4 is about 375 Hz x 21 ms at 24 kHz;
+* the same with one static gain per frequency band over the whole clip ("static EQ");
+* the reference itself with its spectrum above 1 kHz lowered by 10 and 18 dB, low-passed at 4 kHz,
+  or with white noise at 20 dB SNR: what those degradations alone cost.
+
+    python bin/probe_visqol.py [--model neucodec_24khz] [--bandwidth 6]     # needs the eval extra
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import scipy.signal as ss
+import soundfile as sf
+import torch
+from scipy.ndimage import uniform_filter
+
+from neucodec import load_codec
+from neucodec.train.metrics import VisqolSpeech
+
+N_FFT = 512
+
+
+def stft(x: np.ndarray) -> np.ndarray:
+    return ss.stft(x, nperseg=N_FFT)[2]
+
+
+def istft(z: np.ndarray, n: int) -> np.ndarray:
+    return ss.istft(z, nperseg=N_FFT)[1][:n]
+
+
+def oracle_envelope(x: np.ndarray, y: np.ndarray, bins: int, frames: int) -> np.ndarray:
+    """y with the power of its STFT, smoothed over bins x frames, set to x's smoothed the same way."""
+    X, Y = stft(x), stft(y)
+    n = min(X.shape[1], Y.shape[1])
+    X, Y = X[:, :n], Y[:, :n]
+    px = uniform_filter(np.abs(X) ** 2, (bins, frames))
+    py = uniform_filter(np.abs(Y) ** 2, (bins, frames))
+    return istft(Y * np.sqrt((px + 1e-12) / (py + 1e-12)), len(x))
+
+
+def shelf(x: np.ndarray, db: float, above: float, rate: int = 24000) -> np.ndarray:
+    spec = np.fft.rfft(x)
+    spec[np.fft.rfftfreq(len(x), 1 / rate) > above] *= 10 ** (db / 20)
+    return np.fft.irfft(spec, len(x))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="neucodec_24khz")
+    p.add_argument("--bandwidth", type=float, default=6.0)
+    p.add_argument("--clips", type=Path, default=Path.home() / ".cache/neucodec-train/corpus/dev/clips")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    clips = sorted(args.clips.glob("speech_*.wav"))
+    if not clips:
+        raise SystemExit(f"no dev speech clips in {args.clips}; run bin/build_corpus.py first")
+    codec, visqol = load_codec(args.model).eval(), VisqolSpeech()
+    n_q = codec.config.n_q_for_bandwidth(args.bandwidth)
+    rows: dict[str, list[float]] = {}
+    rng = np.random.default_rng(0)
+    for path in clips:
+        x = sf.read(str(path), dtype="float32")[0]
+        with torch.no_grad():
+            z = codec.encoder(torch.from_numpy(x)[None, None])
+            y = codec.decoder(codec.quantizer(z, n_q).quantized)[0, 0, : len(x)].numpy().astype(np.float64)
+            free = codec.decoder(z)[0, 0, : len(x)].numpy().astype(np.float64)
+        x64 = x.astype(np.float64)
+        signals = {
+            f"model at {args.bandwidth:g} kbps": y,
+            "model, no quantizer": free,
+            "model + oracle envelope 8 x 4": oracle_envelope(x64, y, 8, 4),
+            "model + oracle envelope 16 x 8": oracle_envelope(x64, y, 16, 8),
+            "model + oracle envelope 32 x 16": oracle_envelope(x64, y, 32, 16),
+            "model + oracle static EQ (16-bin bands)": oracle_envelope(x64, y, 16, 1 << 20),
+            "reference, -10 dB above 1 kHz": shelf(x64, -10, 1000),
+            "reference, -18 dB above 1 kHz": shelf(x64, -18, 1000),
+            "reference, low-passed at 4 kHz": shelf(x64, -200, 4000),
+            "reference + white noise, 20 dB SNR": x64 + rng.normal(size=len(x)) * x64.std() * 0.1,
+        }
+        for name, signal in signals.items():
+            rows.setdefault(name, []).append(visqol(x64, signal, codec.sample_rate))
+    print(f"ViSQOL (speech mode), mean over {len(clips)} dev speech clips; model {args.model}\n")
+    print("| signal | ViSQOL |\n|---|---|")
+    for name, scores in rows.items():
+        print(f"| {name} | {np.nanmean(scores):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
