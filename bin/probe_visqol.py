@@ -5,9 +5,9 @@ Each row is the mean ViSQOL (speech mode, 16 kHz) over the dev speech clips of o
 
 * the model at a bandwidth, and its encoder -> decoder with no quantizer at all (the latent as is);
 * the model's output with its short-time spectral envelope replaced by the reference's
-  ("oracle envelope"): the STFT (512-point Hann, hop 128) is rescaled so that its power, smoothed
+  ("oracle envelope"): the STFT (512-point Hann, hop 256) is rescaled so that its power, smoothed
   over F bins x T frames, matches the reference's smoothed the same way; the fine structure and
-  phase stay the model's. F x T = 8 x 4 is about 375 Hz x 21 ms at 24 kHz;
+  phase stay the model's. F x T = 8 x 4 is about 375 Hz x 43 ms at 24 kHz;
 * the same with one static gain per frequency band over the whole clip ("static EQ");
 * the reference itself with its spectrum above 1 kHz lowered by 10 and 18 dB, low-passed at 4 kHz,
   or with white noise at 20 dB SNR: what those degradations alone cost.
