@@ -67,6 +67,7 @@ class TrainConfig:
     freeze_encoder: bool = False  # train the decoder only: the encoder and codebooks, so the codes, stay fixed
     bf16: bool = True  # on CUDA, forward passes under bf16 autocast (losses in float32)
     loader_workers: int = 0  # processes drawing batches ahead of the loop (0: the loop draws them)
+    mel_floor: float = 1e-5  # the mel loss's log floor: log(floor + mel); higher ignores near-silent bins
 
     def to_dict(self) -> dict[str, tp.Any]:
         return dataclasses.asdict(self)
@@ -109,7 +110,7 @@ class Solver:
             self.disc_model = nn.parallel.DistributedDataParallel(self.disc, device_ids=ids)
         self.opt = torch.optim.Adam(self.codec.parameters(), lr=config.lr, betas=config.betas)
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=config.disc_lr or config.lr, betas=config.betas)
-        self.mel_loss = MultiScaleMelLoss(config.codec.sample_rate).to(self.device)
+        self.mel_loss = MultiScaleMelLoss(config.codec.sample_rate, floor=config.mel_floor).to(self.device)
         self.balancer = Balancer(config.weights) if config.balancer else None
         self.step = 0
         self.seconds = 0.0  # training wall time, accumulated across resumes
