@@ -271,6 +271,9 @@ def info(path: str, as_json: bool, verbose: bool) -> int:
     seconds = data.get("duration") or 0.0
     groups = data.get("groups") or 1
     coder = f"LM {data['lm_id']} ({data.get('lm_fingerprint')})" if data.get("lm_id") else "plain (no LM)"
+    settings = data.get("coder")
+    if isinstance(settings, dict) and settings.get("arithmetic"):  # as the writer declared it (FORMAT.md §4.2)
+        coder += f" in {str(settings['arithmetic'])[:20]} arithmetic"
     bw = f"{data['bandwidth']:g} kbps" if data.get("bandwidth") else "all codebooks"
     rows = [
         ("file", audio_io.describe(path)),

@@ -51,6 +51,10 @@ def test_encode_info_decode_round_trip(recordings: dict[str, Path], tiny_model: 
     assert code == 0 and "tiny_24khz" in text and "44100 Hz, 2 channel" in text
     code, text = run("info", out, "--json")
     assert json.loads(text[text.index("{"):])["source_channels"] == 2
+    golden = Path(__file__).parent / "golden"
+    for name, arithmetic in (("lm_exact2_24khz.ecdc", "exact-v2"), ("lm_exact_24khz.ecdc", "exact-v1")):
+        code, text = run("info", golden / name)
+        assert code == 0 and f"in {arithmetic} arithmetic, 3 of 3 segments LM-coded" in text, text
     code, text = run("decode", out, tmp_path / "s.flac", "--subtype", "PCM_24", "-q")
     assert code == 1 and "tiny_24khz" in text and "-m/--model" in text  # not installed by name
     code, text = run("decode", out, tmp_path / "s.flac", "--subtype", "PCM_24", "-m", tiny_model, "-q")
