@@ -31,8 +31,8 @@ Two arithmetics, differing only in the matrix products (FORMAT.md §4.3):
   |q| <= 127 (scale max / 127), inputs per row to |q| <= 2^14, each input integer split as
   256 * hi + lo with hi, lo int8, so that a product is two int8 matrix products summed exactly in
   int32 (`torch._int_mm`: AVX-512 VNNI / AMX where present; float64 where it is missing -- the
-  same integers). About ten times faster than float64 products; the same bits on real codes as
-  exact-v1 to within 0.02 % (docs/benchmarks.md).
+  same integers). About ten times faster than float64 products; the same payload sizes on real
+  codes as exact-v1 to within 0.06 % (docs/benchmarks.md).
 
 The result differs from the float32 LM by rounding noise (+0.01 % in bits on real codes) and is
 the same on every machine, thread count and batch composition: the encoder runs many frames at
