@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from neucodec.train.solver import TrainConfig, build
+from neucodec.weights import load_weights, resolve
 
 
 def main() -> None:
@@ -49,11 +50,13 @@ def main() -> None:
         data[key] = json.loads(value)
     config = TrainConfig.from_dict(data)
     solver = build(config, args.run_dir, args.corpus, device)
+    parent = load_weights(resolve(args.init_from)) if args.init_from else None
     if solver.load():
         print(f"resumed from {solver.checkpoint_path} at step {solver.step}", flush=True)
-    elif args.init_from:
-        solver.init_from_release(args.init_from)
+    elif parent is not None:
+        solver.init_from_release(parent)
         print(f"initialised from {args.init_from} (step {solver.step})", flush=True)
+    solver.parents = [parent] if parent is not None else []  # exports say which of its files they read
     def request_stop(signum: int, frame: object) -> None:  # SIGTERM / Ctrl-C: finish the step, save, export
         solver.stop_requested = True
 

@@ -86,7 +86,8 @@ def main() -> None:
         train_codec.load_state_dict(dict(weights.state))
         meta = dict(weights.metadata, lm_steps=solver.step, lm_hours=round(solver.seconds / 3600, 3),
                     lm_eval=solver.evaluate())
-        save_release(args.export, codec_config.name, train_codec, codec_config, solver.lm, lm_config, meta)
+        save_release(args.export, codec_config.name, train_codec, codec_config, solver.lm, lm_config, meta,
+                     parents=[w for w in (weights, start) if w is not None])
 
     solver.run(args.steps, None if args.max_hours is None else args.max_hours * 3600, on_checkpoint=export)
     export()

@@ -100,6 +100,13 @@ def _default_jobs() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
+def _given(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An empty path argument, typically an unset shell variable, would mean the current folder."""
+    if value == "":
+        raise click.BadParameter("empty path (an unset shell variable?); give a file, a folder or -")
+    return value
+
+
 # ----------------------------------------------------------------------------------------- group
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="neucodec", message="%(prog)s %(version)s")
@@ -117,8 +124,10 @@ def cli() -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("src", metavar="IN", type=click.Path(allow_dash=True, path_type=str))
-@click.argument("dst", metavar="OUT", type=click.Path(allow_dash=True, path_type=str))
+@click.argument("src", metavar="IN", type=click.Path(allow_dash=True, path_type=str),
+                callback=_given)
+@click.argument("dst", metavar="OUT", type=click.Path(allow_dash=True, path_type=str),
+                callback=_given)
 @click.option("-b", "--bandwidth", type=float, default=None, metavar="KBPS",
               help="Target bitrate per coded stream, one of the model's bandwidths [default: 6 if offered].")
 @click.option("--lm/--no-lm", "use_lm", default=False, show_default=True,
@@ -153,8 +162,10 @@ def encode(src: str, dst: str, bandwidth: float | None, use_lm: bool, model: str
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("src", metavar="IN", type=click.Path(allow_dash=True, path_type=str))
-@click.argument("dst", metavar="OUT", type=click.Path(allow_dash=True, path_type=str))
+@click.argument("src", metavar="IN", type=click.Path(allow_dash=True, path_type=str),
+                callback=_given)
+@click.argument("dst", metavar="OUT", type=click.Path(allow_dash=True, path_type=str),
+                callback=_given)
 @click.option("--subtype", type=click.Choice(audio_io.SUBTYPES, case_sensitive=False), default=None,
               help="Sample format [default: PCM_16].")
 @click.option("--format", "audio_format", type=click.Choice(["wav", "flac"], case_sensitive=False), default="wav",
@@ -248,7 +259,8 @@ def _folder(mode: tp.Literal["encode", "decode"], src: Path, dst: Path, options:
 
 # ----------------------------------------------------------------------------------------- info
 @cli.command(context_settings=CONTEXT)
-@click.argument("path", metavar="FILE", type=click.Path(allow_dash=True, path_type=str))
+@click.argument("path", metavar="FILE", type=click.Path(allow_dash=True, path_type=str),
+                callback=_given)
 @click.option("--json", "as_json", is_flag=True, help="Print the header and totals as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")
 @_guarded

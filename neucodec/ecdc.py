@@ -304,11 +304,20 @@ def _encode_overlap(codec: Codec, audio: tp.Iterator[Tensor], n_q: int, sink: _S
 
 
 # ---------------------------------------------------------------- decoding
+def _check_weights(model: torch.nn.Module, what: str, name: str | None, wanted: str | None) -> str:
+    """The model's id, after checking it holds (or, by its `compatible` list, reads) the file's weights."""
+    mid, fp = model_identity(model)
+    if wanted is None or wanted == fp or wanted in getattr(model, "compatible", ()):
+        return mid
+    kind = "LM" if what == "entropy-coded" else "model"
+    advice = ("use the neucodec version that wrote it, or pass those weights with --model" if name == mid
+              else f"the given {kind} is {mid}; pass the matching weights")  # same name: an earlier release
+    raise ModelMismatch(f"this file was {what} with {kind} {name} (weights {wanted}), which these weights "
+                        f"({fp}) cannot read; {advice}")
+
+
 def _check_model(codec: Codec, info: StreamInfo) -> None:
-    mid, fp = model_identity(codec)
-    if info.model_fingerprint is not None and fp != info.model_fingerprint:
-        raise ModelMismatch(f"this file was encoded with model {info.model_id} (weights {info.model_fingerprint}); "
-                            f"the given model is {mid} (weights {fp}); pass the matching weights")
+    mid = _check_weights(codec, "encoded", info.model_id, info.model_fingerprint)
     if (codec.sample_rate, codec.channels, codec.hop_length) != (info.sample_rate, info.channels, info.hop_length) \
             or codec.n_q < info.n_q:
         raise ModelMismatch(f"this file needs a {info.sample_rate} Hz, {info.channels}-channel model with hop "
@@ -329,10 +338,7 @@ def _resolve_lm(lm: LanguageModel | None, info: StreamInfo) -> LanguageModel:
     if lm is None:
         from .hub import load_lm
         lm = load_lm(info.lm_id)
-    mid, fp = model_identity(lm)
-    if info.lm_fingerprint is not None and fp != info.lm_fingerprint:
-        raise ModelMismatch(f"this file was entropy-coded with LM {info.lm_id} (weights {info.lm_fingerprint}); "
-                            f"the given LM is {mid} (weights {fp}); pass the matching LM")
+    _check_weights(lm, "entropy-coded", info.lm_id, info.lm_fingerprint)
     return lm
 
 

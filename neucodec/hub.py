@@ -27,7 +27,8 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
     """The codec for a model name (`neucodec_24khz`, `encodec_24khz`, `encodec_48khz`) or a path.
 
     Returns a `Codec` in inference mode (eval, weight norm folded) on `device`, with `.model_id`
-    and `.fingerprint` identifying its weights. None loads the packaged default model.
+    and `.fingerprint` identifying its weights, and `.compatible`, the fingerprints of earlier weights
+    whose files it also decodes (`weights.lineage`). None loads the packaged default model.
     """
     weights = _load(name_or_path)
     if weights.codec_config is None:
@@ -37,6 +38,7 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
     codec.prepare_for_inference().to(device)
     codec.model_id = weights.name  # type: ignore[assignment]
     codec.fingerprint = weights.fingerprint  # type: ignore[assignment]
+    codec.compatible = frozenset(weights.compatible.get("codec", ()))  # type: ignore[assignment]
     return codec
 
 
@@ -56,4 +58,5 @@ def load_lm(name_or_path: str | os.PathLike[str] | None = None) -> LanguageModel
         p.requires_grad_(False)
     lm.model_id = weights.name  # type: ignore[assignment]
     lm.fingerprint = weights.fingerprint  # type: ignore[assignment]
+    lm.compatible = frozenset(weights.compatible.get("lm", ()))  # type: ignore[assignment]
     return lm

@@ -51,6 +51,8 @@ class Weights:
     lm_config: cfg.LMConfig | None = None
     lm_state: dict[str, torch.Tensor] | None = None
     metadata: dict[str, tp.Any] = dataclasses.field(default_factory=dict)
+    #: fingerprints of earlier weights whose files these decode, per part ("codec", "lm"): see `lineage`
+    compatible: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def cache_dir() -> Path:
@@ -202,14 +204,22 @@ def _load_release(path: Path) -> Weights:
         {k[len("codec."):]: v.float() for k, v in tensors.items() if k.startswith("codec.")})
     lm_state = {k[len("lm."):]: v.float() for k, v in tensors.items() if k.startswith("lm.")}
     lm_config = cfg.lm_from_dict(meta["lm"]) if meta.get("lm") else None
+    compatible = meta.get("compatible") or {}
+    if not (isinstance(compatible, dict) and all(isinstance(v, list) and all(isinstance(f, str) for f in v)
+                                                 for v in compatible.values())):
+        raise WeightsUnavailable(f"{path}: 'compatible' must map 'codec'/'lm' to lists of fingerprints")
     return Weights(meta["name"], codec_state, digest[:16], path, cfg.codec_from_dict(meta["codec"]),
-                   lm_config, lm_state or None, meta.get("training", {}))
+                   lm_config, lm_state or None, meta.get("training", {}), compatible)
 
 
 def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.CodecConfig,
                  lm: nn.Module | None = None, lm_config: cfg.LMConfig | None = None,
-                 training: dict[str, tp.Any] | None = None, dtype: torch.dtype = torch.float16) -> Path:
-    """Write `name.safetensors` + `name.json` (atomically) that `load_codec` reads."""
+                 training: dict[str, tp.Any] | None = None, dtype: torch.dtype = torch.float16,
+                 parents: tp.Sequence[Weights] = ()) -> Path:
+    """Write `name.safetensors` + `name.json` (atomically) that `load_codec` reads.
+
+    `parents`: the weights these were trained from; the package lists those whose files it still
+    decodes (`lineage`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -223,6 +233,9 @@ def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.Code
     meta = {"format": "neucodec-release", "version": 1, "name": name, "weights": f"{stem}.safetensors",
             "codec": cfg.to_dict(codec_config), "lm": cfg.to_dict(lm_config) if lm_config else None,
             "training": training or {}}
+    compatible = lineage(tensors, codec_config, lm_config, parents)
+    if compatible:
+        meta["compatible"] = compatible
     tmp_t = folder / f".{stem}.safetensors.tmp"
     save_file(tensors, str(tmp_t))
     tmp_j = folder / f".{stem}.json.tmp"
@@ -233,6 +246,34 @@ def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.Code
 
 
 _TRAINING_ONLY = ("._codebook.embed_avg", "._codebook.cluster_size")
+#: The parts of a codec that fix what its codes mean; a new decoder for them reads the same files.
+_CODE_PARTS = ("codec.encoder.", "codec.quantizer.")
+
+
+def lineage(tensors: dict[str, torch.Tensor], codec_config: cfg.CodecConfig, lm_config: cfg.LMConfig | None,
+            parents: tp.Sequence[Weights]) -> dict[str, list[str]]:
+    """Fingerprints of earlier weights whose files the package of `tensors` decodes.
+
+    For the codec: a parent with the same configuration whose encoder and codebooks are these bit
+    for bit (a decoder-only fine-tuning gives the same codes), with the parent's own list. For the
+    LM: a parent whose LM is this one bit for bit, with its list. Decided by comparing the stored
+    tensors, never by how the weights were made."""
+    out: dict[str, list[str]] = {}
+
+    def same(prefix: str, state: dict[str, torch.Tensor] | None, keys: list[str]) -> bool:
+        return bool(keys) and state is not None and all(
+            k[len(prefix):] in state and state[k[len(prefix):]].shape == tensors[k].shape
+            and torch.equal(_store(state[k[len(prefix):]], tensors[k].dtype), tensors[k]) for k in keys)
+
+    code_keys = [k for k in tensors if k.startswith(_CODE_PARTS)]
+    lm_keys = [k for k in tensors if k.startswith("lm.")]
+    for parent in parents:
+        if parent.codec_config == codec_config and same("codec.", parent.state, code_keys):
+            out.setdefault("codec", []).extend([parent.fingerprint, *parent.compatible.get("codec", [])])
+        if lm_config is not None and parent.lm_config == lm_config and parent.lm_state is not None \
+                and len(parent.lm_state) == len(lm_keys) and same("lm.", parent.lm_state, lm_keys):
+            out.setdefault("lm", []).extend([parent.fingerprint, *parent.compatible.get("lm", [])])
+    return {part: list(dict.fromkeys(fps)) for part, fps in out.items()}
 
 
 def _store(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -40,6 +40,9 @@ def test_version_help_usage() -> None:
     assert run("encode", "a.wav")[0] == 2  # missing OUT
     assert run("encode", "a.wav", "b.ecdc", "--bogus")[0] == 2
     assert run("bogus")[0] == 2
+    for args in (("encode", "", "b.ecdc"), ("decode", "b.ecdc", ""), ("info", "")):  # an unset shell variable
+        code, out = run(*args)
+        assert code == 2 and "empty path" in out, (args, out)
 
 
 def test_encode_info_decode_round_trip(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:

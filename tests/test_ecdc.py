@@ -10,10 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _bitstream import skewed_codes, skewed_lm, tiny_codec24, tiny_codec48
+from _bitstream import lm_coded_file, skewed_codes, skewed_lm, tiny_codec24, tiny_codec48
 from neucodec import container, ecdc
 from neucodec.errors import CorruptStream, ModelMismatch, NeucodecError, UnsupportedFormatVersion
-from neucodec.weights import save_release
+from neucodec.weights import load_weights, save_release
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,41 @@ def test_empty_input(c24) -> None:
     data = ecdc.encode_bytes(c24, torch.zeros(1, 1, 0), 6.0)
     info, audio = ecdc.decode_bytes(data, c24)
     assert info.length == 0 and audio.shape == (1, 1, 0)
+
+
+def test_a_new_decoder_reads_the_files_of_the_weights_it_was_trained_from(tmp_path: Path) -> None:
+    """Release B (decoder changed, same encoder, codebooks and LM) lists A, so A's files decode
+    with B and with B's fine-tuning C; D (encoder changed) lists neither and refuses them."""
+    from neucodec.hub import load_codec, load_lm
+
+    raw, lm = tiny_codec24(prepared=False), skewed_lm()
+
+    def release(folder: str, *parents: Path) -> Path:
+        return save_release(tmp_path / folder / "bs_tiny.json", "bs_tiny", raw, raw.config, lm, lm.cfg,
+                            dtype=torch.float32, parents=[load_weights(p) for p in parents])
+
+    a = release("a")
+    data = lm_coded_file(load_codec(a), load_lm(a))
+    with torch.no_grad():
+        next(raw.decoder.parameters()).add_(0.01)
+    b = release("b", a)
+    with torch.no_grad():
+        next(raw.decoder.parameters()).add_(0.01)
+    c = release("c", b)
+    fa, fb = load_weights(a).fingerprint, load_weights(b).fingerprint
+    assert load_weights(b).compatible == {"codec": [fa], "lm": [fa]}
+    assert load_weights(c).compatible == {"codec": [fb, fa], "lm": [fb, fa]}
+    info, want = ecdc.decode_bytes(data, load_codec(a), load_lm(a))
+    assert info.lm_segments > 0
+    for newer in (b, c):
+        _, audio = ecdc.decode_bytes(data, load_codec(newer), load_lm(newer))
+        assert audio.shape == want.shape and not torch.equal(audio, want)  # same codes, the new decoder
+    with torch.no_grad():
+        next(raw.encoder.parameters()).add_(0.01)
+    d = release("d", c)
+    assert load_weights(d).compatible == {"lm": [load_weights(c).fingerprint, fb, fa]}
+    with pytest.raises(ModelMismatch, match=f"model bs_tiny \\(weights {fa}\\).*version that wrote it"):
+        ecdc.decode_bytes(data, load_codec(d), load_lm(d))
 
 
 def test_model_resolved_from_header_and_mismatch(c24, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import config as cfg
 from ..model import Codec
-from ..weights import complete_codebooks, load_weights, resolve, save_release
+from ..weights import Weights, complete_codebooks, load_weights, resolve, save_release
 from .data import Batches, Prefetched, load_corpus
 from .discriminators import MultiScaleSTFTDiscriminator
 from .losses import (Balancer, MultiScaleMelLoss, hinge_discriminator_loss, hinge_generator_loss, mel_distance,
@@ -115,6 +115,7 @@ class Solver:
         self.step = 0
         self.seconds = 0.0  # training wall time, accumulated across resumes
         self.stop_requested = False  # set from a signal handler: checkpoint, export, return
+        self.parents: list[Weights] = []  # releases trained from: exports list those whose files they read
         self.bw_rng = random.Random(config.seed)  # same on every rank: same n_q per step
         self.n_qs = sorted({config.codec.n_q_for_bandwidth(b) for b in config.codec.bandwidths})
 
@@ -165,9 +166,9 @@ class Solver:
         self.bw_rng.setstate((bw[0], tuple(bw[1]), bw[2]))
         return True
 
-    def init_from_release(self, name_or_path: str) -> None:
+    def init_from_release(self, release: str | Weights) -> None:
         """Start from released codec weights (a fresh machine without the training checkpoint)."""
-        w = load_weights(resolve(name_or_path))
+        w = release if isinstance(release, Weights) else load_weights(resolve(release))
         self.codec.load_state_dict(complete_codebooks(dict(w.state)))
         self.step = int(w.metadata.get("steps", 0))
         self.seconds = float(w.metadata.get("train_hours", 0.0)) * 3600
@@ -318,7 +319,8 @@ class Solver:
         """Release package (fp16 safetensors + JSON) of the current weights."""
         meta = {"steps": self.step, "train_hours": round(self.seconds / 3600, 3),
                 "batch_size": self.cfg.batch_size * self.world, "segment_seconds": self.cfg.segment_seconds}
-        return save_release(path, self.cfg.codec.name, self.codec, self.cfg.codec, lm, lm_config, meta)
+        return save_release(path, self.cfg.codec.name, self.codec, self.cfg.codec, lm, lm_config, meta,
+                            parents=self.parents)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from neucodec.quantization import ResidualVectorQuantizer, kmeans
 from neucodec.train.data import Batches, Clip, Pool, Prefetched
 from neucodec.train.losses import Balancer, MultiScaleMelLoss, si_snr
 from neucodec.train.solver import Solver, TrainConfig, append_csv
+from neucodec.weights import load_weights
 
 TINY = cfg.CodecConfig(name="tiny", seanet=cfg.SEANetConfig(n_filters=4, dimension=16, lstm=1),
                        quantizer=cfg.RVQConfig(dimension=16, n_q=4, bins=64, threshold_ema_dead_code=0.01),
@@ -164,6 +165,8 @@ def test_discriminator_warmup_leaves_the_codec_alone(tmp_path: Path) -> None:
 def test_freeze_encoder_trains_the_decoder_only(tmp_path: Path) -> None:
     s = _solver(tmp_path, freeze_encoder=True, adversarial=True, disc_filters=4)
     s.train_step(s.batches.next())  # initialises the codebooks
+    parent = load_weights(s.export(tmp_path / "parent" / "tiny.json"))
+    s.parents = [parent]
     frozen = {k: v.clone() for k, v in s.codec.state_dict().items() if not k.startswith("decoder.")}
     decoder = {k: v.clone() for k, v in s.codec.decoder.state_dict().items()}
     for _ in range(2):
@@ -171,6 +174,8 @@ def test_freeze_encoder_trains_the_decoder_only(tmp_path: Path) -> None:
     assert "adv" in m
     assert all(torch.equal(v, s.codec.state_dict()[k]) for k, v in frozen.items())  # codes stay the same
     assert any(not torch.equal(v, s.codec.decoder.state_dict()[k]) for k, v in decoder.items())
+    child = load_weights(s.export(tmp_path / "child" / "tiny.json"))
+    assert child.fingerprint != parent.fingerprint and child.compatible == {"codec": [parent.fingerprint]}
 
 
 def test_export_is_loadable(tmp_path: Path) -> None:
