@@ -28,8 +28,8 @@ from ..model import Codec
 from ..weights import Weights, complete_codebooks, load_weights, resolve, save_release
 from .data import Batches, Prefetched, load_corpus
 from .discriminators import MultiScaleSTFTDiscriminator
-from .losses import (Balancer, MultiScaleMelLoss, hinge_discriminator_loss, hinge_generator_loss, mel_distance,
-                     relative_feature_loss, si_snr)
+from .losses import (Balancer, MultiScaleMelLoss, SpectralNsimLoss, hinge_discriminator_loss, hinge_generator_loss,
+                     mel_distance, relative_feature_loss, si_snr)
 from .metrics import VisqolSpeech, load_visqol
 from .progress import bar, log_line
 
@@ -111,6 +111,7 @@ class Solver:
         self.opt = torch.optim.Adam(self.codec.parameters(), lr=config.lr, betas=config.betas)
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=config.disc_lr or config.lr, betas=config.betas)
         self.mel_loss = MultiScaleMelLoss(config.codec.sample_rate, floor=config.mel_floor).to(self.device)
+        self.nsim_loss = SpectralNsimLoss(config.codec.sample_rate).to(self.device)
         self.balancer = Balancer(config.weights) if config.balancer else None
         self.step = 0
         self.seconds = 0.0  # training wall time, accumulated across resumes
@@ -207,6 +208,8 @@ class Solver:
         losses = {"l1": (x_hat32 - wav).abs().mean(), "mel": self.mel_loss(x_hat32, wav)}
         if c.weights.get("si_snr"):  # optional: negative SI-SNR pulls the output onto the waveform
             losses["si_snr"] = -si_snr(x_hat32, wav).mean()
+        if c.weights.get("nsim"):  # optional: the local structure of band levels, as ViSQOL compares it
+            losses["nsim"] = self.nsim_loss(x_hat32, wav)
         metrics: dict[str, float] = {}
         update_disc = adversarial and (self.bw_rng.random() < c.disc_prob or warming)
         if adversarial and not warming:

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from neucodec import config as cfg
 from neucodec.quantization import ResidualVectorQuantizer, kmeans
 from neucodec.train.data import Batches, Clip, Pool, Prefetched
-from neucodec.train.losses import Balancer, MultiScaleMelLoss, si_snr
+from neucodec.train.losses import Balancer, MultiScaleMelLoss, SpectralNsimLoss, si_snr
 from neucodec.train.solver import Solver, TrainConfig, append_csv
 from neucodec.weights import load_weights
 
@@ -106,6 +106,29 @@ def test_mel_loss_and_si_snr_behave() -> None:
     assert float(mel(0.5 * x, x)) > 0.0
     assert float(si_snr(x, x).min()) > 60
     assert float(si_snr(torch.randn_like(x), x).max()) < 0
+
+
+def test_nsim_loss_ranks_degradations_like_visqol() -> None:
+    """The spectral NSIM is 1 for the signal itself, falls with noise, and falls for a version whose
+    band levels are smoothed over time (the mean a reconstruction loss learns), as ViSQOL does."""
+    t = torch.arange(24000) / 24000
+    syllables = (1 + torch.sin(2 * math.pi * 4 * t)) / 2  # 4 Hz level changes across ...
+    formant = 700 + 500 * torch.sin(2 * math.pi * 3 * t)  # ... a moving resonance
+    x = sum(torch.sin(2 * math.pi * torch.cumsum(k * (130 + 0 * t), 0) / 24000)
+            * torch.exp(-((k * 130 - formant) / 300) ** 2) for k in range(1, 40)) * syllables * 0.3
+    x = x[None, None].float()
+    loss = SpectralNsimLoss(24000)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=g) * x.pow(2).mean().sqrt()
+    flat = x.mean() + torch.nn.functional.avg_pool1d(x.abs(), 4801, 1, 2400, count_include_pad=False) * torch.sign(x)
+    scores = {name: 1 - float(loss(y, x)) for name, y in
+              [("same", x), ("noise 30 dB", x + 0.03 * noise), ("noise 10 dB", x + 0.3 * noise), ("smoothed", flat)]}
+    assert scores["same"] > 0.999
+    assert 0.999 > scores["noise 30 dB"] > scores["noise 10 dB"], scores
+    assert scores["smoothed"] < scores["noise 30 dB"], scores
+    y = (x + 0.3 * noise).requires_grad_()
+    loss(y, x).backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
 
 
 def _solver(tmp_path: Path, **kw: object) -> Solver:
