@@ -134,7 +134,11 @@ def fetch(filename: str, url_root: str | None = None, folder: Path | None = None
 
 def resolve(name_or_path: str | os.PathLike[str], allow_download: bool | None = None) -> Path:
     """Path of the weights for a model name or path (see module docstring for the order)."""
+    if str(name_or_path) in ("", "."):
+        raise UnknownModel(f"no model given; known models: {', '.join(known_names())} (or a path to weights)")
     path = Path(name_or_path)
+    if path.is_dir():
+        raise WeightsUnavailable(f"{path} is a folder; pass a weights file (a release .json or a .th checkpoint)")
     if path.suffix in (".th", ".json", ".safetensors") or path.exists():
         if not path.exists():
             raise WeightsUnavailable(f"weights file {path} does not exist; check the path")

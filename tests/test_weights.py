@@ -72,6 +72,10 @@ def test_missing_weights_say_which_file_and_where(tmp_path: Path, monkeypatch: p
         load_codec("nope")
     with pytest.raises(WeightsUnavailable, match="does not exist"):
         load_codec(tmp_path / "missing.th")
+    with pytest.raises(WeightsUnavailable, match="is a folder"):
+        load_codec(tmp_path)
+    with pytest.raises(UnknownModel, match="no model given"):
+        load_codec("")
 
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
