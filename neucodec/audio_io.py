@@ -69,6 +69,10 @@ class AudioReader:
                 raise UnsupportedAudio(f"{self.name}: audio data is damaged ({_reason(e)}); "
                                        "re-export or repair the file") from None
             if len(block):
+                if not np.isfinite(block).all():  # float files only; NaN would spread through the LSTM
+                    at = total + int(np.argmax(~np.isfinite(block).all(axis=1)))
+                    raise UnsupportedAudio(f"{self.name} has NaN or infinite samples (first at "
+                                           f"{at / self.sample_rate:.3f} s); repair or re-export the file")
                 total += len(block)
                 yield np.ascontiguousarray(block.T)
             if len(block) < frames:

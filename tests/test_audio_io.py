@@ -46,6 +46,16 @@ def test_missing_folder_and_header_only(tmp_path: Path) -> None:
         audio_io.load(p)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_are_refused_with_their_time(tmp_path: Path, bad: float) -> None:
+    x = np.zeros((3 * audio_io.BLOCK, 2), np.float32)
+    x[audio_io.BLOCK + 1600, 1] = bad  # in the second block, 0.1 s into it at 16 kHz
+    p = tmp_path / "float.wav"
+    sf.write(p, x, 16000, subtype="FLOAT")
+    with pytest.raises(UnsupportedAudio, match=f"NaN or infinite samples \\(first at {(audio_io.BLOCK + 1600) / 16000:.3f} s\\)"):
+        audio_io.load(p)
+
+
 def test_damaged_flac_is_one_line_error(recordings: dict[str, Path], tmp_path: Path) -> None:
     data = bytearray(recordings["flac_stereo"].read_bytes())
     cut = tmp_path / "cut.flac"
