@@ -12,11 +12,18 @@ Each row is the mean ViSQOL (speech mode, 16 kHz) over the dev speech clips of o
 * the reference itself with its spectrum above 1 kHz lowered by 10 and 18 dB, low-passed at 4 kHz,
   or with white noise at 20 dB SNR: what those degradations alone cost.
 
+Then which of ViSQOL's features limit the model's score: its lattice mapper turns four features
+of each of 21 bands (mean NSIM, its quantile, its standard deviation, the degraded level) into
+the score; each row re-maps the model's features with one part taken from the reference scored
+against itself (NSIM 1, spread 0, the reference's levels), for all bands, below or from band 8
+(about 1 kHz).
+
     python bin/probe_visqol.py [--model neucodec_24khz] [--bandwidth 6]     # needs the eval extra
 """
 from __future__ import annotations
 
 import argparse
+import typing as tp
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +101,52 @@ def main() -> None:
     print("| signal | ViSQOL |\n|---|---|")
     for name, scores in rows.items():
         print(f"| {name} | {np.nanmean(scores):.2f} |")
+    features(codec, visqol, clips, n_q)
+
+
+def features(codec: tp.Any, visqol: VisqolSpeech, clips: list[Path], n_q: int) -> None:
+    """The lattice mapper's features for the model's output, and the score with parts of them repaired."""
+    mapper = visqol.api._manager.quality_mapper  # visqol-python internals: the lattice mapper
+    seen: list[tuple[np.ndarray, ...]] = []
+    predict = mapper.predict_quality
+
+    def record(*f: np.ndarray) -> float:
+        seen.append(tuple(np.asarray(v, np.float64) for v in f))
+        return predict(*f)
+
+    mapper.predict_quality = record
+    parts = ("mean NSIM", "NSIM quantile", "NSIM spread", "level")
+    rows: dict[str, list[float]] = {}
+    model_f, ref_f = [], []
+    try:
+        for path in clips:
+            x = sf.read(str(path), dtype="float32")[0]
+            with torch.no_grad():
+                z = codec.encoder(torch.from_numpy(x)[None, None])
+                y = codec.decoder(codec.quantizer(z, n_q).quantized)[0, 0, : len(x)].numpy()
+            visqol(x, y.astype(np.float64), codec.sample_rate)
+            visqol(x, x, codec.sample_rate)
+            (m, r), seen[:] = seen[-2:], []
+            model_f.append(np.stack(m))
+            ref_f.append(np.stack(r))
+            low = np.arange(len(m[0])) < 8
+            cases = {"the model's features": np.ones(4, bool)[:, None] & ~np.ones_like(low)}
+            for i, name in enumerate(parts):
+                cases[f"{name} from the reference"] = (np.arange(4) == i)[:, None] & np.ones_like(low)
+            cases["all but level, bands 0-7"] = (np.arange(4) < 3)[:, None] & low
+            cases["all but level, bands 8-20"] = (np.arange(4) < 3)[:, None] & ~low
+            for name, take in cases.items():
+                mixed = np.where(take, np.stack(r), np.stack(m))
+                rows.setdefault(name, []).append(predict(*mixed))
+    finally:
+        mapper.predict_quality = predict
+    print("\n| lattice features | ViSQOL |\n|---|---|")
+    for name, scores in rows.items():
+        print(f"| {name} | {np.nanmean(scores):.2f} |")
+    np.set_printoptions(precision=2, suppress=True, linewidth=200)
+    for i, name in enumerate(parts):
+        print(f"{name:>14}, model:     {np.mean(model_f, 0)[i]}")
+    print(f"{'level':>14}, reference: {np.mean(ref_f, 0)[3]}")
 
 
 if __name__ == "__main__":
