@@ -6,6 +6,10 @@
 Per model, one JSON line of means per category and bandwidth (1.5 and 6 kbps): log-mel distance
 and SI-SNR on every clip, ViSQOL (speech mode, 16 kHz) on the speech and music clips at 6 kbps.
 The codec runs without the container or the LM; `bin/bench_quality.py` is the full report.
+
+ViSQOL moves by about 0.1 between neighbouring checkpoints on the report's 8 + 8 clips. `--wide N`
+scores N clips of 10 s per category instead, cut evenly from the whole dev split (written once
+to DEV/clips-wide-N), which also keeps choices from being tuned to the report's own clips.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
 import torch
 
 from neucodec import load_codec
@@ -25,9 +31,12 @@ def main() -> None:
     p.add_argument("models", nargs="+")
     p.add_argument("--clips", type=Path, default=Path.home() / ".cache/neucodec-train/corpus/dev/clips")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--wide", type=int, metavar="N", help="N clips of 10 s per category from the whole dev split")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     visqol = load_visqol()
+    if args.wide:
+        args.clips = wide_clips(args.clips.parent, args.wide)
     clips = sorted(args.clips.glob("*.wav"))
     if not clips:
         raise SystemExit(f"no dev clips in {args.clips}; run bin/build_corpus.py first")
@@ -35,6 +44,29 @@ def main() -> None:
         scores = dev_scores(load_codec(model).eval(), clips, (1.5, 6.0), visqol,
                             lambda category, index, bandwidth: category != "sfx" and bandwidth == 6.0)
         print(json.dumps({"model": model, **{k: round(v, 3) for k, v in sorted(scores.items())}}), flush=True)
+
+
+def wide_clips(dev: Path, n: int, seconds: float = 10.0) -> Path:
+    """DEV/clips-wide-N: per category, N windows of `seconds` spaced evenly over the dev split's
+    audio (its files back to back: many dev speech files are shorter than a window)."""
+    folder = dev / f"clips-wide-{n}"
+    if folder.is_dir():
+        return folder
+    tmp = dev / f".clips-wide-{n}.tmp"
+    tmp.mkdir(exist_ok=True)
+    for meta_path in sorted(dev.glob("*.json")):
+        meta = json.loads(meta_path.read_text())
+        if "sample_rate" not in meta:
+            continue
+        audio = np.load(meta_path.with_suffix(".npy"), mmap_mode="r")
+        rate = int(meta["sample_rate"])
+        size = int(seconds * rate)
+        count = min(n, len(audio) // size)
+        for k, start in enumerate(np.linspace(0, len(audio) - size, count).round().astype(int)):
+            x = audio[start: start + size].astype(np.float32) / 32768
+            sf.write(tmp / f"{meta_path.stem}_{k:03d}.wav", x, rate, subtype="FLOAT")
+    tmp.rename(folder)
+    return folder
 
 
 if __name__ == "__main__":
