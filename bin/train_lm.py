@@ -3,6 +3,10 @@
 
     python bin/train_lm.py --codec ~/.cache/neucodec-train/release/neucodec_24khz.json \
         --corpus ~/.cache/neucodec-train/corpus --run-dir ~/.cache/neucodec-train/lm --steps 3000
+
+Resumes from RUN_DIR's checkpoint when present; otherwise from --init-from's LM. It checkpoints
+(and exports) every 500 steps or 10 minutes; SIGTERM or Ctrl-C finishes the step, checkpoints,
+exports and exits.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import signal
 from pathlib import Path
 
 import torch
@@ -89,6 +94,11 @@ def main() -> None:
         save_release(args.export, codec_config.name, train_codec, codec_config, solver.lm, lm_config, meta,
                      parents=[w for w in (weights, start) if w is not None])
 
+    def request_stop(signum: int, frame: object) -> None:  # SIGTERM / Ctrl-C: finish the step, save, export
+        solver.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     solver.run(args.steps, None if args.max_hours is None else args.max_hours * 3600, on_checkpoint=export)
     export()
 

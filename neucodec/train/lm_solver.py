@@ -63,6 +63,7 @@ class LMSolver:
         self.bits = math.log2(codec_config.quantizer.bins)
         self.step = 0
         self.seconds = 0.0
+        self.stop_requested = False  # set from a signal handler: checkpoint, export, return
 
     @property
     def checkpoint_path(self) -> Path:
@@ -131,12 +132,15 @@ class LMSolver:
 
     def run(self, steps: int, max_seconds: float | None = None, log_every: int = 50,
             on_checkpoint: tp.Callable[[], None] | None = None, progress: bool | None = None) -> None:
-        """Train to `steps` (or `max_seconds`); `progress`: a tqdm bar (None: only on a terminal)."""
+        """Train to `steps` (or `max_seconds`, or a stop request); `progress`: a tqdm bar (None: only
+        on a terminal). Checkpoints (and calls `on_checkpoint`) every 10 logs or 10 minutes."""
         start, t_last = time.time(), time.time()
+        last_save = start
         acc: list[dict[str, float]] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with bar(steps, self.step, "lm", progress) as pbar:
-            while self.step < steps and (max_seconds is None or time.time() - start < max_seconds):
+            while self.step < steps and not self.stop_requested \
+                    and (max_seconds is None or time.time() - start < max_seconds):
                 t_step = time.time()
                 acc.append(self.train_step())
                 self.step += 1
@@ -152,11 +156,12 @@ class LMSolver:
                            "bits_per_code": round(float(np.mean([a["bits_per_code"] for a in acc])), 4),
                            "step_s": round(float(np.mean([a["step_s"] for a in acc])), 4)}
                     acc = []
-                    if self.step % (log_every * 10) == 0:
+                    if self.step % (log_every * 10) == 0 or time.time() - last_save > 600:
                         row.update({k: round(v, 4) for k, v in self.evaluate().items()})
                         self.save()
                         if on_checkpoint:
                             on_checkpoint()
+                        last_save = time.time()
                     log_line(json.dumps(row))
                     with open(self.run_dir / "lm_log.csv", "a", newline="") as f:
                         csv.writer(f).writerow([json.dumps(row)])

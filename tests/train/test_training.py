@@ -310,6 +310,10 @@ def test_lm_run_with_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[
     fresh = LMSolver(lm_cfg, codec_cfg, codes, tmp_path / "other", batch_size=2)
     fresh.init_from(solver.lm.state_dict(), steps=4, hours=0.5)
     assert fresh.step == 4 and torch.equal(fresh.lm.emb[0].weight, solver.lm.emb[0].weight)
+    again.stop_requested = True  # what SIGTERM does in bin/train_lm.py: no step, but a checkpoint
+    (tmp_path / "lm" / "lm_checkpoint.pt").unlink()
+    again.run(10, progress=False)
+    assert again.step == 4 and (tmp_path / "lm" / "lm_checkpoint.pt").is_file()
 
 
 def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
