@@ -39,6 +39,7 @@ SEGMENT_LM_EXACT = 2  # LM range coding, the LM in exact arithmetic exact-v1 (ne
 SEGMENT_LM_EXACT2 = 3  # LM range coding, the LM in exact arithmetic exact-v2 (int8 products; the writer's)
 LM_FLAGS = (SEGMENT_LM, SEGMENT_LM_EXACT, SEGMENT_LM_EXACT2)
 ARITHMETIC_FLAGS = {"exact-v1": SEGMENT_LM_EXACT, "exact-v2": SEGMENT_LM_EXACT2}  # neucodec.exactlm's names
+FLAG_ARITHMETIC = {flags: name for name, flags in ARITHMETIC_FLAGS.items()}
 
 PRELUDE_ZHEADER = 1  # prelude flags bit 0: the header JSON is zlib-compressed with HEADER_DICTIONARY
 

@@ -519,7 +519,7 @@ def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int],
                     span: int | None = None) -> list[Tensor]:
     """Decode segments given as (flags, payload, (B, K, F), where); LM ones in batches, each with the
     LM arithmetic its flags name (`container.ARITHMETIC_FLAGS`: `exactlm`; `SEGMENT_LM`: the float32 LM)."""
-    from .container import ARITHMETIC_FLAGS, LM_FLAGS
+    from .container import FLAG_ARITHMETIC, LM_FLAGS
 
     out: list[Tensor | None] = [None] * len(records)
     for i, (flags, payload, (B, K, F), where) in enumerate(records):
@@ -532,7 +532,7 @@ def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int],
         if lm is None:
             raise CorruptStream(f"{records[lm_idx[0]][3]}: LM-coded but no LM is available")
         base = lm.source if isinstance(lm, ExactLM) else lm
-        arithmetic = {f: name for name, f in ARITHMETIC_FLAGS.items()}.get(flag)
+        arithmetic = FLAG_ARITHMETIC.get(flag)
         runner = exact(base, arithmetic) if arithmetic else base
         workers = _workers(runner)
 

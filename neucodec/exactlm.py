@@ -342,7 +342,7 @@ class ExactLM:
         if arithmetic not in (V1, V2):
             raise ValueError(f"unknown LM arithmetic {arithmetic!r}")
         self.source, self.cfg, self.arithmetic = lm, c, arithmetic
-        linear = _Linear8.of if arithmetic == V2 else _Linear.of
+        self._linear = linear = _Linear8.of if arithmetic == V2 else _Linear.of
         self.device = torch.device("cpu")
         self.heads, self.head_dim = c.num_heads, c.dim // c.num_heads
         tables = np.stack([e.weight.detach().cpu().double().numpy() for e in lm.emb])  # [n_q, card + 1, D]
@@ -363,9 +363,8 @@ class ExactLM:
         head = self._head_cache.get(K)
         if head is None:
             lm = self.source
-            linear = _Linear8.of if self.arithmetic == V2 else _Linear.of
-            head = linear(torch.cat([lm.head_weight(k) for k in range(K)]),
-                          torch.cat([lm.linears[k].bias for k in range(K)]))
+            head = self._linear(torch.cat([lm.head_weight(k) for k in range(K)]),
+                                torch.cat([lm.linears[k].bias for k in range(K)]))
             self._head_cache[K] = head
         return head
 
