@@ -22,6 +22,7 @@ import soundfile as sf
 import torch
 
 from neucodec import load_codec
+from neucodec.train.data import CORPUS_RATE, INT16_SCALE, load_corpus
 from neucodec.train.metrics import load_visqol
 from neucodec.train.solver import dev_scores
 
@@ -54,20 +55,15 @@ def wide_clips(dev: Path, n: int, seconds: float = 10.0) -> Path:
         return folder
     tmp = dev / f".clips-wide-{n}.tmp"
     tmp.mkdir(exist_ok=True)
-    for meta_path in sorted(dev.glob("*.json")):
-        meta = json.loads(meta_path.read_text())
-        if "sample_rate" not in meta:
-            continue
-        audio = np.load(meta_path.with_suffix(".npy"), mmap_mode="r")
-        rate = int(meta["sample_rate"])
-        size = int(seconds * rate)
+    for category, pool in load_corpus(dev.parent, dev.name).items():
+        audio = pool.clips[0][0].data  # the category's whole memory-mapped array
+        size = int(seconds * CORPUS_RATE)
         count = min(n, len(audio) // size)
         for k, start in enumerate(np.linspace(0, len(audio) - size, count).round().astype(int)):
-            x = audio[start: start + size].astype(np.float32) / 32768
-            sf.write(tmp / f"{meta_path.stem}_{k:03d}.wav", x, rate, subtype="FLOAT")
+            x = audio[start: start + size].astype(np.float32) / INT16_SCALE
+            sf.write(tmp / f"{category}_{k:03d}.wav", x, CORPUS_RATE, subtype="FLOAT")
     tmp.rename(folder)
     return folder
-
 
 if __name__ == "__main__":
     main()

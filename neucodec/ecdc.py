@@ -304,12 +304,13 @@ def _encode_overlap(codec: Codec, audio: tp.Iterator[Tensor], n_q: int, sink: _S
 
 
 # ---------------------------------------------------------------- decoding
-def _check_weights(model: torch.nn.Module, what: str, name: str | None, wanted: str | None) -> str:
+def _check_weights(model: torch.nn.Module, kind: tp.Literal["model", "LM"], name: str | None,
+                   wanted: str | None) -> str:
     """The model's id, after checking it holds (or, by its `compatible` list, reads) the file's weights."""
     mid, fp = model_identity(model)
     if wanted is None or wanted == fp or wanted in getattr(model, "compatible", ()):
         return mid
-    kind = "LM" if what == "entropy-coded" else "model"
+    what = "encoded" if kind == "model" else "entropy-coded"
     advice = ("use the neucodec version that wrote it, or pass those weights with --model" if name == mid
               else f"the given {kind} is {mid}; pass the matching weights")  # same name: an earlier release
     raise ModelMismatch(f"this file was {what} with {kind} {name} (weights {wanted}), which these weights "
@@ -317,7 +318,7 @@ def _check_weights(model: torch.nn.Module, what: str, name: str | None, wanted: 
 
 
 def _check_model(codec: Codec, info: StreamInfo) -> None:
-    mid = _check_weights(codec, "encoded", info.model_id, info.model_fingerprint)
+    mid = _check_weights(codec, "model", info.model_id, info.model_fingerprint)
     if (codec.sample_rate, codec.channels, codec.hop_length) != (info.sample_rate, info.channels, info.hop_length) \
             or codec.n_q < info.n_q:
         raise ModelMismatch(f"this file needs a {info.sample_rate} Hz, {info.channels}-channel model with hop "
@@ -338,7 +339,7 @@ def _resolve_lm(lm: LanguageModel | None, info: StreamInfo) -> LanguageModel:
     if lm is None:
         from .hub import load_lm
         lm = load_lm(info.lm_id)
-    _check_weights(lm, "entropy-coded", info.lm_id, info.lm_fingerprint)
+    _check_weights(lm, "LM", info.lm_id, info.lm_fingerprint)
     return lm
 
 

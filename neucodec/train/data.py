@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 CATEGORIES = ("speech", "music", "sfx")
+CORPUS_RATE = 24000  # the corpus's sample rate (bin/build_corpus.py)
+INT16_SCALE = 32767.0  # the corpus stores int16 at this scale (manifest.json)
 # full-band speech sources get more weight (audio-sources.md §5)
 SOURCE_BOOST = {"tuxpaint-desc": 2.0, "ktuberling": 1.5, "hedgewars-voices": 2.0, "fillets-nl": 0.5}
 
@@ -55,7 +57,7 @@ class Pool:
             at = int(rng.integers(0, length - clip.length + 1))
             out[at: at + clip.length] = clip.data[clip.offset: clip.offset + clip.length]
         if clip.data.dtype == np.int16:
-            out /= 32767.0  # the corpus stores int16 at scale 32767 (manifest.json)
+            out /= INT16_SCALE
         return out
 
 
