@@ -23,7 +23,6 @@ against itself (NSIM 1, spread 0, the reference's levels), for all bands, below 
 from __future__ import annotations
 
 import argparse
-import typing as tp
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +74,7 @@ def main() -> None:
     codec, visqol = load_codec(args.model).eval(), VisqolSpeech()
     n_q = codec.config.n_q_for_bandwidth(args.bandwidth)
     rows: dict[str, list[float]] = {}
+    outputs: list[tuple[np.ndarray, np.ndarray]] = []  # (reference, model output) per clip
     rng = np.random.default_rng(0)
     for path in clips:
         x = sf.read(str(path), dtype="float32")[0]
@@ -83,6 +83,7 @@ def main() -> None:
             y = codec.decoder(codec.quantizer(z, n_q).quantized)[0, 0, : len(x)].numpy().astype(np.float64)
             free = codec.decoder(z)[0, 0, : len(x)].numpy().astype(np.float64)
         x64 = x.astype(np.float64)
+        outputs.append((x64, y))
         signals = {
             f"model at {args.bandwidth:g} kbps": y,
             "model, no quantizer": free,
@@ -101,11 +102,11 @@ def main() -> None:
     print("| signal | ViSQOL |\n|---|---|")
     for name, scores in rows.items():
         print(f"| {name} | {np.nanmean(scores):.2f} |")
-    features(codec, visqol, clips, n_q)
+    features(visqol, outputs, codec.sample_rate)
 
 
-def features(codec: tp.Any, visqol: VisqolSpeech, clips: list[Path], n_q: int) -> None:
-    """The lattice mapper's features for the model's output, and the score with parts of them repaired."""
+def features(visqol: VisqolSpeech, outputs: list[tuple[np.ndarray, np.ndarray]], rate: int) -> None:
+    """The lattice mapper's features for the model's outputs, and the score with parts of them repaired."""
     mapper = visqol.api._manager.quality_mapper  # visqol-python internals: the lattice mapper
     seen: list[tuple[np.ndarray, ...]] = []
     predict = mapper.predict_quality
@@ -119,13 +120,9 @@ def features(codec: tp.Any, visqol: VisqolSpeech, clips: list[Path], n_q: int) -
     rows: dict[str, list[float]] = {}
     model_f, ref_f = [], []
     try:
-        for path in clips:
-            x = sf.read(str(path), dtype="float32")[0]
-            with torch.no_grad():
-                z = codec.encoder(torch.from_numpy(x)[None, None])
-                y = codec.decoder(codec.quantizer(z, n_q).quantized)[0, 0, : len(x)].numpy()
-            visqol(x, y.astype(np.float64), codec.sample_rate)
-            visqol(x, x, codec.sample_rate)
+        for x, y in outputs:
+            visqol(x, y, rate)
+            visqol(x, x, rate)
             (m, r), seen[:] = seen[-2:], []
             model_f.append(np.stack(m))
             ref_f.append(np.stack(r))
