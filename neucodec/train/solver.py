@@ -111,7 +111,8 @@ class Solver:
         self.opt = torch.optim.Adam(self.codec.parameters(), lr=config.lr, betas=config.betas)
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=config.disc_lr or config.lr, betas=config.betas)
         self.mel_loss = MultiScaleMelLoss(config.codec.sample_rate, floor=config.mel_floor).to(self.device)
-        self.nsim_loss = SpectralNsimLoss(config.codec.sample_rate).to(self.device)
+        self.nsim_loss = SpectralNsimLoss(config.codec.sample_rate).to(self.device) if config.weights.get("nsim") \
+            else None  # optional: made only when it has a weight
         self.balancer = Balancer(config.weights) if config.balancer else None
         self.step = 0
         self.seconds = 0.0  # training wall time, accumulated across resumes
@@ -208,7 +209,7 @@ class Solver:
         losses = {"l1": (x_hat32 - wav).abs().mean(), "mel": self.mel_loss(x_hat32, wav)}
         if c.weights.get("si_snr"):  # optional: negative SI-SNR pulls the output onto the waveform
             losses["si_snr"] = -si_snr(x_hat32, wav).mean()
-        if c.weights.get("nsim"):  # optional: the local structure of band levels, as ViSQOL compares it
+        if self.nsim_loss is not None:  # the local structure of band levels, as ViSQOL compares it
             losses["nsim"] = self.nsim_loss(x_hat32, wav)
         metrics: dict[str, float] = {}
         update_disc = adversarial and (self.bw_rng.random() < c.disc_prob or warming)
