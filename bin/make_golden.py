@@ -10,6 +10,8 @@ float32, so it decodes only where the LM's float kernels give the writer's bits;
 `machine_bound` and `lm_exact_24khz.ecdc` (exact-v1) is its portable successor;
 `lm_exact2_24khz.ecdc` pins exact-v2, the int8-product arithmetic written since. The `*_zheader_*`
 files pin the compressed header of FORMAT.md §2 (earlier files keep their plain JSON headers).
+`packed_source_length_24khz.ecdc` pins the end record's source-length residue (FORMAT.md §3) of a
+file resampled from 44.1 kHz: it must decode to exactly 66,151 samples at 44.1 kHz.
 """
 from __future__ import annotations
 
@@ -62,8 +64,10 @@ def main() -> None:
         save_release(OUT / "golden_48khz.json", "golden_48khz", c48, c48.config)
     c24, lm = load_codec(OUT / "golden_24khz.json"), load_lm(OUT / "golden_24khz.json")
     c48 = load_codec(OUT / "golden_48khz.json")
+    from_44k = {"source_sample_rate": 44100, "source_length": lambda: 66151}  # 36000 samples at 24 kHz
     cases = {  # lm_mono (float32 LM) and lm_exact* (exact-v1) can no longer be written: this neucodec writes exact-v2
         "packed_2groups_24khz.ecdc": (c24, torch.cat([tone, -0.5 * tone]), 1.5, None, 1.0),
+        "packed_source_length_24khz.ecdc": (c24, tone, 1.5, None, 1.0, from_44k),
         "packed_48khz.ecdc": (c48, noise, 6.0, None, 10.0),
         "lm_exact_24khz.ecdc": (c24, tone, 3.0, lm, 0.5),
         "lm_exact_zheader_24khz.ecdc": (c24, tone, 3.0, lm, 0.5),  # compressed header (FORMAT.md §2)
@@ -72,16 +76,18 @@ def main() -> None:
     }
     path = OUT / "expected.json"
     expected = json.loads(path.read_text()) if path.is_file() else {"torch": torch.__version__, "files": {}}
-    for name, (codec, wav, bw, model_lm, seg) in cases.items():
+    for name, (codec, wav, bw, model_lm, seg, *kw) in cases.items():
         if name in expected["files"]:
             continue
-        data = ecdc.encode_bytes(codec, wav, bw, model_lm, segment_seconds=seg)
+        data = ecdc.encode_bytes(codec, wav, bw, model_lm, segment_seconds=seg, **(kw[0] if kw else {}))
         (OUT / name).write_bytes(data)
         info, audio = ecdc.decode_bytes(data, codec, model_lm)
         expected["files"][name] = {
             "model": f"{info.model_id}.json", "length": info.length, "segments": info.segments,
             "lm_segments": info.lm_segments, "sha256": hashlib.sha256(data).hexdigest(),
             "audio_sha256": audio_hash(audio), "audio_rms": float(audio.pow(2).mean().sqrt())}
+        if kw:
+            expected["files"][name]["source_length"] = info.source_length
         print(name, len(data), "bytes", info.segments, "segments", info.lm_segments, "LM-coded")
     expected["files"]["lm_mono_24khz.ecdc"]["machine_bound"] = True
     path.write_text(json.dumps(expected, indent=2) + "\n")

@@ -54,6 +54,7 @@ class AudioReader:
     name: str
     _file: sf.SoundFile
     _cleanup: list[tp.Callable[[], None]] = dataclasses.field(default_factory=list)
+    frames_read: int = 0  # samples per channel delivered by `blocks` so far
 
     @property
     def seconds(self) -> float | None:
@@ -74,6 +75,7 @@ class AudioReader:
                     raise UnsupportedAudio(f"{self.name} has NaN or infinite samples (first at "
                                            f"{at / self.sample_rate:.3f} s); repair or re-export the file")
                 total += len(block)
+                self.frames_read = total
                 yield np.ascontiguousarray(block.T)
             if len(block) < frames:
                 break
@@ -253,10 +255,29 @@ def expected_length(length: int, in_rate: int, out_rate: int) -> int:
     return length if in_rate == out_rate else round(length * out_rate / in_rate)
 
 
-def fit_length(blocks: tp.Iterable[np.ndarray], length: int) -> tp.Iterator[np.ndarray]:
-    """Trim or zero-pad a stream of `[C, t]` blocks to exactly `length` samples."""
+def fit_length(blocks: tp.Iterable[np.ndarray], length: int | tp.Callable[[], int | None],
+               reserve: int = 4096) -> tp.Iterator[np.ndarray]:
+    """Trim or zero-pad a stream of `[C, t]` blocks to exactly `length` samples.
+
+    A callable `length` is asked once the blocks are exhausted (None: leave them as they are); until
+    then the last `reserve` samples are held back so that the end can still be trimmed.
+    """
     done = 0
     channels = 1
+    if callable(length):
+        pending: list[np.ndarray] = []
+        held = 0
+        for b in blocks:
+            channels = b.shape[0]
+            pending.append(b)
+            held += b.shape[1]
+            while held - pending[0].shape[1] >= reserve:
+                first = pending.pop(0)
+                held -= first.shape[1]
+                done += first.shape[1]
+                yield first
+        target = length()
+        blocks, length = pending, done + held if target is None else target
     for b in blocks:
         channels = b.shape[0]
         b = b[:, : max(0, length - done)]

@@ -294,7 +294,8 @@ def info(path: str, as_json: bool, verbose: bool) -> int:
                                    if data.get("lm_id") else "")),
         ("format version", data.get("format_version")),
         ("duration", f"{seconds:.3f} s ({data.get('length')} samples at {data['sample_rate']} Hz)"),
-        ("original", f"{data.get('source_sample_rate')} Hz, {data.get('source_channels')} channel(s)"),
+        ("original", f"{data.get('source_sample_rate')} Hz, {data.get('source_channels')} channel(s)"
+                     + (f", {data['source_length']} samples" if data.get("source_length") is not None else "")),
         ("coded", f"{groups} stream(s) of {data.get('channels')} channel(s), {bw} each, "
                   f"{data.get('n_q')} codebooks, {data.get('frame_rate')} frames/s"),
         ("segments", f"{data.get('segments')} ({data.get('layout')})"),

@@ -40,6 +40,7 @@ SEGMENT_LM_EXACT2 = 3  # LM range coding, the LM in exact arithmetic exact-v2 (i
 LM_FLAGS = (SEGMENT_LM, SEGMENT_LM_EXACT, SEGMENT_LM_EXACT2)
 ARITHMETIC_FLAGS = {"exact-v1": SEGMENT_LM_EXACT, "exact-v2": SEGMENT_LM_EXACT2}  # neucodec.exactlm's names
 FLAG_ARITHMETIC = {flags: name for name, flags in ARITHMETIC_FLAGS.items()}
+END_SOURCE_RESIDUE = 1  # flags of the end record, bit 0: its items field holds the source length mod 2^16
 
 PRELUDE_ZHEADER = 1  # prelude flags bit 0: the header JSON is zlib-compressed with HEADER_DICTIONARY
 
@@ -94,6 +95,7 @@ class EndRecord:
     segments: int
     frames: int  # total frames of all segments
     offset: int
+    source_residue: int | None = None  # samples per channel of the original file, modulo 2^16
 
 
 # ---------------------------------------------------------------- reading helpers
@@ -256,7 +258,8 @@ class ContainerReader:
             if count != self.next_index:
                 raise CorruptStream(f"end record at byte {start}: says {count} segments, "
                                     f"found {self.next_index} (segments lost)")
-            self.end = EndRecord(length, count, frames, start)
+            residue = items if flags & END_SOURCE_RESIDUE else None
+            self.end = EndRecord(length, count, frames, start, residue)
             return self.end
         raise CorruptStream(f"{where}: unknown record kind {kind:#x} (file damaged)")
 
@@ -351,9 +354,14 @@ class ContainerWriter:
         if flush is not None:
             flush()
 
-    def close(self, length: int) -> int:
-        """Write the end record (total `length` samples), the index and the trailer; returns bytes written."""
-        self._write(self._record(KIND_END, 0, 0, self.frames, _END.pack(length, len(self.offsets)), 0))
+    def close(self, length: int, source_length: int | None = None) -> int:
+        """Write the end record, the index and the trailer; returns bytes written.
+
+        `length`: samples per channel at the codec rate; `source_length`, when known: of the original
+        file at its own rate (stored modulo 2^16, enough to undo resampling's rounding).
+        """
+        flags, residue = (0, 0) if source_length is None else (END_SOURCE_RESIDUE, source_length & 0xFFFF)
+        self._write(self._record(KIND_END, flags, residue, self.frames, _END.pack(length, len(self.offsets)), 0))
         index_offset = self.position
         index = struct.pack(f"<{len(self.offsets)}Q", *self.offsets)
         self._write(self._record(KIND_INDEX, 0, 0, 0, index, 0))

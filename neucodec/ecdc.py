@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__, container, entropy, exactlm, v0lm
+from .audio_io import expected_length
 from .errors import CorruptStream, ModelMismatch, NeucodecError, UnsupportedAudio, UnsupportedFormatVersion
 from .lm import LanguageModel
 from .model import Codec, overlap_add
@@ -80,6 +81,7 @@ class StreamInfo:
     scales: bool  # per-segment volume scales stored
     coder: dict[str, tp.Any] | None  # LM coder settings, None without LM
     length: int | None = None  # samples per channel at the codec rate (known after the end marker)
+    source_length: int | None = None  # of the original file at its rate, when the stream records it
     segments: int = 0
     lm_segments: int = 0
     frames: int = 0
@@ -98,7 +100,7 @@ class StreamInfo:
 
 def _header(info: StreamInfo) -> dict[str, tp.Any]:
     d = dataclasses.asdict(info)
-    for key in ("format_version", "length", "segments", "lm_segments", "frames", "bytes"):
+    for key in ("format_version", "length", "source_length", "segments", "lm_segments", "frames", "bytes"):
         d.pop(key)
     d["encoder"] = f"neucodec {__version__}"
     return d
@@ -154,6 +156,10 @@ def _counted(chunks: tp.Iterable[Tensor], codec: Codec, first: Tensor | None, re
         if chunk.dim() != 3 or chunk.shape[1] != codec.channels or (first is not None and chunk.shape[0] != first.shape[0]):
             raise UnsupportedAudio(f"audio chunks must be [groups, {codec.channels}, samples] with a fixed number "
                                    f"of groups, got {tuple(chunk.shape)}")
+        if not torch.isfinite(chunk).all():  # NaN would spread through the LSTM into every later frame
+            at = total[0] + int((~torch.isfinite(chunk)).flatten(0, 1).any(0).nonzero()[0])
+            raise UnsupportedAudio(f"audio has NaN or infinite samples (first at {at / codec.sample_rate:.3f} s "
+                                   "at the codec rate); repair the signal before encoding")
         total[0] += chunk.shape[-1]
         if progress is not None:
             progress(chunk.shape[-1])
@@ -194,7 +200,7 @@ class _SegmentSink:
 def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *, bandwidth: float | None,
                   lm: LanguageModel | None, source_sample_rate: int, source_channels: int,
                   segment_seconds: float = 10.0, progress: tp.Callable[[int], None] | None = None,
-                  segments_coder: tp.Any = None) -> StreamInfo:
+                  segments_coder: tp.Any = None, source_length: tp.Callable[[], int] | None = None) -> StreamInfo:
     """Encode audio chunks into an .ecdc stream written to `fo` (which need not seek).
 
     Args:
@@ -209,6 +215,9 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
         progress: called with the number of samples of each chunk consumed.
         segments_coder: what codes the segments' codes: None for `neucodec.entropy`, or a lockstep
             run's shared view of it (`lockstep.SharedCoder`, which codes several files' segments at once).
+        source_length: called once the chunks are exhausted: samples per channel of the original file,
+            stored so that decoding restores its exact length after resampling. Not needed when the
+            source rate is the codec's.
     Returns:
         the `StreamInfo` of the written stream (length, segments and bytes filled in).
     """
@@ -263,7 +272,11 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
     if info.frames != -(-length // codec.hop_length) and causal:
         raise NeucodecError(f"internal error: {info.frames} frames for {length} samples")
     info.length = length
-    info.bytes = writer.close(length)
+    if source_length is not None:
+        info.source_length = source_length()
+    elif source_sample_rate == codec.sample_rate:
+        info.source_length = length
+    info.bytes = writer.close(length, info.source_length)
     return info
 
 
@@ -422,9 +435,22 @@ def _check_end(reader: container.ContainerReader, info: StreamInfo) -> int:
         raise CorruptStream(f"end marker at byte {end.offset}: says {length} samples ({expected} frames) but the "
                             f"segments hold {info.frames} frames (file damaged)")
     info.length = length
+    if end.source_residue is not None:
+        info.source_length = _source_length(length, end.source_residue, info, end.offset)
     # end record, index record (8 bytes per segment) and trailer
     info.bytes = end.offset + 2 * container.RECORD_HEAD_BYTES + 12 + 8 * info.segments + container.TRAILER_BYTES
     return length
+
+
+def _source_length(length: int, residue: int, info: StreamInfo, offset: int) -> int:
+    """The original file's length: the resampled codec-rate `length` brought back to the source rate
+    is within a few samples of it, and `residue` (the length modulo 2^16) says which (FORMAT.md §3)."""
+    near = expected_length(length, info.sample_rate, info.source_sample_rate)
+    diff = (residue - near + 0x8000) % 0x10000 - 0x8000
+    if abs(diff) > 1 + -(-info.source_sample_rate // info.sample_rate) or near + diff < 0:
+        raise CorruptStream(f"end marker at byte {offset}: original length {residue} (mod 65536) does not match "
+                            f"{length} samples at {info.sample_rate} Hz (file damaged)")
+    return near + diff
 
 
 def _audio(codes_iter: tp.Iterator[tuple[Tensor, Tensor | None]], codec: Codec, info: StreamInfo,

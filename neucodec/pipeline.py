@@ -137,7 +137,7 @@ class _Bar:
             self._bar = tqdm(total=None if total is None else round(total, 1), unit="s", desc=desc,
                              leave=False, file=sys.stderr, dynamic_ncols=True,
                              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]"
-                             if total else None)
+                             if total else "{desc}: {n:.0f} s [{elapsed}]")
 
     def update(self, seconds: float) -> None:
         if self._bar is not None:
@@ -196,7 +196,8 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         bar = _Bar(progress, reader.seconds, Path(src).name if not _is_stdio(src) else "stdin")
         chunks = _codec_chunks(reader, codec, bar)
         kwargs: dict[str, tp.Any] = dict(bandwidth=bandwidth, lm=lm, source_sample_rate=reader.sample_rate,
-                                         source_channels=reader.channels, segments_coder=segments_coder)
+                                         source_channels=reader.channels, segments_coder=segments_coder,
+                                         source_length=lambda: reader.frames_read)
         if segment_seconds is not None:
             kwargs["segment_seconds"] = segment_seconds
         try:
@@ -298,16 +299,19 @@ def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
                                      "here; pass -m/--model with its weights (see `neucodec models`)") from e
         out_rate = sample_rate or info.source_sample_rate or info.sample_rate
         channels = info.source_channels or info.channels
-        length = known.length if known is not None else info.length
-        total = None if length is None else audio_io.expected_length(length, info.sample_rate, out_rate)
-        source_length = getattr(known or info, "source_length", None)  # exact, when the format stores it
-        if source_length and out_rate == info.source_sample_rate:
-            total = int(source_length)
-        bar = _Bar(progress, None if length is None else length / info.sample_rate,
-                   "stdin" if stdin else Path(src).name)
-        blocks: tp.Iterable[np.ndarray] = _audio_blocks(chunks, info, out_rate, channels, bar)
-        if total is not None:
-            blocks = audio_io.fit_length(blocks, total)
+
+        def output_length(i: StreamInfo) -> int | None:  # exact at the source rate when the stream says it
+            if i.length is None:
+                return None
+            if i.source_length is not None and out_rate == i.source_sample_rate:
+                return i.source_length
+            return audio_io.expected_length(i.length, i.sample_rate, out_rate)
+
+        # a file's totals are known before decoding; a pipe's once its end record is read
+        total = output_length(known) if known is not None else None
+        bar = _Bar(progress, None if known is None else known.duration, "stdin" if stdin else Path(src).name)
+        blocks = audio_io.fit_length(_audio_blocks(chunks, info, out_rate, channels, bar),
+                                     total if known is not None else lambda: output_length(info))
         try:
             if _is_stdio(dst):
                 writer = audio_io.AudioWriter(_binary_stdout(), out_rate, channels, fmt, subtype, frames=total)

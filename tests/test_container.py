@@ -171,6 +171,16 @@ def test_end_marker_counts_segments() -> None:
         read_all(good[:start] + good[stop:])
 
 
+def test_end_record_source_residue() -> None:
+    """Bit 0 of the end record's flags: its items field holds the source length modulo 2^16."""
+    assert read_all(build([b"a"]))[2].source_residue is None  # as every file before neucodec 0.5.0
+    buf = io.BytesIO()
+    w = C.ContainerWriter(buf, HEADER)
+    w.write_segment(b"a", frames=10, items=1, flags=C.SEGMENT_PACKED, codes_crc=0)
+    w.close(1234, source_length=3 * 65536 + 4321)
+    assert read_all(buf.getvalue())[2].source_residue == 4321
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_fuzz_sample(data: st.DataObject) -> None:

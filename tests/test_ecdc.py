@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from _bitstream import lm_coded_file, skewed_codes, skewed_lm, tiny_codec24, tiny_codec48
 from neucodec import container, ecdc
-from neucodec.errors import CorruptStream, ModelMismatch, NeucodecError, UnsupportedFormatVersion
+from neucodec.errors import CorruptStream, ModelMismatch, NeucodecError, UnsupportedAudio, UnsupportedFormatVersion
 from neucodec.weights import load_weights, save_release
 
 
@@ -56,6 +56,27 @@ def test_round_trip_24khz_groups_and_pipe(c24) -> None:
     assert torch.allclose(audio, ref, atol=1e-5)
     assert ecdc.read_info(io.BytesIO(data)).to_dict() == got.to_dict()
     json.dumps(got.to_dict())
+
+
+def test_source_length_residue_is_checked(c24) -> None:
+    """The end record's residue restores the 44.1 kHz length; one that cannot fit is damage."""
+    wav = 0.1 * torch.randn(1, 1, 24000)
+    data = bytearray(ecdc.encode_bytes(c24, wav, 1.5, source_sample_rate=44100, source_length=lambda: 44101))
+    assert ecdc.decode_bytes(bytes(data), c24)[0].source_length == 44101
+    end = ecdc.read_info(io.BytesIO(bytes(data))).bytes - 2 * container.RECORD_HEAD_BYTES - 12 - 8 - \
+        container.TRAILER_BYTES  # the end record's offset (one segment)
+    assert data[end] == container.KIND_END and data[end + 1] == container.END_SOURCE_RESIDUE
+    data[end + 2: end + 4] = (44101 + 9 & 0xFFFF).to_bytes(2, "little")
+    data[end + 20: end + 24] = container.crc32(bytes(data[end: end + 20])).to_bytes(4, "little")
+    with pytest.raises(CorruptStream, match=f"end marker at byte {end}: original length"):
+        ecdc.decode_bytes(bytes(data), c24)
+
+
+def test_nan_audio_is_refused_with_its_time(c24) -> None:
+    wav = 0.1 * torch.randn(1, 1, 24000)
+    wav[0, 0, 18000] = float("nan")
+    with pytest.raises(UnsupportedAudio, match=r"NaN or infinite samples \(first at 0.750 s"):
+        ecdc.encode_bytes(c24, wav, 1.5, chunk_seconds=0.5)
 
 
 def test_round_trip_48khz(c48) -> None:

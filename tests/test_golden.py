@@ -42,6 +42,7 @@ def test_golden_decodes_bit_exact(name: str) -> None:
     finally:
         torch.set_num_threads(old)
     assert (info.length, info.segments, info.lm_segments) == (exp["length"], exp["segments"], exp["lm_segments"])
+    assert info.source_length == exp.get("source_length")  # older files do not store it
     # The codes are bit-exact (decode_bytes checks each segment's codes against the CRC32 stored in
     # the file). The audio is not hashed: float kernels legitimately change with the torch build,
     # the thread count and our own speed work (e.g. fused 1x1 convolutions); it must stay close.
