@@ -10,11 +10,16 @@ The codec runs without the container or the LM; `bin/bench_quality.py` is the fu
 ViSQOL moves by about 0.1 between neighbouring checkpoints on the report's 8 + 8 clips. `--wide N`
 scores N clips of 10 s per category instead, cut evenly from the whole dev split (written once
 to DEV/clips-wide-N), which also keeps choices from being tuned to the report's own clips.
+
+With `--paired`, the first model is the baseline and every later line adds, per key, the mean
+of the clip-by-clip differences from it and the half-width of their 95 % interval (`d_KEY`:
+[mean, ±]): two models scored on the same clips differ far less noisily than their means.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import typing as tp
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +29,7 @@ import torch
 from neucodec import load_codec
 from neucodec.train.data import CORPUS_RATE, INT16_SCALE, load_corpus
 from neucodec.train.metrics import load_visqol
-from neucodec.train.solver import dev_scores
+from neucodec.train.solver import dev_scores_per_clip
 
 
 def main() -> None:
@@ -33,6 +38,7 @@ def main() -> None:
     p.add_argument("--clips", type=Path, default=Path.home() / ".cache/neucodec-train/corpus/dev/clips")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--wide", type=int, metavar="N", help="N clips of 10 s per category from the whole dev split")
+    p.add_argument("--paired", action="store_true", help="also print differences from the first model, clip by clip")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     visqol = load_visqol()
@@ -41,10 +47,17 @@ def main() -> None:
     clips = sorted(args.clips.glob("*.wav"))
     if not clips:
         raise SystemExit(f"no dev clips in {args.clips}; run bin/build_corpus.py first")
+    base: dict[str, list[float]] | None = None
     for model in args.models:
-        scores = dev_scores(load_codec(model).eval(), clips, (1.5, 6.0), visqol,
-                            lambda category, index, bandwidth: category != "sfx" and bandwidth == 6.0)
-        print(json.dumps({"model": model, **{k: round(v, 3) for k, v in sorted(scores.items())}}), flush=True)
+        scores = dev_scores_per_clip(load_codec(model).eval(), clips, (1.5, 6.0), visqol,
+                                     lambda category, index, bandwidth: category != "sfx" and bandwidth == 6.0)
+        line: dict[str, tp.Any] = {k: round(float(np.mean(v)), 3) for k, v in sorted(scores.items())}
+        if args.paired and base is not None:
+            for k, v in sorted(scores.items()):
+                d = np.asarray(v) - np.asarray(base[k])
+                line[f"d_{k}"] = [round(float(d.mean()), 4), round(float(1.96 * d.std(ddof=1) / np.sqrt(len(d))), 4)]
+        base = base or scores
+        print(json.dumps({"model": model, **line}), flush=True)
 
 
 def wide_clips(dev: Path, n: int, seconds: float = 10.0) -> Path:

@@ -334,6 +334,13 @@ def dev_scores(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.Sequence[f
     bandwidth, keys `{category}_{bandwidth}k_{metric}`, coding with `codec`'s encoder, quantizer and
     decoder (no container, no LM); ViSQOL too where `visqol_for(category, index of the clip within
     its category, bandwidth)` says so and a scorer is given."""
+    return {k: float(np.mean(v)) for k, v in dev_scores_per_clip(codec, clips, bandwidths, visqol, visqol_for).items()}
+
+
+def dev_scores_per_clip(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.Sequence[float],
+                        visqol: VisqolSpeech | None,
+                        visqol_for: tp.Callable[[str, int, float], bool]) -> dict[str, list[float]]:
+    """`dev_scores` before the means: each key's scores in the order of `clips`."""
     out: dict[str, list[float]] = {}
     per_category: dict[str, int] = {}
     for path in clips:
@@ -352,7 +359,7 @@ def dev_scores(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.Sequence[f
             if visqol is not None and visqol_for(cat, index, bw):
                 out.setdefault(f"{key}_visqol", []).append(visqol(
                     wav.flatten().cpu().numpy(), y.flatten().float().cpu().numpy(), codec.sample_rate))
-    return {k: float(np.mean(v)) for k, v in out.items()}
+    return out
 
 
 def append_csv(path: Path, row: dict[str, tp.Any]) -> None:
