@@ -124,16 +124,16 @@ def features(visqol: VisqolSpeech, outputs: list[tuple[np.ndarray, np.ndarray]],
             visqol(x, y, rate)
             visqol(x, x, rate)
             (m, r), seen[:] = seen[-2:], []
-            model_f.append(np.stack(m))
+            model_f.append(np.stack(m))  # [feature, band]
             ref_f.append(np.stack(r))
-            low = np.arange(len(m[0])) < 8
-            cases = {"the model's features": np.ones(4, bool)[:, None] & ~np.ones_like(low)}
+            feature, band = np.arange(4)[:, None], np.arange(len(m[0]))[None, :]
+            cases = {"the model's features": np.zeros(model_f[-1].shape, bool)}
             for i, name in enumerate(parts):
-                cases[f"{name} from the reference"] = (np.arange(4) == i)[:, None] & np.ones_like(low)
-            cases["all but level, bands 0-7"] = (np.arange(4) < 3)[:, None] & low
-            cases["all but level, bands 8-20"] = (np.arange(4) < 3)[:, None] & ~low
+                cases[f"{name} from the reference"] = (feature == i) & (band >= 0)
+            cases["all but level, bands 0-7"] = (feature < 3) & (band < 8)
+            cases["all but level, bands 8-20"] = (feature < 3) & (band >= 8)
             for name, take in cases.items():
-                mixed = np.where(take, np.stack(r), np.stack(m))
+                mixed = np.where(take, ref_f[-1], model_f[-1])
                 rows.setdefault(name, []).append(predict(*mixed))
     finally:
         mapper.predict_quality = predict
