@@ -169,7 +169,8 @@ class Balancer:
     rescaled gradients have norm ~ w_i / sum w, whatever the losses' units. Losses that do not
     go through x_hat (the commitment loss) are back-propagated separately, unbalanced.
 
-    Monitor `metrics` (ratio_*: each loss's measured share of the gradient norm).
+    Monitor `metrics` (ratio_*: each loss's share of the raw gradient norms, before rescaling; after
+    it, the shares are the weights' by construction).
     """
 
     def __init__(self, weights: dict[str, float], total_norm: float = 1.0, ema_decay: float = 0.999,
