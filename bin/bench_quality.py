@@ -482,14 +482,14 @@ def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list
         "",
         f"* **Command:** `{command}`",
         f"* **Date:** {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
-        f"({seconds / 60:.1f} min on {torch.get_num_threads()} thread(s))",
+        f"({seconds / 60:.1f} min on {args.threads} thread(s))",
         f"* **Model:** `{model['model_id']}`, fingerprint `{model['fingerprint']}` (`{_home(model['source'])}`)",
         f"* **Training behind the weights:** {train.get('steps', '?')} steps, {train.get('train_hours', '?')} h "
         f"({how_trained})",
         f"* **Entropy-coding LM:** {model['lm'] or 'none in this package (LM bitrates n/a)'}",
         *_blank_warning(model["blank_codebooks"], model["n_q"]),
         f"* **Clips:** {counts} × 10 s, 24 kHz mono, from `{_home(str(args.clips))}` (held out from training).",
-        f"* **Speed** ({torch.get_num_threads()} thread(s), 60 s of the clips joined, 6 kbps, best of 2; "
+        f"* **Speed** ({args.threads} thread(s), 60 s of the clips joined, 6 kbps, best of 2; "
         f"load average {load:.1f} at the start): encode {rtf['encode']:.0f}×, decode {rtf['decode']:.0f}× real time"
         + (f"; with the LM encode {rtf['lm_encode']:.0f}×, decode {rtf['lm_decode']:.0f}×" if "lm_encode" in rtf else "")
         + ".",

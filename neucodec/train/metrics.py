@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import soxr
+import torch
 
 VISQOL_RATE = 16000
 
@@ -37,12 +38,19 @@ class VisqolSpeech:
             deg = soxr.resample(deg, sample_rate, VISQOL_RATE)
         if not np.any(deg):
             return float("nan")
+        # visqol-python's parallel numba loops can reset the OpenMP thread count torch shares with them
+        # (measured: 1 -> 2 on this machine once numba was loaded), so the codec after the first score
+        # would run on more threads than the caller set. Keep the caller's count.
+        threads = torch.get_num_threads()
         try:
             return float(self.api.measure_from_arrays(np.asarray(ref, np.float64), np.asarray(deg, np.float64),
                                                       VISQOL_RATE).moslqo)
         except Exception as e:  # noqa: BLE001 - a failed score is reported as nan, not fatal
             warnings.warn(f"ViSQOL failed: {type(e).__name__}: {e}")
             return float("nan")
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
 
 def load_visqol() -> VisqolSpeech | None:

@@ -363,3 +363,26 @@ def test_lm_training_learns_predictable_codes(tmp_path: Path) -> None:
     again = LMSolver(lm_cfg, codec_cfg, codes, tmp_path, dev_codes=codes[:4])
     assert again.load() and again.step == 60
     assert again.evaluate()["bits_k4"] == pytest.approx(after["bits_k4"])
+
+
+def test_visqol_leaves_the_callers_torch_thread_count_alone() -> None:
+    """visqol-python's parallel numba loops can reset the OpenMP thread count that torch reads
+    (measured in bench_quality: 1 -> 2 after the first score, once our LM kernels had loaded numba),
+    so the codec after a score ran on more threads than the caller set. Whether a given process hits
+    it depends on library load order and environment, so the reset is made here, inside the real
+    scorer's call, and the scorer must undo it."""
+    pytest.importorskip("visqol")
+    from neucodec.train.metrics import VisqolSpeech
+
+    scorer = VisqolSpeech()
+    measure = scorer.api.measure_from_arrays
+
+    def measure_resetting_threads(*args: object, **kwargs: object) -> object:
+        torch.set_num_threads(2)
+        return measure(*args, **kwargs)
+
+    scorer.api.measure_from_arrays = measure_resetting_threads  # type: ignore[method-assign]
+    x = (0.1 * np.random.default_rng(0).standard_normal(32000)).astype(np.float32)
+    assert torch.get_num_threads() == 1  # (the training tests' fixture)
+    assert 1.0 <= scorer(x, 0.9 * x, 16000) <= 5.0
+    assert torch.get_num_threads() == 1
