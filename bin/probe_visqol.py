@@ -129,7 +129,7 @@ def features(visqol: VisqolSpeech, outputs: list[tuple[np.ndarray, np.ndarray]],
             feature, band = np.arange(4)[:, None], np.arange(len(m[0]))[None, :]
             cases = {"the model's features": np.zeros(model_f[-1].shape, bool)}
             for i, name in enumerate(parts):
-                cases[f"{name} from the reference"] = (feature == i) & (band >= 0)
+                cases[f"{name} from the reference"] = feature == i  # (np.where broadcasts it over the bands)
             cases["all but level, bands 0-7"] = (feature < 3) & (band < 8)
             cases["all but level, bands 8-20"] = (feature < 3) & (band >= 8)
             for name, take in cases.items():
