@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import functools
 import json
+import math
 import os
 import random
 import sys
@@ -68,6 +69,14 @@ class TrainConfig:
     bf16: bool = True  # on CUDA, forward passes under bf16 autocast (losses in float32)
     loader_workers: int = 0  # processes drawing batches ahead of the loop (0: the loop draws them)
     mel_floor: float = 1e-5  # the mel loss's log floor: log(floor + mel); higher ignores near-silent bins
+    decay_start: int = 0  # step at which the learning rates start a cosine decay to zero ...
+    decay_steps: int = 0  # ... reached this many steps later (0: constant learning rates)
+
+    def lr_scale(self, step: int) -> float:
+        """The factor on `lr` and `disc_lr` at `step`: 1 before `decay_start`, then a half cosine to 0."""
+        if not self.decay_steps or step < self.decay_start:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.decay_start) / self.decay_steps)))
 
     def to_dict(self) -> dict[str, tp.Any]:
         return dataclasses.asdict(self)
@@ -236,6 +245,10 @@ class Solver:
         torch.autograd.backward(tensors, grads)  # one backward pass (DDP-friendly)
         if c.grad_clip:
             nn.utils.clip_grad_norm_(self.codec.parameters(), c.grad_clip)
+        scale = c.lr_scale(self.step)
+        for opt, lr in ((self.opt, c.lr), (self.disc_opt, c.disc_lr or c.lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
         self.opt.step()
         if update_disc:  # the generator's step left the discriminator's weights as they were for logits_real
             with autocast:
@@ -250,6 +263,8 @@ class Solver:
         metrics.update({k: float(v.detach()) for k, v in losses.items()})
         metrics["commit"] = float(q.commit_loss.detach())
         metrics["n_q"] = n_q
+        if c.decay_steps:
+            metrics["lr"] = c.lr * scale
         with torch.no_grad():
             metrics["si_snr"] = float(si_snr(x_hat32, wav).mean())
         return metrics

@@ -201,6 +201,19 @@ def test_freeze_encoder_trains_the_decoder_only(tmp_path: Path) -> None:
     assert child.fingerprint != parent.fingerprint and child.compatible == {"codec": [parent.fingerprint]}
 
 
+def test_learning_rates_decay_on_a_cosine_from_decay_start(tmp_path: Path) -> None:
+    s = _solver(tmp_path, lr=1e-3, disc_lr=2e-3, disc_filters=4, decay_start=2, decay_steps=4)
+    assert [s.cfg.lr_scale(k) for k in (0, 2, 4, 6, 9)] == pytest.approx([1, 1, 0.5, 0, 0], abs=1e-12)
+    seen = []
+    for step in (1, 4, 6):
+        s.step = step
+        before = [p.detach().clone() for p in s.codec.decoder.parameters()]
+        m = s.train_step(s.batches.next())
+        moved = any(not torch.equal(a, p) for a, p in zip(before, s.codec.decoder.parameters()))
+        seen.append((m["lr"], s.disc_opt.param_groups[0]["lr"], moved))
+    assert seen == [(1e-3, 2e-3, True), (5e-4, pytest.approx(1e-3), True), (0.0, 0.0, False)]
+
+
 def test_export_is_loadable(tmp_path: Path) -> None:
     from neucodec import load_codec
 
