@@ -164,9 +164,9 @@ class Solver:
         except (RuntimeError, ValueError):  # another disc_filters: the adversary starts afresh
             print(f"checkpoint's discriminator does not match disc_filters={self.cfg.disc_filters}; starting a new one",
                   file=sys.stderr)
-        for opt, lr in ((self.opt, self.cfg.lr), (self.disc_opt, self.cfg.disc_lr or self.cfg.lr)):
-            for group in opt.param_groups:  # the config's, not the saved ones
-                group["lr"], group["betas"] = lr, tuple(self.cfg.betas)
+        for opt in (self.opt, self.disc_opt):
+            for group in opt.param_groups:  # the config's betas, not the saved ones (train_step sets the lrs)
+                group["betas"] = tuple(self.cfg.betas)
         if self.balancer and state["balancer"]:
             self.balancer.load_state_dict(json.loads(state["balancer"]))
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
