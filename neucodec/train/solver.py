@@ -29,8 +29,8 @@ from ..model import Codec
 from ..weights import Weights, complete_codebooks, load_weights, resolve, save_release
 from .data import Batches, Prefetched, load_corpus
 from .discriminators import MultiScaleSTFTDiscriminator
-from .losses import (Balancer, MultiScaleMelLoss, SpectralNsimLoss, hinge_discriminator_loss, hinge_generator_loss,
-                     mel_distance, relative_feature_loss, si_snr)
+from .losses import (Balancer, LogStftLoss, MultiScaleMelLoss, SpectralNsimLoss, hinge_discriminator_loss,
+                     hinge_generator_loss, mel_distance, relative_feature_loss, si_snr)
 from .metrics import VisqolSpeech, load_visqol
 from .progress import bar, log_line
 
@@ -122,6 +122,7 @@ class Solver:
         self.mel_loss = MultiScaleMelLoss(config.codec.sample_rate, floor=config.mel_floor).to(self.device)
         self.nsim_loss = SpectralNsimLoss(config.codec.sample_rate).to(self.device) if config.weights.get("nsim") \
             else None  # optional: made only when it has a weight
+        self.stft_loss = LogStftLoss(floor=config.mel_floor).to(self.device) if config.weights.get("stft") else None
         self.balancer = Balancer(config.weights) if config.balancer else None
         self.step = 0
         self.seconds = 0.0  # training wall time, accumulated across resumes
@@ -220,6 +221,8 @@ class Solver:
             losses["si_snr"] = -si_snr(x_hat32, wav).mean()
         if self.nsim_loss is not None:  # the local structure of band levels, as ViSQOL compares it
             losses["nsim"] = self.nsim_loss(x_hat32, wav)
+        if self.stft_loss is not None:  # fine-frequency log magnitudes: harmonics against noise
+            losses["stft"] = self.stft_loss(x_hat32, wav)
         metrics: dict[str, float] = {}
         update_disc = adversarial and (self.bw_rng.random() < c.disc_prob or warming)
         if adversarial and not warming:

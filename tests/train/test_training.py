@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from neucodec import config as cfg
 from neucodec.quantization import ResidualVectorQuantizer, kmeans
 from neucodec.train.data import Batches, Clip, Pool, Prefetched
-from neucodec.train.losses import Balancer, MultiScaleMelLoss, SpectralNsimLoss, si_snr
+from neucodec.train.losses import Balancer, LogStftLoss, MultiScaleMelLoss, SpectralNsimLoss, si_snr
 from neucodec.train.solver import Solver, TrainConfig, append_csv
 from neucodec.weights import load_weights
 
@@ -127,6 +127,28 @@ def test_nsim_loss_ranks_degradations_like_visqol() -> None:
     assert 0.999 > scores["noise 30 dB"] > scores["noise 10 dB"], scores
     assert scores["smoothed"] < scores["noise 30 dB"], scores
     y = (x + 0.3 * noise).requires_grad_()
+    loss(y, x).backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+
+
+def test_log_stft_loss_sees_missing_energy_that_the_waveform_l1_prefers() -> None:
+    """A random-phase component the codes cannot pin down: the waveform L1 is lower for leaving it out
+    (the median of an unknown phase is silence), the log STFT loss for keeping it at the right level."""
+    t = torch.arange(24000) / 24000
+    g = torch.Generator().manual_seed(0)
+    low = 0.3 * torch.sin(2 * math.pi * 200 * t)
+
+    def partials() -> torch.Tensor:  # the same three partials at random phases
+        return sum(0.05 * torch.sin(2 * math.pi * f * t + 6.3 * float(torch.rand(1, generator=g)))
+                   for f in (1500, 2500, 3300))
+
+    high, shifted = partials(), partials()
+    x, kept, dropped = (v[None, None].float() for v in (low + high, low + shifted, low))
+    loss = LogStftLoss()
+    assert float(loss(x, x)) == 0.0
+    assert float((dropped - x).abs().mean()) < float((kept - x).abs().mean())
+    assert float(loss(kept, x)) < float(loss(dropped, x))
+    y = dropped.clone().requires_grad_()
     loss(y, x).backward()
     assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
 
