@@ -324,8 +324,14 @@ def _check_weights(model: torch.nn.Module, kind: tp.Literal["model", "LM"], name
     if wanted is None or wanted == fp or wanted in getattr(model, "compatible", ()):
         return mid
     what = "encoded" if kind == "model" else "entropy-coded"
-    advice = ("use the neucodec version that wrote it, or pass those weights with --model" if name == mid
-              else f"the given {kind} is {mid}; pass the matching weights")  # same name: an earlier release
+    release = getattr(model, "earlier", {}).get(wanted)
+    if release:  # an earlier default model
+        advice = (f"it is neucodec {release.get('neucodec', '?')}'s default model: decode with that release, or pass "
+                  f"its weights (repository commit {release.get('commit', '?')}) with --model")
+    elif name == mid:  # same name: an earlier release
+        advice = "use the neucodec version that wrote it, or pass those weights with --model"
+    else:
+        advice = f"the given {kind} is {mid}; pass the matching weights"
     raise ModelMismatch(f"this file was {what} with {kind} {name} (weights {wanted}), which these weights "
                         f"({fp}) cannot read; {advice}")
 

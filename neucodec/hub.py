@@ -28,7 +28,8 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
 
     Returns a `Codec` in inference mode (eval, weight norm folded) on `device`, with `.model_id`
     and `.fingerprint` identifying its weights, and `.compatible`, the fingerprints of earlier weights
-    whose files it also decodes (`weights.lineage`). None loads the packaged default model.
+    whose files it also decodes (`weights.lineage`), and `.earlier`, the releases of earlier default
+    models by fingerprint (for the advice when a file is not readable). None loads the packaged default model.
     """
     weights = _load(name_or_path)
     if weights.codec_config is None:
@@ -39,6 +40,7 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
     codec.model_id = weights.name  # type: ignore[assignment]
     codec.fingerprint = weights.fingerprint  # type: ignore[assignment]
     codec.compatible = frozenset(weights.compatible.get("codec", ()))  # type: ignore[assignment]
+    codec.earlier = weights.earlier  # type: ignore[assignment]
     return codec
 
 
@@ -59,4 +61,5 @@ def load_lm(name_or_path: str | os.PathLike[str] | None = None) -> LanguageModel
     lm.model_id = weights.name  # type: ignore[assignment]
     lm.fingerprint = weights.fingerprint  # type: ignore[assignment]
     lm.compatible = frozenset(weights.compatible.get("lm", ()))  # type: ignore[assignment]
+    lm.earlier = weights.earlier  # type: ignore[assignment]
     return lm

@@ -53,6 +53,10 @@ class Weights:
     metadata: dict[str, tp.Any] = dataclasses.field(default_factory=dict)
     #: fingerprints of earlier weights whose files these decode, per part ("codec", "lm"): see `lineage`
     compatible: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: earlier default models by fingerprint: the neucodec release that shipped each and the repository
+    #: commit that holds its weights ({"neucodec": "0.5.0", "commit": "0f1799b"}), so that a file these
+    #: weights cannot read is met with the release that can
+    earlier: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 def cache_dir() -> Path:
@@ -212,8 +216,12 @@ def _load_release(path: Path) -> Weights:
     if not (isinstance(compatible, dict) and all(isinstance(v, list) and all(isinstance(f, str) for f in v)
                                                  for v in compatible.values())):
         raise WeightsUnavailable(f"{path}: 'compatible' must map 'codec'/'lm' to lists of fingerprints")
+    earlier = meta.get("earlier") or {}
+    if not (isinstance(earlier, dict) and all(isinstance(v, dict) and all(isinstance(t, str) for t in v.values())
+                                              for v in earlier.values())):
+        raise WeightsUnavailable(f"{path}: 'earlier' must map fingerprints to {{\"neucodec\": ..., \"commit\": ...}}")
     return Weights(meta["name"], codec_state, digest[:16], path, cfg.codec_from_dict(meta["codec"]),
-                   lm_config, lm_state or None, meta.get("training", {}), compatible)
+                   lm_config, lm_state or None, meta.get("training", {}), compatible, earlier)
 
 
 def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.CodecConfig,

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from _bitstream import lm_coded_file, skewed_codes, skewed_lm, tiny_codec24, tiny_codec48
 from neucodec import container, ecdc
-from neucodec.errors import CorruptStream, ModelMismatch, NeucodecError, UnsupportedAudio, UnsupportedFormatVersion
+from neucodec.errors import (CorruptStream, ModelMismatch, NeucodecError, UnsupportedAudio, UnsupportedFormatVersion,
+                             WeightsUnavailable)
 from neucodec.weights import load_weights, save_release
 
 
@@ -161,6 +162,15 @@ def test_a_new_decoder_reads_the_files_of_the_weights_it_was_trained_from(tmp_pa
     assert load_weights(d).compatible == {"lm": [load_weights(c).fingerprint, fb, fa]}
     with pytest.raises(ModelMismatch, match=f"model bs_tiny \\(weights {fa}\\).*version that wrote it"):
         ecdc.decode_bytes(data, load_codec(d), load_lm(d))
+    meta = json.loads(d.read_text())  # a release lists the earlier defaults: the advice names the one
+    meta["earlier"] = {fa: {"neucodec": "0.5.0", "commit": "0f1799b"}}
+    d.write_text(json.dumps(meta))
+    with pytest.raises(ModelMismatch, match="neucodec 0.5.0's default model.*commit 0f1799b"):
+        ecdc.decode_bytes(data, load_codec(d), load_lm(d))
+    meta["earlier"] = {fa: "0.5.0"}
+    d.write_text(json.dumps(meta))
+    with pytest.raises(WeightsUnavailable, match="'earlier' must map"):
+        load_codec(d)
 
 
 def test_model_resolved_from_header_and_mismatch(c24, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
