@@ -1,5 +1,5 @@
-"""Reconstruction losses (waveform L1, multi-scale mel, log STFT, spectral NSIM), SI-SNR, and the paper's
-loss balancer."""
+"""Reconstruction losses (waveform L1, multi-scale mel, log STFT, spectral NSIM, frame comb), SI-SNR, and the
+paper's loss balancer."""
 from __future__ import annotations
 
 import typing as tp
@@ -92,6 +92,18 @@ class LogStftLoss(nn.Module):
                                return_complex=True).abs() for t in (a, b)]
             total = total + (torch.log(self.floor + mags[0]) - torch.log(self.floor + mags[1])).abs().mean()
         return total / len(self.sizes)
+
+
+def frame_comb_loss(x_hat: Tensor, x: Tensor, hop: int) -> Tensor:
+    """Mean square of the part of the error that repeats every `hop` samples (one code frame).
+
+    A decoder that upsamples frames by transposed convolutions can stamp the same small waveform
+    onto every frame: a buzz at the frame rate's harmonics (75, 150, 225 Hz ... at 24 kHz), loudest
+    where the signal itself is faint. Averaging the error's frames sample by sample keeps that
+    pattern and cancels what does not repeat."""
+    frames = x.shape[-1] // hop
+    err = (x_hat - x)[..., : frames * hop]
+    return err.reshape(*err.shape[:-1], frames, hop).mean(-2).pow(2).mean()
 
 
 def erb_filterbank(sample_rate: int, n_fft: int, n_bands: int = 21, f_min: float = 50.0,

@@ -29,8 +29,8 @@ from ..model import Codec
 from ..weights import Weights, complete_codebooks, load_weights, resolve, save_release
 from .data import Batches, Prefetched, load_corpus
 from .discriminators import MultiScaleSTFTDiscriminator
-from .losses import (Balancer, LogStftLoss, MultiScaleMelLoss, SpectralNsimLoss, hinge_discriminator_loss,
-                     hinge_generator_loss, mel_distance, relative_feature_loss, si_snr)
+from .losses import (Balancer, LogStftLoss, MultiScaleMelLoss, SpectralNsimLoss, frame_comb_loss,
+                     hinge_discriminator_loss, hinge_generator_loss, mel_distance, relative_feature_loss, si_snr)
 from .metrics import VisqolSpeech, load_visqol
 from .progress import bar, log_line
 
@@ -223,6 +223,8 @@ class Solver:
             losses["nsim"] = self.nsim_loss(x_hat32, wav)
         if self.stft_loss is not None:  # fine-frequency log magnitudes: harmonics against noise
             losses["stft"] = self.stft_loss(x_hat32, wav)
+        if c.weights.get("comb"):  # a pattern stamped on every code frame: a buzz at the frame rate
+            losses["comb"] = frame_comb_loss(x_hat32, wav, self.codec.hop_length)
         metrics: dict[str, float] = {}
         update_disc = adversarial and (self.bw_rng.random() < c.disc_prob or warming)
         if adversarial and not warming:

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from neucodec import config as cfg
 from neucodec.quantization import ResidualVectorQuantizer, kmeans
 from neucodec.train.data import Batches, Clip, Pool, Prefetched
-from neucodec.train.losses import Balancer, LogStftLoss, MultiScaleMelLoss, SpectralNsimLoss, si_snr
+from neucodec.train.losses import Balancer, LogStftLoss, MultiScaleMelLoss, SpectralNsimLoss, frame_comb_loss, si_snr
 from neucodec.train.solver import Solver, TrainConfig, append_csv
 from neucodec.weights import load_weights
 
@@ -151,6 +151,15 @@ def test_log_stft_loss_sees_missing_energy_that_the_waveform_l1_prefers() -> Non
     y = dropped.clone().requires_grad_()
     loss(y, x).backward()
     assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+
+
+def test_frame_comb_loss_sees_a_pattern_repeated_every_frame_not_noise() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 24000, generator=g)
+    stamp = 0.01 * torch.randn(320, generator=g).repeat(75)  # the same 320 samples on every frame
+    noise = 0.01 * torch.randn(2, 1, 24000, generator=g)  # as loud, but different on every frame
+    assert float(frame_comb_loss(x, x, 320)) == 0.0
+    assert float(frame_comb_loss(x + stamp, x, 320)) > 20 * float(frame_comb_loss(x + noise, x, 320))
 
 
 def _solver(tmp_path: Path, **kw: object) -> Solver:
