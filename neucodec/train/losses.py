@@ -74,8 +74,9 @@ class LogStftLoss(nn.Module):
     """Mean L1 between log magnitudes of normalised STFTs with linear bins, over windows `sizes` (hop 1/4).
 
     At 2048 samples the bins (11.7 Hz at 24 kHz) resolve the harmonics of a voice, which 64 mel bands
-    above 1 kHz average together: noise between the harmonics, which the mel loss does not see, costs
-    here. The log weighs quiet bins like loud ones, so a missing component costs as much as a wrong one."""
+    above 1 kHz average together: noise between the harmonics, which the mel loss sees only as band
+    energy, costs here. The log weighs quiet bins like loud ones, so a missing component costs as much
+    as a wrong one."""
 
     def __init__(self, sizes: tp.Sequence[int] = (512, 1024, 2048), floor: float = 1e-5) -> None:
         super().__init__()
