@@ -71,6 +71,15 @@ class TrainConfig:
     mel_floor: float = 1e-5  # the mel loss's log floor: log(floor + mel); higher ignores near-silent bins
     decay_start: int = 0  # step at which the learning rates start a cosine decay to zero ...
     decay_steps: int = 0  # ... reached this many steps later (0: constant learning rates)
+    bandwidth_weights: tuple[float, ...] | None = None  # how often each of codec.bandwidths is drawn (None: equally)
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_weights is not None:
+            self.bandwidth_weights = tuple(float(w) for w in self.bandwidth_weights)
+            if len(self.bandwidth_weights) != len(self.codec.bandwidths) or min(self.bandwidth_weights) < 0 \
+                    or not sum(self.bandwidth_weights):
+                raise ValueError(f"bandwidth_weights needs one weight >= 0 per bandwidth {list(self.codec.bandwidths)}, "
+                                 f"not all 0; got {list(self.bandwidth_weights)}")
 
     def lr_scale(self, step: int) -> float:
         """The factor on `lr` and `disc_lr` at `step`: 1 before `decay_start`, then a half cosine to 0."""
@@ -200,12 +209,20 @@ class Solver:
             residual = residual - book.decode(book.encode(residual))
 
     # ------------------------------------------------------------------ one step
+    def draw_n_q(self) -> int:
+        """This step's number of codebooks: that of one of the codec's bandwidths, drawn equally
+        often or by `bandwidth_weights` (low bitrates can get more of the decoder's training)."""
+        c = self.cfg
+        if c.bandwidth_weights is None:
+            return self.bw_rng.choice(self.n_qs)
+        return c.codec.n_q_for_bandwidth(self.bw_rng.choices(c.codec.bandwidths, c.bandwidth_weights)[0])
+
     def train_step(self, wav: Tensor) -> dict[str, float]:
         c = self.cfg
         quantize = self.step >= c.quantizer_start
         if quantize and not bool(self.codec.quantizer._codebook(0).inited.item()):
             self.init_codebooks()
-        n_q = self.bw_rng.choice(self.n_qs) if quantize else 0
+        n_q = self.draw_n_q() if quantize else 0
         adversarial = c.adversarial and self.step >= c.adversarial_start
         warming = adversarial and self.step < c.adversarial_start + c.disc_warmup  # no adversary for the codec yet
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.bf16 and self.device.type == "cuda")

@@ -245,6 +245,21 @@ def test_learning_rates_decay_on_a_cosine_from_decay_start(tmp_path: Path) -> No
     assert seen == [(1e-3, 2e-3, True), (5e-4, pytest.approx(1e-3), True), (0.0, 0.0, False)]
 
 
+def test_bandwidth_weights_set_how_often_each_bandwidth_is_trained(tmp_path: Path) -> None:
+    low, high = (TINY.n_q_for_bandwidth(b) for b in TINY.bandwidths)
+    assert low != high
+    even = _solver(tmp_path / "even", disc_filters=4)
+    assert {even.draw_n_q() for _ in range(50)} == {low, high}
+    skewed = _solver(tmp_path / "skewed", disc_filters=4, bandwidth_weights=[3, 1])
+    draws = [skewed.draw_n_q() for _ in range(2000)]
+    assert 0.7 < draws.count(low) / len(draws) < 0.8
+    only_high = _solver(tmp_path / "high", adversarial=False, bandwidth_weights=[0, 1])
+    assert only_high.train_step(only_high.batches.next())["n_q"] == high
+    for bad in ([1.0], [1, -1], [0, 0]):
+        with pytest.raises(ValueError, match="bandwidth_weights"):
+            TrainConfig(codec=TINY, bandwidth_weights=bad)
+
+
 def test_export_is_loadable(tmp_path: Path) -> None:
     from neucodec import load_codec
 
