@@ -27,7 +27,7 @@ from torch import nn
 from .. import config as cfg
 from ..model import Codec
 from ..weights import Weights, complete_codebooks, load_weights, resolve, save_release
-from .data import Batches, Prefetched, load_corpus
+from .data import Batches, MixConfig, Prefetched, load_corpus
 from .discriminators import MultiScaleSTFTDiscriminator
 from .losses import (Balancer, LogStftLoss, MultiScaleMelLoss, SpectralNsimLoss, frame_comb_loss,
                      hinge_discriminator_loss, hinge_generator_loss, mel_distance, relative_feature_loss, si_snr)
@@ -72,6 +72,7 @@ class TrainConfig:
     decay_start: int = 0  # step at which the learning rates start a cosine decay to zero ...
     decay_steps: int = 0  # ... reached this many steps later (0: constant learning rates)
     bandwidth_weights: tuple[float, ...] | None = None  # how often each of codec.bandwidths is drawn (None: equally)
+    mix: dict[str, float] = dataclasses.field(default_factory=dict)  # MixConfig fields to change, e.g. {"speech_share": 0.9}
 
     def __post_init__(self) -> None:
         if self.bandwidth_weights is not None:
@@ -80,6 +81,10 @@ class TrainConfig:
                     or not sum(self.bandwidth_weights):
                 raise ValueError(f"bandwidth_weights needs one weight >= 0 per bandwidth {list(self.codec.bandwidths)}, "
                                  f"not all 0; got {list(self.bandwidth_weights)}")
+        unknown = set(self.mix) - {f.name for f in dataclasses.fields(MixConfig)}
+        if unknown:
+            raise ValueError(f"mix has no field {sorted(unknown)}; "
+                             f"fields: {[f.name for f in dataclasses.fields(MixConfig)]}")
 
     def lr_scale(self, step: int) -> float:
         """The factor on `lr` and `disc_lr` at `step`: 1 before `decay_start`, then a half cosine to 0."""
@@ -450,7 +455,7 @@ def build(config: TrainConfig, run_dir: Path, corpus: Path, device: str = "cpu")
     rank, _ = _world()
     pools = load_corpus(corpus, "train")
     batches = Batches(pools, config.batch_size, int(config.segment_seconds * config.codec.sample_rate),
-                      seed=config.seed + 1000 * rank)
+                      seed=config.seed + 1000 * rank, mix=MixConfig(**config.mix))
     stream = Prefetched(batches, config.loader_workers) if config.loader_workers else batches
     return Solver(config, run_dir, stream, dev_clip_paths(corpus), device)
 
