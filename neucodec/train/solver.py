@@ -72,7 +72,7 @@ class TrainConfig:
     decay_start: int = 0  # step at which the learning rates start a cosine decay to zero ...
     decay_steps: int = 0  # ... reached this many steps later (0: constant learning rates)
     bandwidth_weights: tuple[float, ...] | None = None  # how often each of codec.bandwidths is drawn (None: equally)
-    mix: dict[str, float] = dataclasses.field(default_factory=dict)  # MixConfig fields to change, e.g. {"speech_share": 0.9}
+    mix: dict[str, float] = dataclasses.field(default_factory=dict)  # MixConfig fields to change (none: the paper's)
 
     def __post_init__(self) -> None:
         if self.bandwidth_weights is not None:

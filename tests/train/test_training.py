@@ -264,8 +264,8 @@ def test_bandwidth_weights_set_how_often_each_bandwidth_is_trained(tmp_path: Pat
 def test_mix_sets_which_categories_the_batches_draw(tmp_path: Path) -> None:
     """`mix` reaches the batches that `build` makes: here only single speech crops, never music."""
     t = np.arange(24000) / 24000
+    (tmp_path / "train").mkdir()
     for cat, f0 in (("speech", 200), ("music", 3000), ("sfx", 3000)):
-        (tmp_path / "train").mkdir(exist_ok=True)
         np.save(tmp_path / "train" / f"{cat}.npy", (0.3 * np.sin(2 * np.pi * f0 * t)).astype(np.float32))
         (tmp_path / "train" / f"{cat}.json").write_text(json.dumps(
             {"entries": [{"offset": 0, "length": len(t), "source": cat}]}))
