@@ -81,10 +81,9 @@ class TrainConfig:
                     or not sum(self.bandwidth_weights):
                 raise ValueError(f"bandwidth_weights needs one weight >= 0 per bandwidth {list(self.codec.bandwidths)}, "
                                  f"not all 0; got {list(self.bandwidth_weights)}")
-        unknown = set(self.mix) - {f.name for f in dataclasses.fields(MixConfig)}
-        if unknown:
-            raise ValueError(f"mix has no field {sorted(unknown)}; "
-                             f"fields: {[f.name for f in dataclasses.fields(MixConfig)]}")
+        fields = [f.name for f in dataclasses.fields(MixConfig)]
+        if unknown := sorted(set(self.mix) - set(fields)):
+            raise ValueError(f"mix has no field {unknown}; fields: {fields}")
 
     def lr_scale(self, step: int) -> float:
         """The factor on `lr` and `disc_lr` at `step`: 1 before `decay_start`, then a half cosine to 0."""

@@ -1,7 +1,6 @@
 """bin/pack_corpus.py: a corpus sample carried as Ogg Opus comes back in the layout training reads."""
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -12,25 +11,14 @@ import pytest
 
 from neucodec.train.data import load_corpus
 
+from ._corpus import FREQS, SR, tone_corpus
+
 ROOT = Path(__file__).resolve().parents[2]
-SR = 24000
-FREQS = {"speech": (300, 500), "music": (700, 900), "sfx": (1100, 1300)}  # one tone per source
-
-
-def _corpus(root: Path) -> None:
-    t = np.arange(20 * SR) / SR
-    for split in ("train", "dev"):
-        for cat, freqs in FREQS.items():
-            data = np.concatenate([(8000 * np.sin(2 * np.pi * f * t)).astype(np.int16) for f in freqs])
-            entries = [{"offset": i * len(t), "length": len(t), "source": f"tone{f}"} for i, f in enumerate(freqs)]
-            (root / split).mkdir(parents=True, exist_ok=True)
-            np.save(root / split / f"{cat}.npy", data)
-            (root / split / f"{cat}.json").write_text(json.dumps({"entries": entries}))
 
 
 @pytest.mark.skipif(shutil.which("opusenc") is None, reason="needs opusenc (opus-tools)")
 def test_packed_sample_unpacks_to_the_corpus_layout(tmp_path: Path) -> None:
-    _corpus(tmp_path / "corpus")
+    tone_corpus(tmp_path / "corpus")
     script = str(ROOT / "bin" / "pack_corpus.py")
     subprocess.run([sys.executable, script, "pack", str(tmp_path / "corpus"), str(tmp_path / "packed"),
                     "--minutes", "0.5", "0.5", "0.2", "--dev-minutes", "0.1", "0.1", "0.1"], check=True)

@@ -3,7 +3,6 @@ evaluation (with and without ViSQOL), CSV logs and the progress bar."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import socket
@@ -22,6 +21,8 @@ from neucodec.train.data import Batches, Clip, Pool, Prefetched
 from neucodec.train.losses import Balancer, LogStftLoss, MultiScaleMelLoss, SpectralNsimLoss, frame_comb_loss, si_snr
 from neucodec.train.solver import Solver, TrainConfig, append_csv, build
 from neucodec.weights import load_weights
+
+from ._corpus import FREQS, SR, tone_corpus
 
 TINY = cfg.CodecConfig(name="tiny", seanet=cfg.SEANetConfig(n_filters=4, dimension=16, lstm=1),
                        quantizer=cfg.RVQConfig(dimension=16, n_q=4, bins=64, threshold_ema_dead_code=0.01),
@@ -263,20 +264,16 @@ def test_bandwidth_weights_set_how_often_each_bandwidth_is_trained(tmp_path: Pat
 
 def test_mix_sets_which_categories_the_batches_draw(tmp_path: Path) -> None:
     """`mix` reaches the batches that `build` makes: here only single speech crops, never music."""
-    t = np.arange(24000) / 24000
-    (tmp_path / "train").mkdir()
-    for cat, f0 in (("speech", 200), ("music", 3000), ("sfx", 3000)):
-        np.save(tmp_path / "train" / f"{cat}.npy", (0.3 * np.sin(2 * np.pi * f0 * t)).astype(np.float32))
-        (tmp_path / "train" / f"{cat}.json").write_text(json.dumps(
-            {"entries": [{"offset": 0, "length": len(t), "source": cat}]}))
+    tone_corpus(tmp_path)
 
     def peaks(**mix: float) -> set[float]:
         config = TrainConfig(codec=TINY, batch_size=16, segment_seconds=0.1, mix=mix)
         x = build(config, tmp_path / "run", tmp_path).batches.next()[:, 0].numpy()
-        return set(np.fft.rfftfreq(x.shape[1], 1 / 24000)[np.abs(np.fft.rfft(x)).argmax(axis=1)])
+        return set(np.fft.rfftfreq(x.shape[1], 1 / SR)[np.abs(np.fft.rfft(x)).argmax(axis=1)])
 
-    assert peaks() == {200, 3000}
-    assert peaks(p_single_music=0, p_single_other=1, p_mix2=0, p_mix3=0, speech_share=1) == {200}
+    speech = set(FREQS["speech"])
+    assert peaks() - speech  # the paper's mixture draws music and sounds too
+    assert peaks(p_single_music=0, p_single_other=1, p_mix2=0, p_mix3=0, speech_share=1) <= speech
     with pytest.raises(ValueError, match="mix has no field"):
         TrainConfig(codec=TINY, mix={"speech": 1.0})
 
