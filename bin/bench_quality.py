@@ -229,8 +229,9 @@ def codec2_system(mode: int, tmp: Path) -> System:
     def run(path: Path, wav: np.ndarray) -> Coded:
         coded, out = tmp / "x.c2", tmp / "c2.wav"
         raw = "-t raw -r 8000 -e signed -b 16 -c 1"
-        _sh(f"sox {shlex.quote(str(path))} {raw} - | c2enc {mode} - {coded}")
-        _sh(f"c2dec {mode} {coded} - | sox {raw} - -r {SAMPLE_RATE} {out}")
+        # -D: no dither, which sox otherwise adds at random when it writes 16 bits (a new score each run)
+        _sh(f"sox -D {shlex.quote(str(path))} {raw} - | c2enc {mode} - {coded}")
+        _sh(f"c2dec {mode} {coded} - | sox -D {raw} - -r {SAMPLE_RATE} {out}")
         size = coded.stat().st_size
         return Coded(_read24(out), size, size - CODEC2_HEADER_BYTES)
     return System("codec2", mode / 1000, run)
@@ -518,7 +519,7 @@ def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list
         "without and (when the package has one) with the LM. "
         f"Opus: `opusenc --quiet --bitrate B --hard-cbr --framesize {OPUS_FRAME_MS}` on the 24 kHz clip, "
         f"`opusdec --quiet --rate {SAMPLE_RATE} --no-dither --float`. "
-        "Codec2 (1.0.5): `sox` to 8 kHz raw, `c2enc MODE` / `c2dec MODE`, `sox` back to 24 kHz.",
+        "Codec2 (1.0.5): `sox -D` (no dither) to 8 kHz raw, `c2enc MODE` / `c2dec MODE`, `sox -D` back to 24 kHz.",
         "* **Bitrates** are measured over the clip's duration. *File* counts every byte (.ecdc header, "
         "segment framing, CRCs and index; Ogg pages and Opus header packets; the Codec2 7-byte header). "
         "*Payload* counts only coded audio: ecdc segment payloads, Opus audio packets, Codec2 frames. "
