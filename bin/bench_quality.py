@@ -229,7 +229,7 @@ def codec2_system(mode: int, tmp: Path) -> System:
     def run(path: Path, wav: np.ndarray) -> Coded:
         coded, out = tmp / "x.c2", tmp / "c2.wav"
         raw = "-t raw -r 8000 -e signed -b 16 -c 1"
-        # -D: no dither, which sox otherwise adds at random when it writes 16 bits (a new score each run)
+        # -D: no dither (sox adds random dither when it writes 16 bits: a new score every run)
         _sh(f"sox -D {shlex.quote(str(path))} {raw} - | c2enc {mode} - {coded}")
         _sh(f"c2dec {mode} {coded} - | sox -D {raw} - -r {SAMPLE_RATE} {out}")
         size = coded.stat().st_size
