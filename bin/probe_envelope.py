@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""What an envelope-correction side channel (`neucodec.envelope`) would buy, and what it would cost.
+
+For each dev clip and each bandwidth (any multiple of 0.75 kbps, so 4.5 uses 6 codebooks) it scores
+the model's decoded audio as is and with the correction applied at each quantizer step, with the
+metrics of `bin/bench_quality.py` (ViSQOL in speech mode at 16 kHz, log-mel distance, SI-SNR), and
+estimates the side channel's rate from the corrections themselves: the entropy of each value given
+the one before it in the same band (a fixed table per category, fitted on half of the clips and
+measured on the other half, both ways, with add-one smoothing; so what a range coder with that table
+would need, header excluded). The codec's own payload is K x 0.75 kbps without the LM.
+
+    python bin/probe_envelope.py [--clips ~/.cache/neucodec-train/corpus/dev/clips-wide-40]
+        [--bandwidths 3 4.5 6] [--steps-db 3 6] [--limit 40] [--json out.json]   # needs the eval extra
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from neucodec import envelope, load_codec
+from neucodec.train.losses import mel_distance
+from neucodec.train.metrics import VisqolSpeech
+
+
+def si_snr(y: np.ndarray, x: np.ndarray) -> float:
+    target = (y @ x) / (x @ x + 1e-12) * x
+    return float(10 * np.log10((target @ target) / ((y - target) @ (y - target) + 1e-12) + 1e-12))
+
+
+def cross_entropy_kbps(corrections: list[np.ndarray], seconds: float, span: int) -> float:
+    """Bits per second, in kbps, to code each value given its band's previous one (two-fold cross-fit)."""
+    def pairs(cs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        prev = [np.pad(c, ((0, 0), (1, 0)))[:, :-1] for c in cs]  # the first tile follows a 0
+        return np.concatenate([p.ravel() for p in prev]) + span, np.concatenate([c.ravel() for c in cs]) + span
+
+    bits = 0.0
+    for fit, test in ((corrections[0::2], corrections[1::2]), (corrections[1::2], corrections[0::2])):
+        if not fit or not test:
+            continue
+        table = np.ones((2 * span + 1, 2 * span + 1))
+        np.add.at(table, pairs(fit), 1)
+        table /= table.sum(axis=1, keepdims=True)
+        bits += float(-np.log2(table[pairs(test)]).sum())
+    return bits / seconds / 1000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="neucodec_24khz")
+    p.add_argument("--clips", type=Path, default=Path.home() / ".cache/neucodec-train/corpus/dev/clips-wide-40")
+    p.add_argument("--bandwidths", type=float, nargs="+", default=[3.0, 4.5, 6.0])
+    p.add_argument("--steps-db", type=float, nargs="+", default=[3.0, 6.0])
+    p.add_argument("--limit", type=int, default=None, help="clips per category")
+    p.add_argument("--json", type=Path, default=None, help="write every score here")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    codec, visqol = load_codec(args.model).eval(), VisqolSpeech()
+    if codec.sample_rate != 24000 or codec.channels != 1:
+        raise SystemExit("the envelope grid is laid out for 24 kHz mono models")
+    paths = sorted(args.clips.glob("*.wav"))
+    by_cat: dict[str, list[Path]] = {}
+    for path in paths:
+        by_cat.setdefault(path.stem.split("_")[0], []).append(path)
+    if not by_cat:
+        raise SystemExit(f"no clips in {args.clips}; run bin/build_corpus.py first")
+    rows: list[dict[str, object]] = []
+    corrections: dict[tuple[str, str], list[np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+    for cat, cat_paths in sorted(by_cat.items()):
+        for path in cat_paths[: args.limit]:
+            x = sf.read(str(path), dtype="float32")[0]
+            ref = x.astype(np.float64)
+            seconds[cat] = seconds.get(cat, 0.0) + len(x) / codec.sample_rate
+            with torch.no_grad():
+                latent = codec.encoder(torch.from_numpy(x)[None, None])
+            for kbps in args.bandwidths:
+                n_q = round(kbps / 0.75)
+                with torch.no_grad():
+                    y = codec.decoder(codec.quantizer(latent, n_q).quantized)[0, 0, : len(x)]
+                decoded = y.double().numpy()
+                signals = {f"{kbps:g} kbps": decoded}
+                for step in args.steps_db:
+                    grid = envelope.Grid(step_db=step)
+                    steps = envelope.measure(ref, decoded, grid)
+                    corrections.setdefault((f"{kbps:g} kbps + envelope, {step:g} dB", cat), []).append(steps)
+                    signals[f"{kbps:g} kbps + envelope, {step:g} dB"] = envelope.apply(decoded, steps, grid)
+                for name, signal in signals.items():
+                    mel = mel_distance(torch.from_numpy(signal).float().view(1, 1, -1),
+                                       torch.from_numpy(x).view(1, 1, -1), codec.sample_rate)
+                    rows.append({"clip": path.name, "category": cat, "system": name, "codes_kbps": n_q * 0.75,
+                                 "visqol": visqol(ref, signal, codec.sample_rate), "mel": mel,
+                                 "si_snr": si_snr(signal, ref)})
+            print(f"{path.name} done", flush=True)
+    print(f"\nmodel {args.model}; clips {args.clips}; grid {envelope.Grid()} (step varied)\n")
+    print("| category | system | codes kbps | side kbps | ViSQOL | mel dist | SI-SNR dB |\n|---|---|---|---|---|---|---|")
+    for cat in sorted(by_cat):
+        for name in dict.fromkeys(r["system"] for r in rows if r["category"] == cat):
+            sel = [r for r in rows if r["category"] == cat and r["system"] == name]
+            side = corrections.get((str(name), cat))
+            step = float(str(name).split(", ")[-1].split()[0]) if side else None
+            span = envelope.Grid().max_steps
+            side_kbps = f"{cross_entropy_kbps(side, seconds[cat], span):.2f}" if side and step else "—"
+            print(f"| {cat} | {name} | {sel[0]['codes_kbps']:.2f} | {side_kbps} | "
+                  f"{np.mean([r['visqol'] for r in sel]):.3f} | {np.mean([r['mel'] for r in sel]):.3f} | "
+                  f"{np.mean([r['si_snr'] for r in sel]):.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
