@@ -7,10 +7,13 @@ metrics of `bin/bench_quality.py` (ViSQOL in speech mode at 16 kHz, log-mel dist
 estimates the side channel's rate from the corrections themselves: the entropy of each value given
 the one before it in the same band (a fixed table per category, fitted on half of the clips and
 measured on the other half, both ways, with add-one smoothing; so what a range coder with that table
-would need, header excluded). The codec's own payload is K x 0.75 kbps without the LM.
+would need, header excluded). With `--table` (from `bin/fit_envelope.py`, fitted on the train split)
+it also codes each clip's corrections with `envelope.encode_steps`, checks that they decode, and
+reports the bytes. The codec's own payload is K x 0.75 kbps without the LM.
 
     python bin/probe_envelope.py [--clips ~/.cache/neucodec-train/corpus/dev/clips-wide-40]
-        [--bandwidths 3 4.5 6] [--steps-db 3 6] [--limit 40] [--json out.json]   # needs the eval extra
+        [--bandwidths 3 4.5 6] [--steps-db 3 6] [--limit 40] [--table T.json] [--json out.json]
+(needs the eval extra)
 """
 from __future__ import annotations
 
@@ -57,7 +60,10 @@ def main() -> None:
     p.add_argument("--steps-db", type=float, nargs="+", default=[3.0, 6.0])
     p.add_argument("--limit", type=int, default=None, help="clips per category")
     p.add_argument("--json", type=Path, default=None, help="write every score here")
+    p.add_argument("--table", type=Path, default=None, help="code the corrections with this fitted table")
     args = p.parse_args()
+    fitted = json.loads(args.table.read_text()) if args.table else None
+    table = np.asarray(fitted["table"], np.float32) if fitted else None
     torch.set_num_threads(1)
     codec, visqol = load_codec(args.model).eval(), VisqolSpeech()
     if codec.sample_rate != 24000 or codec.channels != 1:
@@ -71,6 +77,7 @@ def main() -> None:
     rows: list[dict[str, object]] = []
     corrections: dict[tuple[str, str], list[np.ndarray]] = {}
     seconds: dict[str, float] = {}
+    coded: dict[tuple[str, str], int] = {}  # bytes of the coded corrections
     for cat, cat_paths in sorted(by_cat.items()):
         for path in cat_paths[: args.limit]:
             x = sf.read(str(path), dtype="float32")[0]
@@ -87,8 +94,14 @@ def main() -> None:
                 for step in args.steps_db:
                     grid = envelope.Grid(step_db=step)
                     steps = envelope.measure(ref, decoded, grid)
-                    corrections.setdefault((f"{kbps:g} kbps + envelope, {step:g} dB", cat), []).append(steps)
-                    signals[f"{kbps:g} kbps + envelope, {step:g} dB"] = envelope.apply(decoded, steps, grid)
+                    name = f"{kbps:g} kbps + envelope, {step:g} dB"
+                    corrections.setdefault((name, cat), []).append(steps)
+                    if table is not None and step == fitted["grid"]["step_db"]:
+                        payload = envelope.encode_steps(steps, table)
+                        if not np.array_equal(envelope.decode_steps(payload, table, *steps.shape), steps):
+                            raise SystemExit(f"{path.name}: the coded corrections do not decode")
+                        coded[(name, cat)] = coded.get((name, cat), 0) + len(payload)
+                    signals[name] = envelope.apply(decoded, steps, grid)
                 for name, signal in signals.items():
                     mel = mel_distance(torch.from_numpy(signal).float().view(1, 1, -1),
                                        torch.from_numpy(x).view(1, 1, -1), codec.sample_rate)
@@ -97,15 +110,16 @@ def main() -> None:
                                  "si_snr": si_snr(signal, ref)})
             print(f"{path.name} done", flush=True)
     print(f"\nmodel {args.model}; clips {args.clips}; grid {envelope.Grid()} (step varied)\n")
-    print("| category | system | codes kbps | side kbps | ViSQOL | mel dist | SI-SNR dB |\n|---|---|---|---|---|---|---|")
+    print("| category | system | codes kbps | side kbps, estimated | side kbps, coded | ViSQOL | mel dist | SI-SNR dB |\n"
+          "|---|---|---|---|---|---|---|---|")
     for cat in sorted(by_cat):
         for name in dict.fromkeys(r["system"] for r in rows if r["category"] == cat):
             sel = [r for r in rows if r["category"] == cat and r["system"] == name]
             side = corrections.get((str(name), cat))
-            step = float(str(name).split(", ")[-1].split()[0]) if side else None
-            span = envelope.Grid().max_steps
-            side_kbps = f"{cross_entropy_kbps(side, seconds[cat], span):.2f}" if side and step else "—"
-            print(f"| {cat} | {name} | {sel[0]['codes_kbps']:.2f} | {side_kbps} | "
+            side_kbps = f"{cross_entropy_kbps(side, seconds[cat], envelope.Grid.max_steps):.2f}" if side else "—"
+            n_bytes = coded.get((str(name), cat))
+            side_coded = f"{8 * n_bytes / seconds[cat] / 1000:.2f}" if n_bytes is not None else "—"
+            print(f"| {cat} | {name} | {sel[0]['codes_kbps']:.2f} | {side_kbps} | {side_coded} | "
                   f"{np.mean([r['visqol'] for r in sel]):.3f} | {np.mean([r['mel'] for r in sel]):.3f} | "
                   f"{np.mean([r['si_snr'] for r in sel]):.2f} |")
     if args.json:

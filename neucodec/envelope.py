@@ -15,12 +15,18 @@ The STFT is a square-root periodic Hann window of two hops, hop `hop`, analysis 
 with all gains 0 dB `apply` returns its input (to rounding). Shapes: audio [samples] float64;
 steps [bands, tiles] int.
 
+`encode_steps`/`decode_steps` range-code the corrections tile by tile (constriction's queue coder,
+`Categorical(perfect=False)`, one call per tile), each value with the probabilities of a fixed table
+given the previous tile's value in the same band (0 before the first tile). The table is float32,
+so the same bits everywhere; `bin/fit_envelope.py` fits one on the train split.
+
 Not yet part of the .ecdc format: `bin/probe_envelope.py` measures what it would buy.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import constriction
 import numpy as np
 
 
@@ -123,3 +129,40 @@ def apply(decoded: np.ndarray, steps: np.ndarray, grid: Grid = Grid()) -> np.nda
     spec = stft(decoded, grid)
     spec *= 10 ** (gains_db(steps, grid, spec.shape[1]) / 20)
     return istft(spec, grid, len(decoded))
+
+
+def encode_steps(steps: np.ndarray, table: np.ndarray) -> bytes:
+    """Corrections [bands, tiles] -> range-coded bytes (little-endian 32-bit words)."""
+    span = _check_table(table)
+    if steps.size and np.abs(steps).max() > span:
+        raise ValueError(f"corrections beyond +-{span} steps cannot be coded with this table")
+    symbols = np.ascontiguousarray(steps.astype(np.int32) + span)
+    coder, family = constriction.stream.queue.RangeEncoder(), constriction.stream.model.Categorical(perfect=False)
+    previous = np.full(steps.shape[0], span, np.int32)
+    for t in range(steps.shape[1]):
+        coder.encode(np.ascontiguousarray(symbols[:, t]), family, np.ascontiguousarray(table[previous]))
+        previous = symbols[:, t]
+    return coder.get_compressed().astype("<u4").tobytes()
+
+
+def decode_steps(payload: bytes, table: np.ndarray, bands: int, tiles: int) -> np.ndarray:
+    """Inverse of `encode_steps`: [bands, tiles] int8."""
+    span = _check_table(table)
+    if len(payload) % 4:
+        raise ValueError(f"an envelope payload of {len(payload)} bytes is not whole 32-bit words")
+    coder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4").astype(np.uint32))
+    family = constriction.stream.model.Categorical(perfect=False)
+    out = np.empty((bands, tiles), np.int8)
+    previous = np.full(bands, span, np.int32)
+    for t in range(tiles):
+        previous = coder.decode(family, np.ascontiguousarray(table[previous])).astype(np.int32)
+        out[:, t] = previous - span
+    return out
+
+
+def _check_table(table: np.ndarray) -> int:
+    """The table's span m: a float32 [2m + 1, 2m + 1] of positive probabilities, row = previous value + m."""
+    n = table.shape[0]
+    if table.dtype != np.float32 or table.shape != (n, n) or n % 2 == 0 or not (table > 0).all():
+        raise ValueError("an envelope table is a square float32 array of odd size with positive entries")
+    return n // 2

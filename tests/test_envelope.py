@@ -68,3 +68,33 @@ def test_shapes_that_do_not_fit_are_refused() -> None:
         envelope.apply(x, np.zeros((GRID.bands, 3), np.int8), GRID)
     with pytest.raises(ValueError, match="samples"):
         envelope.measure(x, x[:-1], GRID)
+
+
+def _table(span: int, seed: int) -> np.ndarray:
+    """A table favouring small corrections and repeats of the previous value, as fitted ones do."""
+    values = np.arange(-span, span + 1)
+    t = np.exp(-np.abs(values[None, :]) / 2 - np.abs(values[None, :] - values[:, None]) / 3)
+    t *= 1 + 0.2 * np.random.default_rng(seed).random(t.shape)
+    return (t / t.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_corrections_round_trip_through_the_range_coder_and_likely_ones_cost_less() -> None:
+    table = _table(GRID.max_steps, 0)
+    reference, decoded = _noise(3.0, 7), _noise(3.0, 8) * 0.5
+    steps = envelope.measure(reference, decoded, GRID)
+    payload = envelope.encode_steps(steps, table)
+    assert len(payload) % 4 == 0
+    assert np.array_equal(envelope.decode_steps(payload, table, *steps.shape), steps)
+    wild = np.random.default_rng(9).integers(-GRID.max_steps, GRID.max_steps + 1, steps.shape).astype(np.int8)
+    assert np.array_equal(envelope.decode_steps(envelope.encode_steps(wild, table), table, *wild.shape), wild)
+    assert len(envelope.encode_steps(wild, table)) > 2 * len(payload)  # steady corrections are cheap
+
+
+def test_the_coder_refuses_what_it_cannot_code() -> None:
+    table = _table(3, 1)
+    with pytest.raises(ValueError, match="beyond"):
+        envelope.encode_steps(np.full((2, 2), 4, np.int8), table)
+    with pytest.raises(ValueError, match="square float32"):
+        envelope.encode_steps(np.zeros((2, 2), np.int8), table.astype(np.float64))
+    with pytest.raises(ValueError, match="whole 32-bit words"):
+        envelope.decode_steps(b"abc", table, 2, 2)

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Fit the probability table of the envelope corrections (`neucodec.envelope`) on the train split.
+
+Takes `--crops` crops of `--seconds` from each category of the train split (speech, music, general
+sounds: equal shares), codes each with the model at every bandwidth of `--bandwidths`, measures the
+corrections of its decoded audio and counts how often each value follows each value in the same
+band (the first tile follows a 0). Every count starts at 1, each row is normalised, and the table is
+written as JSON with the grid and what it was fitted on.
+
+    python bin/fit_envelope.py --out ~/.cache/neucodec-train/envelope-table.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neucodec import envelope, load_codec
+from neucodec.train.data import load_corpus
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="neucodec_24khz")
+    p.add_argument("--corpus", type=Path, default=Path.home() / ".cache/neucodec-train/corpus")
+    p.add_argument("--crops", type=int, default=64, help="per category")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--bandwidths", type=float, nargs="+", default=[3.0, 4.5, 6.0])
+    p.add_argument("--step-db", type=float, default=envelope.Grid.step_db)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    codec = load_codec(args.model).eval()
+    grid = envelope.Grid(step_db=args.step_db)
+    span = grid.max_steps
+    counts = np.ones((2 * span + 1, 2 * span + 1))
+    rng = np.random.default_rng(args.seed)
+    length = int(args.seconds * codec.sample_rate)
+    for category, pool in sorted(load_corpus(args.corpus, "train").items()):
+        for _ in range(args.crops):
+            x = pool.crop(rng, length).astype(np.float32)
+            with torch.no_grad():
+                latent = codec.encoder(torch.from_numpy(x)[None, None])
+                for kbps in args.bandwidths:
+                    y = codec.decoder(codec.quantizer(latent, round(kbps / 0.75)).quantized)[0, 0, :length]
+                    steps = envelope.measure(x.astype(np.float64), y.double().numpy(), grid).astype(int) + span
+                    previous = np.pad(steps, ((0, 0), (1, 0)), constant_values=span)[:, :-1]
+                    np.add.at(counts, (previous.ravel(), steps.ravel()), 1)
+        print(f"{category}: {args.crops} crops", flush=True)
+    table = counts / counts.sum(axis=1, keepdims=True)
+    args.out.write_text(json.dumps({
+        "grid": dataclasses.asdict(grid),
+        "table": table.astype(np.float32).tolist(),  # float32 values, read back exactly
+        "fitted_on": {"model": args.model, "crops_per_category": args.crops, "seconds": args.seconds,
+                      "bandwidths": args.bandwidths, "seed": args.seed, "transitions": int(counts.sum())},
+    }, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
