@@ -3,7 +3,8 @@
 
 For each dev clip and each bandwidth (any multiple of 0.75 kbps, so 4.5 uses 6 codebooks) it scores
 the model's decoded audio as is and with the correction applied at each quantizer step, with the
-metrics of `bin/bench_quality.py` (ViSQOL in speech mode at 16 kHz, log-mel distance, SI-SNR), and
+metrics of `bin/bench_quality.py` (ViSQOL in speech mode at 16 kHz, log-mel distance, SI-SNR; for
+speech also PESQ-WB and STOI), and
 estimates the side channel's rate from the corrections themselves: the entropy of each value given
 the one before it in the same band (a fixed table per category, fitted on half of the clips and
 measured on the other half, both ways, with add-one smoothing; so what a range coder with that table
@@ -12,7 +13,8 @@ it also codes each clip's corrections with `envelope.encode_steps`, checks that 
 reports the bytes. The codec's own payload is K x 0.75 kbps without the LM.
 
     python bin/probe_envelope.py [--clips ~/.cache/neucodec-train/corpus/dev/clips-wide-40]
-        [--bandwidths 3 4.5 6] [--steps-db 3 6] [--limit 40] [--table T.json] [--json out.json]
+        [--bandwidths 3 4.5 6] [--steps-db 3 6] [--limit 40] [--category speech] [--table T.json]
+        [--json out.json]
 (needs the eval extra)
 """
 from __future__ import annotations
@@ -23,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
+from pesq import pesq
+from pystoi import stoi
 
 from neucodec import envelope, load_codec
 from neucodec.train.losses import mel_distance
@@ -33,6 +38,17 @@ from neucodec.train.metrics import VisqolSpeech
 def si_snr(y: np.ndarray, x: np.ndarray) -> float:
     target = (y @ x) / (x @ x + 1e-12) * x
     return float(10 * np.log10((target @ target) / ((y - target) @ (y - target) + 1e-12) + 1e-12))
+
+
+def speech_scores(x: np.ndarray, signal: np.ndarray) -> dict[str, float]:
+    """PESQ-WB (at 16 kHz) and STOI, as `bin/bench_quality.py` computes them (no delay to align here)."""
+    ref16 = soxr.resample(x, 24000, 16000)
+    deg16 = soxr.resample(signal.astype(np.float32), 24000, 16000)
+    try:
+        pesq_wb = float(pesq(16000, ref16, deg16, "wb"))
+    except Exception:  # noqa: BLE001 - silent output: PESQ cannot score it
+        pesq_wb = float("nan")
+    return {"pesq": pesq_wb, "stoi": float(stoi(x.astype(np.float64), signal, 24000, extended=False))}
 
 
 def cross_entropy_kbps(corrections: list[np.ndarray], seconds: float, span: int) -> float:
@@ -59,6 +75,7 @@ def main() -> None:
     p.add_argument("--bandwidths", type=float, nargs="+", default=[3.0, 4.5, 6.0])
     p.add_argument("--steps-db", type=float, nargs="+", default=[3.0, 6.0])
     p.add_argument("--limit", type=int, default=None, help="clips per category")
+    p.add_argument("--category", default=None, help="only this category (speech, music or sfx)")
     p.add_argument("--json", type=Path, default=None, help="write every score here")
     p.add_argument("--table", type=Path, default=None, help="code the corrections with this fitted table")
     args = p.parse_args()
@@ -71,7 +88,8 @@ def main() -> None:
     paths = sorted(args.clips.glob("*.wav"))
     by_cat: dict[str, list[Path]] = {}
     for path in paths:
-        by_cat.setdefault(path.stem.split("_")[0], []).append(path)
+        if args.category in (None, path.stem.split("_")[0]):
+            by_cat.setdefault(path.stem.split("_")[0], []).append(path)
     if not by_cat:
         raise SystemExit(f"no clips in {args.clips}; run bin/build_corpus.py first")
     rows: list[dict[str, object]] = []
@@ -107,21 +125,24 @@ def main() -> None:
                                        torch.from_numpy(x).view(1, 1, -1), codec.sample_rate)
                     rows.append({"clip": path.name, "category": cat, "system": name, "codes_kbps": n_q * 0.75,
                                  "visqol": visqol(ref, signal, codec.sample_rate), "mel": mel,
-                                 "si_snr": si_snr(signal, ref)})
+                                 "si_snr": si_snr(signal, ref), **(speech_scores(x, signal) if cat == "speech" else {})})
             print(f"{path.name} done", flush=True)
     print(f"\nmodel {args.model}; clips {args.clips}; grid {envelope.Grid()} (step varied)\n")
-    print("| category | system | codes kbps | side kbps, estimated | side kbps, coded | ViSQOL | mel dist | SI-SNR dB |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| category | system | codes kbps | side kbps, estimated | side kbps, coded | ViSQOL | mel dist | SI-SNR dB "
+          "| PESQ-WB | STOI |\n|---|---|---|---|---|---|---|---|---|---|")
     for cat in sorted(by_cat):
         for name in dict.fromkeys(r["system"] for r in rows if r["category"] == cat):
             sel = [r for r in rows if r["category"] == cat and r["system"] == name]
             side = corrections.get((str(name), cat))
-            side_kbps = f"{cross_entropy_kbps(side, seconds[cat], envelope.Grid.max_steps):.2f}" if side else "—"
+            side_kbps = (f"{cross_entropy_kbps(side, seconds[cat], envelope.Grid.max_steps):.2f}"
+                         if side and len(side) > 1 else "—")  # the cross-fit needs two clips
             n_bytes = coded.get((str(name), cat))
             side_coded = f"{8 * n_bytes / seconds[cat] / 1000:.2f}" if n_bytes is not None else "—"
             print(f"| {cat} | {name} | {sel[0]['codes_kbps']:.2f} | {side_kbps} | {side_coded} | "
                   f"{np.mean([r['visqol'] for r in sel]):.3f} | {np.mean([r['mel'] for r in sel]):.3f} | "
-                  f"{np.mean([r['si_snr'] for r in sel]):.2f} |")
+                  f"{np.mean([r['si_snr'] for r in sel]):.2f} | "
+                  + " | ".join(f"{np.nanmean([r[k] for r in sel]):.3f}" if k in sel[0] else "—" for k in ("pesq", "stoi"))
+                  + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

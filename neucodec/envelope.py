@@ -8,8 +8,8 @@ can say, cheaply, what is missing: on a grid of tiles, `bins` STFT bins by `hops
 the mean power of the input and of the decoded audio, rounded to `step_db` (`measure`). The decoder
 turns those integers into gains, interpolated linearly between tile centres in time and in
 frequency, and applies them to its own output's STFT (`apply`); the fine structure and the phase
-stay the codec's. Only the first `bands` bands are coded (8 kHz at 24 kHz); above them the gain is
-0 dB.
+stay the codec's. Only the first `bands` bands are coded (8 kHz at 24 kHz); above them the gain
+falls to 0 dB within one band.
 
 The STFT is a square-root periodic Hann window of two hops, hop `hop`, analysis and synthesis, so
 with all gains 0 dB `apply` returns its input (to rounding). Shapes: audio [samples] float64;
