@@ -4,11 +4,10 @@
 For each dev clip and each bandwidth (any multiple of 0.75 kbps, so 4.5 uses 6 codebooks) it scores
 the model's decoded audio as is and with the correction applied at each quantizer step, with the
 metrics of `bin/bench_quality.py` (ViSQOL in speech mode at 16 kHz, log-mel distance, SI-SNR; for
-speech also PESQ-WB and STOI), and
-estimates the side channel's rate from the corrections themselves: the entropy of each value given
-the one before it in the same band (a fixed table per category, fitted on half of the clips and
-measured on the other half, both ways, with add-one smoothing; so what a range coder with that table
-would need, header excluded). With `--table` (from `bin/fit_envelope.py`, fitted on the train split)
+speech also PESQ-WB and STOI), and estimates the side channel's rate from the corrections
+themselves: the entropy of each value given the one before it in the same band (a fixed table per
+category, fitted on half of the clips and measured on the other half, both ways, with add-one
+smoothing; so what a range coder with that table would need, header excluded). With `--table` (from `bin/fit_envelope.py`, fitted on the train split)
 it also codes each clip's corrections with `envelope.encode_steps`, checks that they decode, and
 reports the bytes. The codec's own payload is K x 0.75 kbps without the LM.
 
