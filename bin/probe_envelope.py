@@ -12,8 +12,8 @@ it also codes each clip's corrections with `envelope.encode_steps`, checks that 
 reports the bytes. The codec's own payload is K x 0.75 kbps without the LM.
 
     python bin/probe_envelope.py [--clips ~/.cache/neucodec-train/corpus/dev/clips-wide-40]
-        [--bandwidths 3 4.5 6] [--steps-db 3 6] [--limit 40] [--category speech] [--table T.json]
-        [--json out.json]
+        [--bandwidths 3 4.5 6] [--steps-db 3 6] [--bands 20] [--limit 40] [--category speech]
+        [--table T.json] [--json out.json]
 (needs the eval extra)
 """
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--clips", type=Path, default=Path.home() / ".cache/neucodec-train/corpus/dev/clips-wide-40")
     p.add_argument("--bandwidths", type=float, nargs="+", default=[3.0, 4.5, 6.0])
     p.add_argument("--steps-db", type=float, nargs="+", default=[3.0, 6.0])
+    p.add_argument("--bands", type=int, default=envelope.Grid.bands, help="coded bands of 400 Hz, from 0 Hz")
     p.add_argument("--limit", type=int, default=None, help="clips per category")
     p.add_argument("--category", default=None, help="only this category (speech, music or sfx)")
     p.add_argument("--json", type=Path, default=None, help="write every score here")
@@ -109,7 +110,7 @@ def main() -> None:
                 decoded = y.double().numpy()
                 signals = {f"{kbps:g} kbps": decoded}
                 for step in args.steps_db:
-                    grid = envelope.Grid(step_db=step)
+                    grid = envelope.Grid(step_db=step, bands=args.bands)
                     steps = envelope.measure(ref, decoded, grid)
                     name = f"{kbps:g} kbps + envelope, {step:g} dB"
                     corrections.setdefault((name, cat), []).append(steps)
@@ -126,7 +127,7 @@ def main() -> None:
                                  "visqol": visqol(ref, signal, codec.sample_rate), "mel": mel,
                                  "si_snr": si_snr(signal, ref), **(speech_scores(x, signal) if cat == "speech" else {})})
             print(f"{path.name} done", flush=True)
-    print(f"\nmodel {args.model}; clips {args.clips}; grid {envelope.Grid()} (step varied)\n")
+    print(f"\nmodel {args.model}; clips {args.clips}; grid {envelope.Grid(bands=args.bands)} (step varied)\n")
     print("| category | system | codes kbps | side kbps, estimated | side kbps, coded | ViSQOL | mel dist | SI-SNR dB "
           "| PESQ-WB | STOI |\n|---|---|---|---|---|---|---|---|---|---|")
     for cat in sorted(by_cat):
