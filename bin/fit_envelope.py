@@ -4,8 +4,8 @@
 Takes `--crops` crops of `--seconds` from each category of the train split (speech, music, general
 sounds: equal shares), codes each with the model at every bandwidth of `--bandwidths`, measures the
 corrections of its decoded audio and counts how often each value follows each value in the same
-band (the first tile follows a 0). Every count starts at 1, each row is normalised, and the table is
-written as JSON with the grid and what it was fitted on.
+band (`envelope.transition_table`), and writes the table as JSON with the grid and what it was
+fitted on.
 
     python bin/fit_envelope.py --out ~/.cache/neucodec-train/envelope-table.json
 """
@@ -37,8 +37,7 @@ def main() -> None:
     torch.set_num_threads(1)
     codec = load_codec(args.model).eval()
     grid = envelope.Grid(step_db=args.step_db)
-    span = grid.max_steps
-    counts = np.ones((2 * span + 1, 2 * span + 1))
+    corrections = []
     rng = np.random.default_rng(args.seed)
     length = int(args.seconds * codec.sample_rate)
     for category, pool in sorted(load_corpus(args.corpus, "train").items()):
@@ -48,16 +47,15 @@ def main() -> None:
                 latent = codec.encoder(torch.from_numpy(x)[None, None])
                 for kbps in args.bandwidths:
                     y = codec.decoder(codec.quantizer(latent, round(kbps / 0.75)).quantized)[0, 0, :length]
-                    steps = envelope.measure(x.astype(np.float64), y.double().numpy(), grid).astype(int) + span
-                    previous = np.pad(steps, ((0, 0), (1, 0)), constant_values=span)[:, :-1]
-                    np.add.at(counts, (previous.ravel(), steps.ravel()), 1)
+                    corrections.append(envelope.measure(x.astype(np.float64), y.double().numpy(), grid))
         print(f"{category}: {args.crops} crops", flush=True)
-    table = counts / counts.sum(axis=1, keepdims=True)
+    table = envelope.transition_table(corrections, grid.max_steps)
     args.out.write_text(json.dumps({
         "grid": dataclasses.asdict(grid),
         "table": table.astype(np.float32).tolist(),  # float32 values, read back exactly
         "fitted_on": {"model": args.model, "crops_per_category": args.crops, "seconds": args.seconds,
-                      "bandwidths": args.bandwidths, "seed": args.seed, "transitions": int(counts.sum())},
+                      "bandwidths": args.bandwidths, "seed": args.seed,
+                      "transitions": sum(c.size for c in corrections)},
     }, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -7,9 +7,9 @@ metrics of `bin/bench_quality.py` (ViSQOL in speech mode at 16 kHz, log-mel dist
 speech also PESQ-WB and STOI), and estimates the side channel's rate from the corrections
 themselves: the entropy of each value given the one before it in the same band (a fixed table per
 category, fitted on half of the clips and measured on the other half, both ways, with add-one
-smoothing; so what a range coder with that table would need, header excluded). With `--table` (from `bin/fit_envelope.py`, fitted on the train split)
-it also codes each clip's corrections with `envelope.encode_steps`, checks that they decode, and
-reports the bytes. The codec's own payload is K x 0.75 kbps without the LM.
+smoothing; so what a range coder with that table would need, header excluded). With `--table`
+(from `bin/fit_envelope.py`, fitted on the train split) it also codes each clip's corrections with
+`envelope.encode_steps`, checks that they decode, and reports the bytes. The codec's own payload is K x 0.75 kbps without the LM.
 
     python bin/probe_envelope.py [--clips ~/.cache/neucodec-train/corpus/dev/clips-wide-40]
         [--bandwidths 3 4.5 6] [--steps-db 3 6] [--bands 20] [--limit 40] [--category speech]
@@ -30,13 +30,8 @@ from pesq import pesq
 from pystoi import stoi
 
 from neucodec import envelope, load_codec
-from neucodec.train.losses import mel_distance
+from neucodec.train.losses import mel_distance, si_snr
 from neucodec.train.metrics import VisqolSpeech
-
-
-def si_snr(y: np.ndarray, x: np.ndarray) -> float:
-    target = (y @ x) / (x @ x + 1e-12) * x
-    return float(10 * np.log10((target @ target) / ((y - target) @ (y - target) + 1e-12) + 1e-12))
 
 
 def speech_scores(x: np.ndarray, signal: np.ndarray) -> dict[str, float]:
@@ -52,18 +47,10 @@ def speech_scores(x: np.ndarray, signal: np.ndarray) -> dict[str, float]:
 
 def cross_entropy_kbps(corrections: list[np.ndarray], seconds: float, span: int) -> float:
     """Bits per second, in kbps, to code each value given its band's previous one (two-fold cross-fit)."""
-    def pairs(cs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        prev = [np.pad(c, ((0, 0), (1, 0)))[:, :-1] for c in cs]  # the first tile follows a 0
-        return np.concatenate([p.ravel() for p in prev]) + span, np.concatenate([c.ravel() for c in cs]) + span
-
     bits = 0.0
     for fit, test in ((corrections[0::2], corrections[1::2]), (corrections[1::2], corrections[0::2])):
-        if not fit or not test:
-            continue
-        table = np.ones((2 * span + 1, 2 * span + 1))
-        np.add.at(table, pairs(fit), 1)
-        table /= table.sum(axis=1, keepdims=True)
-        bits += float(-np.log2(table[pairs(test)]).sum())
+        if fit and test:
+            bits -= float(np.sum(envelope.transition_counts(test, span) * np.log2(envelope.transition_table(fit, span))))
     return bits / seconds / 1000
 
 
@@ -125,7 +112,8 @@ def main() -> None:
                                        torch.from_numpy(x).view(1, 1, -1), codec.sample_rate)
                     rows.append({"clip": path.name, "category": cat, "system": name, "codes_kbps": n_q * 0.75,
                                  "visqol": visqol(ref, signal, codec.sample_rate), "mel": mel,
-                                 "si_snr": si_snr(signal, ref), **(speech_scores(x, signal) if cat == "speech" else {})})
+                                 "si_snr": float(si_snr(torch.from_numpy(signal).view(1, 1, -1),
+                                                        torch.from_numpy(ref).view(1, 1, -1))[0]), **(speech_scores(x, signal) if cat == "speech" else {})})
             print(f"{path.name} done", flush=True)
     print(f"\nmodel {args.model}; clips {args.clips}; grid {envelope.Grid(bands=args.bands)} (step varied)\n")
     print("| category | system | codes kbps | side kbps, estimated | side kbps, coded | ViSQOL | mel dist | SI-SNR dB "

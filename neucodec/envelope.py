@@ -18,13 +18,14 @@ steps [bands, tiles] int.
 `encode_steps`/`decode_steps` range-code the corrections tile by tile (constriction's queue coder,
 `Categorical(perfect=False)`, one call per tile), each value with the probabilities of a fixed table
 given the previous tile's value in the same band (0 before the first tile). The table is float32,
-so the same bits everywhere; `bin/fit_envelope.py` fits one on the train split.
+so the same bits everywhere; `transition_table` fits one (`bin/fit_envelope.py`: on the train split).
 
 Not yet part of the .ecdc format: `bin/probe_envelope.py` measures what it would buy.
 """
 from __future__ import annotations
 
 import dataclasses
+import typing as tp
 
 import constriction
 import numpy as np
@@ -129,6 +130,24 @@ def apply(decoded: np.ndarray, steps: np.ndarray, grid: Grid = Grid()) -> np.nda
     spec = stft(decoded, grid)
     spec *= 10 ** (gains_db(steps, grid, spec.shape[1]) / 20)
     return istft(spec, grid, len(decoded))
+
+
+def transition_counts(corrections: tp.Iterable[np.ndarray], span: int) -> np.ndarray:
+    """How often each value follows each value in the same band (the first tile follows a 0), over
+    corrections [bands, tiles]: [2 span + 1, 2 span + 1], row = previous value + span."""
+    counts = np.zeros((2 * span + 1, 2 * span + 1))
+    for steps in corrections:
+        symbols = steps.astype(np.int64) + span
+        previous = np.pad(symbols, ((0, 0), (1, 0)), constant_values=span)[:, :-1]
+        np.add.at(counts, (previous.ravel(), symbols.ravel()), 1)
+    return counts
+
+
+def transition_table(corrections: tp.Iterable[np.ndarray], span: int) -> np.ndarray:
+    """The table `encode_steps` wants, fitted on corrections: `transition_counts` plus 1, each row
+    normalised (float64; cast to float32 to code with it)."""
+    counts = transition_counts(corrections, span) + 1
+    return counts / counts.sum(axis=1, keepdims=True)
 
 
 def encode_steps(steps: np.ndarray, table: np.ndarray) -> bytes:

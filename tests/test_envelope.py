@@ -98,3 +98,18 @@ def test_the_coder_refuses_what_it_cannot_code() -> None:
         envelope.encode_steps(np.zeros((2, 2), np.int8), table.astype(np.float64))
     with pytest.raises(ValueError, match="whole 32-bit words"):
         envelope.decode_steps(b"abc", table, 2, 2)
+
+
+def test_a_table_fitted_on_corrections_counts_what_follows_what_and_codes_them_cheaply() -> None:
+    steps = np.array([[1, 1, 2], [0, -1, -1]], np.int8)
+    counts = envelope.transition_counts([steps], span=2)
+    assert counts.sum() == steps.size
+    assert counts[2, 3] == 1 and counts[3, 3] == 1 and counts[3, 4] == 1  # 0 -> 1, 1 -> 1, 1 -> 2
+    assert counts[2, 2] == 1 and counts[2, 1] == 1 and counts[1, 1] == 1  # 0 -> 0, 0 -> -1, -1 -> -1
+    table = envelope.transition_table([steps], span=2)
+    assert np.allclose(table.sum(axis=1), 1) and (table > 0).all()
+    reference, decoded = _noise(3.0, 10), _noise(3.0, 11) * 0.5
+    real = envelope.measure(reference, decoded, GRID)
+    fitted = envelope.transition_table([real], GRID.max_steps).astype(np.float32)
+    uniform = np.full_like(fitted, 1 / len(fitted))
+    assert len(envelope.encode_steps(real, fitted)) < 0.5 * len(envelope.encode_steps(real, uniform))
