@@ -26,7 +26,7 @@ from .errors import CorruptStream, UnsupportedFormatVersion
 
 MAGIC = b"NCDC"
 V0_MAGIC = b"ECDC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version read and written: 2 = 1 + envelope corrections in segments (FORMAT.md §6)
 INDEX_MAGIC = b"NCDX"
 
 KIND_SEGMENT = 0x53  # 'S'
@@ -153,9 +153,9 @@ def read_prelude(fo: tp.BinaryIO) -> Prelude:
         return Prelude(0, _parse_json(raw, 9), _V0_PRELUDE.size + size)
     rest = read_exactly(fo, _PRELUDE.size - 4, "header at byte 4")
     _, version, flags, size = _PRELUDE.unpack(first + rest)
-    if version != FORMAT_VERSION:
+    if not 1 <= version <= FORMAT_VERSION:
         raise UnsupportedFormatVersion(
-            f"format version {version} is not supported by this neucodec (reads versions 0 and "
+            f"format version {version} is not supported by this neucodec (reads versions 0 to "
             f"{FORMAT_VERSION}); upgrade neucodec" if version > FORMAT_VERSION else
             f"unknown format version {version}")
     if size > MAX_HEADER_BYTES:
@@ -322,12 +322,14 @@ class ContainerReader:
 class ContainerWriter:
     """Writes prelude, segments, end record, index and trailer to a stream that need not seek."""
 
-    def __init__(self, fo: tp.BinaryIO, header: Json) -> None:
+    def __init__(self, fo: tp.BinaryIO, header: Json, version: int = 1) -> None:
         raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
         if len(raw) > MAX_HEADER_BYTES:
             raise ValueError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+        if not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(f"cannot write format version {version}")
         packed = _deflate_header(raw)  # ~20-120 bytes instead of ~630 (FORMAT.md §2)
-        prelude = _PRELUDE.pack(MAGIC, FORMAT_VERSION, PRELUDE_ZHEADER, len(packed)) + packed
+        prelude = _PRELUDE.pack(MAGIC, version, PRELUDE_ZHEADER, len(packed)) + packed
         self.fo = fo
         self.offsets: list[int] = []
         self.frames = 0

@@ -2,7 +2,9 @@
 
 `encode_stream` writes one container segment per `segment_seconds` of frames for a causal codec
 (via `Codec.encode_stream`), or one per model segment (1 s with overlap) for a segmented codec,
-and flushes each batch of segments as soon as it is coded. `decode_stream` yields audio chunks
+and flushes each batch of segments as soon as it is coded. With `envelope=True` (causal codecs)
+it also decodes each segment's codes and stores, with them, the corrections that bring the decoded
+audio's spectral envelope to its input's (`neucodec.envelope`); the decoder applies them. `decode_stream` yields audio chunks
 after the first batch of segments. Version-0 files of the reference encodec tool are read too
 (those coded with its LM through `neucodec.v0lm`). Byte layout: docs/FORMAT.md.
 """
@@ -19,7 +21,7 @@ import typing as tp
 import numpy as np
 import torch
 
-from . import __version__, container, entropy, exactlm, v0lm
+from . import __version__, container, entropy, envelope, exactlm, v0lm
 from .audio_io import expected_length
 from .errors import CorruptStream, ModelMismatch, NeucodecError, UnsupportedAudio, UnsupportedFormatVersion
 from .lm import LanguageModel
@@ -80,6 +82,7 @@ class StreamInfo:
     segment_stride: int | None  # samples between segment starts ("overlap")
     scales: bool  # per-segment volume scales stored
     coder: dict[str, tp.Any] | None  # LM coder settings, None without LM
+    envelope: dict[str, tp.Any] | None = None  # envelope correction settings (format version 2), or None
     length: int | None = None  # samples per channel at the codec rate (known after the end marker)
     source_length: int | None = None  # of the original file at its rate, when the stream records it
     segments: int = 0
@@ -102,6 +105,8 @@ def _header(info: StreamInfo) -> dict[str, tp.Any]:
     d = dataclasses.asdict(info)
     for key in ("format_version", "length", "source_length", "segments", "lm_segments", "frames", "bytes"):
         d.pop(key)
+    if d["envelope"] is None:  # a version-1 header, as before
+        d.pop("envelope")
     d["encoder"] = f"neucodec {__version__}"
     return d
 
@@ -113,7 +118,7 @@ _INT_FIELDS = {  # name: (min, max)
 }
 
 
-def _info_from_header(h: dict[str, tp.Any]) -> StreamInfo:
+def _info_from_header(h: dict[str, tp.Any], version: int) -> StreamInfo:
     def need(key: str, types: tuple[type, ...], optional: bool = False) -> tp.Any:
         if key not in h:
             raise CorruptStream(f"header: field {key!r} missing (file damaged or not written by neucodec)")
@@ -140,8 +145,11 @@ def _info_from_header(h: dict[str, tp.Any]) -> StreamInfo:
         raise CorruptStream("header: overlap layout without a valid segment length and stride")
     coder = need("coder", (dict,), optional=True)
     bw = need("bandwidth", (int, float), optional=True)
+    env = need("envelope", (dict,)) if version >= 2 else None
+    if env is not None:
+        _envelope_grid(env, layout, values["hop_length"], values["segment_frames"])
     return StreamInfo(
-        format_version=container.FORMAT_VERSION, model_id=need("model_id", (str,)),
+        format_version=version, envelope=env, model_id=need("model_id", (str,)),
         model_fingerprint=need("model_fingerprint", (str,), optional=True),
         lm_id=need("lm_id", (str,), optional=True), lm_fingerprint=need("lm_fingerprint", (str,), optional=True),
         layout=layout, segment_length=seg_len, segment_stride=seg_stride, scales=need("scales", (bool,)),
@@ -174,11 +182,13 @@ class _SegmentSink:
     def __init__(self, writer: container.ContainerWriter, info: StreamInfo, lm: LanguageModel | None,
                  segments_coder: tp.Any) -> None:
         self.writer, self.info, self.lm, self.segments_coder = writer, info, lm, segments_coder
-        self.pending: list[tuple[Tensor, Tensor | None]] = []
+        self.pending: list[tuple[Tensor, Tensor | None, bytes]] = []
         self.batch = LM_BATCH if lm is not None else 1
 
-    def add(self, codes: Tensor, scales: Tensor | None) -> None:
-        self.pending.append((codes.detach().cpu(), None if scales is None else scales.detach().cpu().float()))
+    def add(self, codes: Tensor, scales: Tensor | None, correction: bytes = b"") -> None:
+        """One segment's codes [G, K, F], volume scales [G] and coded envelope correction."""
+        self.pending.append((codes.detach().cpu(), None if scales is None else scales.detach().cpu().float(),
+                             correction))
         if len(self.pending) >= self.batch:
             self.flush()
 
@@ -186,11 +196,12 @@ class _SegmentSink:
         if not self.pending:
             return
         lm = None if self.lm is None else exactlm.exact(self.lm)  # the writer's LM arithmetic
-        coded = self.segments_coder.encode_segments([c for c, _ in self.pending], lm, self.info.bits_per_code,
+        coded = self.segments_coder.encode_segments([c for c, _, _ in self.pending], lm, self.info.bits_per_code,
                                                     span=_span(self.info))
-        for (codes, scales), seg in zip(self.pending, coded):
+        for (codes, scales, correction), seg in zip(self.pending, coded):
             prefix = b"" if scales is None else np.ascontiguousarray(scales.numpy(), dtype="<f4").tobytes()
-            self.writer.write_segment(prefix + seg.payload, codes.shape[-1], codes.shape[0], seg.flags, seg.codes_crc)
+            self.writer.write_segment(prefix + correction + seg.payload, codes.shape[-1], codes.shape[0], seg.flags,
+                                      seg.codes_crc)
             self.info.segments += 1
             self.info.frames += codes.shape[-1]
             self.info.lm_segments += seg.flags in container.LM_FLAGS
@@ -200,7 +211,8 @@ class _SegmentSink:
 def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *, bandwidth: float | None,
                   lm: LanguageModel | None, source_sample_rate: int, source_channels: int,
                   segment_seconds: float = 10.0, progress: tp.Callable[[int], None] | None = None,
-                  segments_coder: tp.Any = None, source_length: tp.Callable[[], int] | None = None) -> StreamInfo:
+                  segments_coder: tp.Any = None, source_length: tp.Callable[[], int] | None = None,
+                  correct_envelope: bool | None = False) -> StreamInfo:
     """Encode audio chunks into an .ecdc stream written to `fo` (which need not seek).
 
     Args:
@@ -218,6 +230,9 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
         source_length: called once the chunks are exhausted: samples per channel of the original file,
             stored so that decoding restores its exact length after resampling. Not needed when the
             source rate is the codec's.
+        correct_envelope: also store each segment's envelope correction (`envelope_settings`; format
+            version 2): about 1 kbps more, and the encoder runs the decoder too. None: where the
+            codec can take it.
     Returns:
         the `StreamInfo` of the written stream (length, segments and bytes filled in).
     """
@@ -235,36 +250,45 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
         raise UnsupportedAudio(f"{cfg.name} is neither causal nor segmented; it cannot be encoded in a stream")
     seg_frames = max(1, round(segment_seconds * codec.frame_rate)) if causal else \
         -(-tp.cast(int, cfg.segment_length) // codec.hop_length)
+    settings = use_envelope(codec, correct_envelope)
+    if settings is not None:  # segments of whole tiles
+        per_tile = settings["hop"] * settings["hops"] // codec.hop_length
+        seg_frames = max(-(-seg_frames // per_tile), -(-8 // per_tile)) * per_tile
     coder = None if lm is None else {
         "name": "constriction.queue.RangeEncoder", "model": "Categorical(perfect=False)", "dtype": "float32",
         "prob_grid": entropy.PROB_GRID, "lm_threads": entropy.LM_THREADS, "word": "uint32le",
         "arithmetic": exactlm.NAME,
         "span_frames": entropy.lm_span(seg_frames, lm.cfg.past_context, codec.frame_rate)}
     info = StreamInfo(
-        format_version=container.FORMAT_VERSION, model_id=model_id, model_fingerprint=model_fp, lm_id=lm_id,
+        format_version=1, model_id=model_id, model_fingerprint=model_fp, lm_id=lm_id,
         lm_fingerprint=lm_fp, sample_rate=codec.sample_rate, channels=codec.channels, groups=groups,
         source_sample_rate=int(source_sample_rate), source_channels=int(source_channels),
         frame_rate=codec.frame_rate, hop_length=codec.hop_length, n_q=n_q, bandwidth=bandwidth,
         bits_per_code=int(math.log2(cfg.quantizer.bins)), layout="stream" if causal else "overlap",
         segment_frames=seg_frames, segment_length=cfg.segment_length, segment_stride=cfg.segment_stride,
-        scales=bool(cfg.normalize), coder=coder)
-    writer = container.ContainerWriter(fo, _header(info))
+        scales=bool(cfg.normalize), coder=coder, envelope=settings)
+    if settings is not None:
+        info.format_version = 2
+    writer = container.ContainerWriter(fo, _header(info), info.format_version)
     sink = _SegmentSink(writer, info, lm, segments_coder or entropy)
     total = [0]
     audio = _counted(chunks, codec, first, it, progress, total)
+    meter = None if settings is None else _EnvelopeMeter(codec, settings, seg_frames)
     with torch.inference_mode():
         if causal:
             buf: list[Tensor] = []
             have = 0
-            for codes in codec.encode_stream(audio, n_q):
+            for codes in codec.encode_stream(audio if meter is None else meter.watch(audio), n_q):
                 buf.append(codes)
                 have += codes.shape[-1]
                 while have >= seg_frames:
                     allc = torch.cat(buf, -1)
-                    sink.add(allc[..., :seg_frames], None)
+                    segment = allc[..., :seg_frames]
+                    sink.add(segment, None, b"" if meter is None else meter.segment(segment, False))
                     buf, have = [allc[..., seg_frames:]], have - seg_frames
             if have:
-                sink.add(torch.cat(buf, -1), None)
+                segment = torch.cat(buf, -1)
+                sink.add(segment, None, b"" if meter is None else meter.segment(segment, True))
         else:
             _encode_overlap(codec, audio, n_q, sink, total)
     sink.flush()
@@ -362,6 +386,100 @@ def _resolve_lm(lm: LanguageModel | None, info: StreamInfo) -> LanguageModel:
     return lm
 
 
+# ---------------------------------------------------------------- envelope settings
+def envelope_settings(codec: Codec) -> dict[str, tp.Any] | None:
+    """The envelope correction a causal codec's files get: the grid of `envelope.Grid` with a hop of
+    10 ms (so 400 Hz x 40 ms tiles, bands to 8 kHz) and table "e1"; None where tiles are not whole
+    code frames or the codec is segmented."""
+    if codec.config.segment_length is not None or codec.sample_rate % 100:
+        return None
+    grid = envelope.Grid(hop=codec.sample_rate // 100)
+    if grid.tile % codec.hop_length or grid.bands * grid.bins > grid.hop:
+        return None
+    return {"table": "e1", "hop": grid.hop, "bins": grid.bins, "hops": grid.hops, "bands": grid.bands,
+            "step_db": grid.step_db}
+
+
+def use_envelope(codec: Codec, wanted: bool | None) -> dict[str, tp.Any] | None:
+    """The envelope settings to encode with: None if not `wanted`, or if `wanted` is None and the
+    codec cannot take a correction; UnsupportedAudio if it is wanted and the codec cannot."""
+    settings = None if wanted is False else envelope_settings(codec)
+    if wanted and settings is None:
+        raise UnsupportedAudio(f"{codec.config.name} cannot take an envelope correction (it needs a causal model "
+                               "whose code frames tile 40 ms); encode with --no-envelope")
+    return settings
+
+
+def _envelope_grid(settings: dict[str, tp.Any], layout: str, hop_length: int,
+                   segment_frames: int) -> tuple[envelope.Grid, np.ndarray]:
+    """(grid, table) of header `envelope` settings, checked."""
+    name = settings.get("table")
+    if not isinstance(name, str) or name not in envelope.TABLES:
+        raise UnsupportedFormatVersion(f"header: unknown envelope table {str(name)[:20]!r}; upgrade neucodec")
+    values = {}
+    for key, hi in (("hop", 1 << 16), ("bins", 1 << 10), ("hops", 1 << 10), ("bands", 1 << 10)):
+        v = settings.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+            raise CorruptStream(f"header: envelope field {key!r} has a bad value {str(v)[:20]!r}")
+        values[key] = v
+    step = settings.get("step_db")
+    if not isinstance(step, (int, float)) or isinstance(step, bool) or not 0 < step <= 48:
+        raise CorruptStream(f"header: envelope field 'step_db' has a bad value {str(step)[:20]!r}")
+    table = envelope.table(name)
+    grid = envelope.Grid(step_db=float(step), max_steps=len(table) // 2, **values)
+    if layout != "stream" or grid.bands * grid.bins > grid.hop or grid.tile % hop_length \
+            or segment_frames * hop_length % grid.tile:
+        raise CorruptStream("header: envelope tiles do not fit the segments (file damaged)")
+    return grid, table
+
+
+class _EnvelopeMeter:
+    """Encoder side of the envelope correction: keeps the input audio, decodes each segment's codes
+    (a decoder of its own, streaming) and codes the correction of the decoded audio."""
+
+    def __init__(self, codec: Codec, settings: dict[str, tp.Any], segment_frames: int) -> None:
+        self.codec = codec
+        self.grid, self.table = _envelope_grid(settings, "stream", codec.hop_length, segment_frames)
+        self.inputs: list[Tensor] = []
+        self.state: tp.Any = None
+
+    def watch(self, chunks: tp.Iterable[Tensor]) -> tp.Iterator[Tensor]:
+        """Pass the audio through, keeping it until its segment is measured."""
+        for chunk in chunks:
+            self.inputs.append(chunk.detach().cpu())
+            yield chunk
+
+    def segment(self, codes: Tensor, final: bool) -> bytes:
+        """The coded correction of the next segment's codes [G, K, F] (its input must have been seen).
+        The decoder holds back nothing but a first step of under 8 frames, unless `final`: segments
+        are longer (`encode_stream`)."""
+        decoded, self.state = self.codec.decode_step(codes, self.state, final)
+        x = torch.cat(self.inputs, -1) if self.inputs else torch.zeros(codes.shape[0], self.codec.channels, 0)
+        n = min(x.shape[-1], codes.shape[-1] * self.codec.hop_length)  # the last segment: what is left
+        self.inputs = [x[..., n:]]
+        rows = x.shape[0] * x.shape[1]
+        ref = x[..., :n].reshape(rows, n).double().numpy()
+        out = decoded[..., :n].reshape(rows, n).double().cpu().numpy()
+        steps = np.stack([envelope.measure(r, o, self.grid) for r, o in zip(ref, out)])
+        flat = steps.reshape(-1, steps.shape[-1])
+        payload = envelope.encode_steps(flat, self.table)
+        if not np.array_equal(envelope.decode_steps(payload, self.table, *flat.shape), flat):
+            raise NeucodecError("internal error: the envelope correction does not decode; encode with --no-envelope")
+        return struct.pack("<I", len(payload)) + payload
+
+
+def _envelope_steps(payload: bytes, info: StreamInfo, frames: int, where: str) -> tuple[np.ndarray, bytes]:
+    """Split a segment payload (after its scales) into its envelope corrections [G * C, bands, tiles]
+    and the codes' payload."""
+    grid, table = _envelope_grid(tp.cast(dict, info.envelope), info.layout, info.hop_length, info.segment_frames)
+    rows, tiles = info.groups * info.channels, -(-frames * info.hop_length // grid.tile)
+    (size,) = struct.unpack("<I", payload[:4]) if len(payload) >= 4 else (-1,)
+    if size < 0 or size % 4 or 4 + size > len(payload):
+        raise CorruptStream(f"{where}: envelope correction of a bad length (file damaged)")
+    steps = envelope.decode_steps(payload[4: 4 + size], table, rows * grid.bands, tiles)
+    return steps.reshape(rows, grid.bands, tiles), payload[4 + size:]
+
+
 def _span(info: StreamInfo) -> int | None:
     """Frames per LM sequence (header `coder.span_frames`); None: one sequence per segment."""
     span = (info.coder or {}).get("span_frames")
@@ -373,37 +491,45 @@ def _span(info: StreamInfo) -> int | None:
 
 
 def _payload_bound(info: StreamInfo, items: int, frames: int) -> int:
-    return 4 * items * info.scales + items * info.n_q * frames * 4 + 64
+    corrections = 0 if info.envelope is None else 4 * items * info.channels * 1024 * frames  # far above any real one
+    return 4 * items * info.scales + items * info.n_q * frames * 4 + corrections + 64
+
+
+Segment = tuple[Tensor, "Tensor | None", "np.ndarray | None"]  # codes [G, K, F], scales [G], corrections
 
 
 def _segment_codes(reader: container.ContainerReader, info: StreamInfo, lm_box: list[LanguageModel | None],
-                   segments_coder: tp.Any) -> tp.Iterator[tuple[Tensor, Tensor | None]]:
-    """Read, check and decode segments (LM ones in batches): yields (codes [G, K, F], scales [G] | None)."""
+                   segments_coder: tp.Any) -> tp.Iterator[Segment]:
+    """Read, check and decode segments (LM ones in batches): yields (codes [G, K, F], scales [G] | None,
+    envelope corrections [G * C, bands, tiles] | None)."""
     G, K = info.groups, info.n_q
     batch: list[container.SegmentRecord] = []
 
-    def decode(records: list[container.SegmentRecord]) -> list[tuple[Tensor, Tensor | None]]:
-        todo, scales = [], []
+    def decode(records: list[container.SegmentRecord]) -> list[Segment]:
+        todo, scales, corrections = [], [], []
         for r in records:
             where = f"segment {r.index} at byte {r.offset}"
             payload = r.payload
-            sc = None
+            sc = steps = None
             if info.scales:
                 sc = torch.from_numpy(np.frombuffer(payload[: 4 * G], dtype="<f4").astype(np.float32))
                 if not torch.isfinite(sc).all():
                     raise CorruptStream(f"{where}: invalid volume scale (file damaged)")
                 payload = payload[4 * G:]
+            if info.envelope is not None:
+                steps, payload = _envelope_steps(payload, info, r.frames, where)
             todo.append((r.flags, payload, (G, K, r.frames), where))
             scales.append(sc)
+            corrections.append(steps)
         if any(t[0] in container.LM_FLAGS for t in todo) and lm_box[0] is None:
             lm_box[0] = _resolve_lm(None, info)
         codes = segments_coder.decode_segments(todo, lm_box[0], info.bits_per_code, span=_span(info))
         out = []
-        for r, c, sc in zip(records, codes, scales):
+        for r, c, sc, steps in zip(records, codes, scales, corrections):
             if entropy.codes_crc32(c) != r.codes_crc:
                 raise CorruptStream(f"segment {r.index} at byte {r.offset}: decoded codes fail their CRC "
                                     "(LM probabilities differ from the encoder's machine, or file damaged)")
-            out.append((c, sc))
+            out.append((c, sc, steps))
         return out
 
     for record in reader:
@@ -459,9 +585,10 @@ def _source_length(length: int, residue: int, info: StreamInfo, offset: int) -> 
     return near + diff
 
 
-def _audio(codes_iter: tp.Iterator[tuple[Tensor, Tensor | None]], codec: Codec, info: StreamInfo,
+def _audio(codes_iter: tp.Iterator[Segment], codec: Codec, info: StreamInfo,
            finish: tp.Callable[[], int]) -> tp.Iterator[Tensor]:
-    """Codes of consecutive segments -> audio chunks [G, C, t], trimmed to the final length."""
+    """Codes of consecutive segments -> audio chunks [G, C, t], trimmed to the final length (and with
+    the envelope corrections applied, when the segments have them)."""
     device = codec.device
     emitted = 0
 
@@ -475,15 +602,25 @@ def _audio(codes_iter: tp.Iterator[tuple[Tensor, Tensor | None]], codec: Codec, 
 
     with torch.inference_mode():
         if info.layout == "stream":
-            pieces = (c.to(device) for c, _ in codes_iter)
-            stream = codec.decode_stream(pieces)
-            prev = next(stream, None)
-            while prev is not None:
-                following = next(stream, None)
-                yield trim(prev.float().cpu(), following is None)
-                prev = following
-            if emitted == 0:
-                finish()
+            if info.envelope is None:
+                yield from _stream_audio((c for c, _, _ in codes_iter), codec, trim, finish)
+                return
+            grid, _ = _envelope_grid(info.envelope, info.layout, info.hop_length, info.segment_frames)
+            corrector = envelope.Corrector(grid, info.groups * info.channels)
+
+            def pieces() -> tp.Iterator[Tensor]:
+                for c, _, steps in codes_iter:
+                    corrector.add(tp.cast(np.ndarray, steps))  # before the audio they correct
+                    yield c
+
+            shape = (info.groups, info.channels, -1)
+            for chunk in _stream_audio(pieces(), codec, trim, finish):
+                out = corrector.push(chunk.reshape(-1, chunk.shape[-1]).double().numpy())
+                if out.shape[-1]:
+                    yield torch.from_numpy(out.astype(np.float32)).reshape(shape)
+            out = corrector.finish()
+            if out.shape[-1]:
+                yield torch.from_numpy(out.astype(np.float32)).reshape(shape)
             return
         stride = tp.cast(int, info.segment_stride)
         out: Tensor | None = None  # pending samples from absolute position `base`
@@ -494,7 +631,7 @@ def _audio(codes_iter: tp.Iterator[tuple[Tensor, Tensor | None]], codec: Codec, 
         index = 0
         while pending is not None:
             following = next(codes_iter, None)
-            codes, scale = pending
+            codes, scale, _ = pending
             frame = codec._decode_segments(codes.to(device), None if scale is None else scale.to(device)).float().cpu()
             if ramp is None:
                 t = torch.linspace(0, 1, frame.shape[-1] + 2, dtype=frame.dtype)[1:-1]
@@ -523,6 +660,20 @@ def _audio(codes_iter: tp.Iterator[tuple[Tensor, Tensor | None]], codec: Codec, 
             finish()
 
 
+def _stream_audio(codes: tp.Iterator[Tensor], codec: Codec, trim: tp.Callable[[Tensor, bool], Tensor],
+                  finish: tp.Callable[[], int]) -> tp.Iterator[Tensor]:
+    """A causal codec's audio of consecutive code pieces, trimmed (`_audio`)."""
+    stream = codec.decode_stream(c.to(codec.device) for c in codes)
+    prev = next(stream, None)
+    emitted = False
+    while prev is not None:
+        following = next(stream, None)
+        yield trim(prev.float().cpu(), following is None)
+        emitted, prev = True, following
+    if not emitted:
+        finish()
+
+
 def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel | None = None, *,
                   v0_lm_threads: int | None = None,
                   segments_coder: tp.Any = None) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
@@ -547,7 +698,7 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
     prelude = container.read_prelude(fi)
     if prelude.version == 0:
         return _decode_v0(fi, prelude, codec, lm, v0_lm_threads)
-    info = _info_from_header(prelude.header)
+    info = _info_from_header(prelude.header, prelude.version)
     codec = _resolve_codec(codec, info)
     lm_box: list[LanguageModel | None] = [None if lm is None or info.lm_id is None else _resolve_lm(lm, info)]
     reader = container.ContainerReader(fi, prelude)
@@ -576,7 +727,7 @@ def read_info(fi: tp.BinaryIO) -> StreamInfo:
     prelude = container.read_prelude(fi)
     if prelude.version == 0:
         return _v0_info(prelude.header, None)
-    info = _info_from_header(prelude.header)
+    info = _info_from_header(prelude.header, prelude.version)
     reader = container.ContainerReader(fi, prelude)
     for record in reader:
         if record.items != info.groups or not 1 <= record.frames <= info.segment_frames:
@@ -637,7 +788,7 @@ def _decode_v0(fi: tp.BinaryIO, prelude: container.Prelude, codec: Codec | None,
         pos[0] += n
         return data
 
-    def codes_iter() -> tp.Iterator[tuple[Tensor, Tensor | None]]:
+    def codes_iter() -> tp.Iterator[Segment]:
         if info.coder is not None:
             yield from _v0_lm_codes(fi, prelude.size, info, lm, threads)
             return
@@ -648,9 +799,9 @@ def _decode_v0(fi: tp.BinaryIO, prelude: container.Prelude, codec: Codec | None,
                 nbytes = entropy.packed_size(1, K, F)
                 data = read(nbytes, "segment 0")
                 if F < _V0_CHUNK_FRAMES:  # last piece: the padding bits of the flush must be zero
-                    yield entropy.unpack(data, 1, K, F, where=f"segment 0 at byte {pos[0] - nbytes}"), None
+                    yield entropy.unpack(data, 1, K, F, where=f"segment 0 at byte {pos[0] - nbytes}"), None, None
                 else:
-                    yield entropy.unpack(data, 1, K, F), None
+                    yield entropy.unpack(data, 1, K, F), None, None
             return
         seg_len, stride = tp.cast(int, info.segment_length), tp.cast(int, info.segment_stride)
         for i, offset in enumerate(range(0, length, stride)):
@@ -659,7 +810,7 @@ def _decode_v0(fi: tp.BinaryIO, prelude: container.Prelude, codec: Codec | None,
             if not math.isfinite(scale):
                 raise CorruptStream(f"segment {i} at byte {pos[0] - 4}: invalid volume scale")
             data = read(entropy.packed_size(1, K, F), f"segment {i}")
-            yield entropy.unpack(data, 1, K, F, where=f"segment {i}"), torch.tensor([scale])
+            yield entropy.unpack(data, 1, K, F, where=f"segment {i}"), torch.tensor([scale]), None
 
     def finish() -> int:
         return length
@@ -698,8 +849,8 @@ def _check_v0_lm(lm: LanguageModel, info: StreamInfo) -> None:
 
 
 def _v0_lm_codes(fi: tp.BinaryIO, start: int, info: StreamInfo, lm: LanguageModel | None,
-                 threads: int) -> tp.Iterator[tuple[Tensor, Tensor | None]]:
-    """Codes of a reference file coded with the LM: yields (codes [1, K, f], scale [1] | None)."""
+                 threads: int) -> tp.Iterator[Segment]:
+    """Codes of a reference file coded with the LM: yields (codes [1, K, f], scale [1] | None, None)."""
     if lm is None:
         from .hub import load_lm
         try:
@@ -713,7 +864,7 @@ def _v0_lm_codes(fi: tp.BinaryIO, start: int, info: StreamInfo, lm: LanguageMode
     source = v0lm.ByteSource(fi, start)
     if info.layout == "stream":
         for piece in v0lm.decode_segment(source, stream, -(-length // 320), "segment 0", threads, _V0_CHUNK_FRAMES):
-            yield torch.from_numpy(piece)[None], None
+            yield torch.from_numpy(piece)[None], None, None
     else:
         seg_len, stride = tp.cast(int, info.segment_length), tp.cast(int, info.segment_stride)
         for i, offset in enumerate(range(0, length, stride)):
@@ -722,7 +873,7 @@ def _v0_lm_codes(fi: tp.BinaryIO, start: int, info: StreamInfo, lm: LanguageMode
             if not math.isfinite(scale):
                 raise CorruptStream(f"segment {i} at byte {source.offset - 4}: invalid volume scale")
             pieces = list(v0lm.decode_segment(source, stream, F, f"segment {i}", threads, F))
-            yield torch.from_numpy(pieces[0])[None], torch.tensor([scale])
+            yield torch.from_numpy(pieces[0])[None], torch.tensor([scale]), None
     v0lm.check_end(source)
 
 

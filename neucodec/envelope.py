@@ -19,8 +19,12 @@ steps [bands, tiles] int.
 `Categorical(perfect=False)`, one call per tile), each value with the probabilities of a fixed table
 given the previous tile's value in the same band (0 before the first tile). The table is float32,
 so the same bits everywhere; `transition_table` fits one (`bin/fit_envelope.py`: on the train split).
+`TABLES` holds the tables files may name, part of the .ecdc format (docs/FORMAT.md §4.5).
 
-Not yet part of the .ecdc format: `bin/probe_envelope.py` measures what it would buy.
+In an .ecdc file (`neucodec.ecdc`), each segment carries the corrections of its own tiles, and the
+decoder applies them as it streams (`Corrector`): within a segment the gains are interpolated
+between its tiles' centres and held from its first centre back to its start and from its last one
+on to its end, so segments stay independent. `apply` is the same for one segment, all at once.
 """
 from __future__ import annotations
 
@@ -54,6 +58,36 @@ class Grid:
 
     def tiles(self, length: int) -> int:
         return -(-length // self.tile)
+
+
+#: Probability tables of the corrections, by name: row = the previous value in the band + span,
+#: entry = a weight; the probabilities are each weight over its row's sum, in float64, then rounded
+#: to float32 (`table`). Part of the .ecdc format: never change a table; a new one gets a new name.
+#: "e1": fitted on the train split with 0.13.0's codec (`bin/fit_envelope.py`: 64 crops of 10 s per
+#: category at 3, 4.5 and 6 kbps, 2,880,225 transitions), in units of 10^-5, at least 1.
+TABLES: dict[str, tuple[tuple[int, ...], ...]] = {"e1": (
+    (39167, 26908, 8250, 3161, 540, 771, 463, 20200, 77, 77, 77, 77, 77, 77, 77),
+    (11607, 33792, 25773, 5995, 4047, 2520, 496, 14624, 229, 382, 344, 76, 38, 38, 38),
+    (1596, 9327, 42029, 23648, 4774, 2750, 1116, 12803, 817, 649, 389, 65, 13, 13, 13),
+    (214, 532, 11285, 49203, 18936, 3739, 2340, 10632, 1300, 982, 665, 156, 6, 6, 6),
+    (170, 409, 1233, 12226, 50431, 21759, 3942, 5644, 1630, 1265, 1026, 255, 3, 3, 3),
+    (30, 86, 399, 1467, 12701, 50534, 21576, 6670, 2881, 1824, 1330, 456, 44, 2, 2),
+    (1, 35, 91, 323, 1290, 13427, 48579, 25156, 5932, 2944, 1513, 605, 94, 10, 1),
+    (16, 22, 61, 87, 115, 332, 2466, 90961, 4217, 1041, 487, 157, 32, 5, 1),
+    (1, 1, 12, 49, 106, 399, 2152, 20357, 52832, 18690, 4094, 1106, 188, 13, 1),
+    (1, 1, 5, 14, 48, 203, 744, 3663, 23358, 53536, 15972, 2105, 321, 27, 3),
+    (1, 2, 1, 7, 25, 80, 275, 1375, 4402, 28256, 54428, 10455, 630, 58, 6),
+    (1, 2, 1, 1, 5, 34, 121, 558, 1767, 5928, 33836, 51011, 6522, 203, 10),
+    (4, 4, 4, 4, 4, 9, 36, 391, 1150, 2428, 9060, 35637, 48262, 2939, 67),
+    (54, 54, 54, 54, 54, 54, 54, 324, 1026, 3132, 5940, 15659, 40227, 29698, 3618),
+    (503, 503, 503, 503, 503, 503, 503, 503, 1005, 3015, 7035, 12563, 18090, 21106, 33166),
+)}
+
+
+def table(name: str) -> np.ndarray:
+    """The float32 table `encode_steps`/`decode_steps` take, of `TABLES[name]`."""
+    weights = np.asarray(TABLES[name], np.float64)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _frames(grid: Grid, length: int) -> int:
@@ -130,6 +164,70 @@ def apply(decoded: np.ndarray, steps: np.ndarray, grid: Grid = Grid()) -> np.nda
     spec = stft(decoded, grid)
     spec *= 10 ** (gains_db(steps, grid, spec.shape[1]) / 20)
     return istft(spec, grid, len(decoded))
+
+
+class Corrector:
+    """`apply`, streaming: the corrections come a segment at a time (`add`, before the audio they
+    cover), the decoded audio in chunks of any size (`push`), each call returning what has become
+    final; `finish` returns the rest. Rows (channels) are corrected independently; audio [rows, t].
+
+    Each segment's gains are `gains_db` of its own tiles alone, and after the last segment the last
+    gain holds, so for one segment this is exactly `apply` (to rounding). Latency: one hop, and
+    whatever of the audio has no corrections yet.
+    """
+
+    def __init__(self, grid: Grid, rows: int) -> None:
+        self.grid, self.win = grid, _window(grid)
+        self.x = np.zeros((rows, grid.hop))  # input from sample `start` on (first: the hop of padding)
+        self.start = -grid.hop
+        self.gains = np.zeros((rows, grid.window // 2 + 1, 0))  # linear, of frames `frame`, `frame` + 1, ...
+        self.tail = np.zeros((rows, grid.hop))  # the second half of the last frame run
+        self.frame = 0  # next frame to run, centred on sample frame * hop
+        self.emitted = 0
+
+    def add(self, steps: np.ndarray) -> None:
+        """The next segment's corrections [rows, bands, tiles]."""
+        g = np.stack([gains_db(s, self.grid, s.shape[1] * self.grid.hops) for s in steps])
+        self.gains = np.concatenate([self.gains, 10 ** (g / 20)], axis=2)
+        self.last = self.gains[:, :, -1:]  # held after the last segment
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        self.x = np.concatenate([self.x, audio], axis=1)
+        ready = (self.start + self.x.shape[1]) // self.grid.hop - self.frame  # frames whose window is in
+        return self._run(min(ready, self.gains.shape[2]))
+
+    def finish(self) -> np.ndarray:
+        """The rest of the audio: the signal ends with the last `push`."""
+        hop, length = self.grid.hop, self.start + self.x.shape[1]
+        frames = -(-length // hop) + 1 - self.frame  # up to the frame centred at or after the end
+        if frames <= 0 or not hasattr(self, "last"):
+            return self.x[:, :0]
+        self.x = np.pad(self.x, ((0, 0), (0, (self.frame + frames) * hop + hop - self.start - self.x.shape[1])))
+        held = np.repeat(self.last, max(0, frames - self.gains.shape[2]), axis=2)
+        self.gains = np.concatenate([self.gains, held], axis=2)
+        left = length - self.emitted
+        return self._run(frames)[:, :left]
+
+    def _run(self, n: int) -> np.ndarray:
+        """Run the next n frames; returns the samples they finish."""
+        hop = self.grid.hop
+        if n <= 0:
+            return self.x[:, :0]
+        first = (self.frame - 1) * hop - self.start  # frame k's window starts at sample (k - 1) * hop
+        idx = first + np.arange(n)[:, None] * hop + np.arange(2 * hop)[None, :]
+        spec = np.fft.rfft(self.x[:, idx] * self.win, axis=2) * self.gains[:, :, :n].transpose(0, 2, 1)
+        y = np.fft.irfft(spec, 2 * hop, axis=2) * self.win  # [rows, n, window]
+        out = y[:, :, :hop].copy()  # frame k's first half ends the samples (k - 1) * hop .. k * hop
+        out[:, 0] += self.tail
+        out[:, 1:] += y[:, :-1, hop:]
+        self.tail = y[:, -1, hop:]
+        out = out.reshape(len(out), -1)[:, hop if self.frame == 0 else 0:]  # the padding's samples go
+        self.frame += n
+        self.gains = self.gains[:, :, n:]
+        self.x = self.x[:, (self.frame - 1) * hop - self.start:]
+        self.start = (self.frame - 1) * hop
+        self.emitted += out.shape[1]
+        return out
 
 
 def transition_counts(corrections: tp.Iterable[np.ndarray], span: int) -> np.ndarray:

@@ -162,13 +162,15 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
                 use_lm: bool = False, device: str | torch.device = "auto", force: bool = False,
                 progress: bool = False, notify: Notify | None = None, codec: Codec | None = None,
                 lm: LanguageModel | None = None, segment_seconds: float | None = None,
-                segments_coder: tp.Any = None) -> FileResult:
+                segments_coder: tp.Any = None, envelope: bool | None = None) -> FileResult:
     """Compress an audio file (or `-` for stdin) into an .ecdc file (or `-` for stdout).
 
     Args:
         model: model name or weights path; None is the default model. Ignored when `codec` is given.
         bandwidth: kbps, one of the model's bandwidths; None uses `default_bandwidth` (6 kbps where offered).
         use_lm: entropy-code with the model's LM (smaller, slower; runs on the CPU).
+        envelope: store the envelope correction (`ecdc.envelope_settings`: about 1 kbps, clearer
+            audio); None: where the model can take it.
         force: replace an existing `dst`.
         progress: show a bar for long files on stderr.
         notify: called with one-line notes (resampling, per-channel bitrate).
@@ -187,6 +189,7 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
     codec.n_q_for_bandwidth(bandwidth)  # unsupported bandwidth: fail before reading audio
     if use_lm and lm is None:
         lm = get_lm(model)
+    ecdc.use_envelope(codec, envelope)  # a model that cannot take it: fail before reading audio
     notes: list[str] = []
     with audio_io.open_audio(src) as reader:
         notes += _encode_notes(reader, codec, bandwidth)
@@ -197,7 +200,7 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         chunks = _codec_chunks(reader, codec, bar)
         kwargs: dict[str, tp.Any] = dict(bandwidth=bandwidth, lm=lm, source_sample_rate=reader.sample_rate,
                                          source_channels=reader.channels, segments_coder=segments_coder,
-                                         source_length=lambda: reader.frames_read)
+                                         source_length=lambda: reader.frames_read, correct_envelope=envelope)
         if segment_seconds is not None:
             kwargs["segment_seconds"] = segment_seconds
         try:
