@@ -12,6 +12,8 @@ float32, so it decodes only where the LM's float kernels give the writer's bits;
 files pin the compressed header of FORMAT.md §2 (earlier files keep their plain JSON headers).
 `packed_source_length_24khz.ecdc` pins the end record's source-length residue (FORMAT.md §3) of a
 file resampled from 44.1 kHz: it must decode to exactly 66,151 samples at 44.1 kHz.
+`envelope_lm_2groups_24khz.ecdc` pins format version 2: envelope corrections (table "e1", FORMAT.md
+§4.5) in LM-coded segments of two channel groups.
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ def main() -> None:
         "lm_exact_zheader_24khz.ecdc": (c24, tone, 3.0, lm, 0.5),  # compressed header (FORMAT.md §2)
         "packed_zheader_48khz.ecdc": (c48, noise, 6.0, None, 10.0),
         "lm_exact2_24khz.ecdc": (c24, tone, 3.0, lm, 0.5),
+        "envelope_lm_2groups_24khz.ecdc": (c24, torch.cat([tone, -0.5 * tone]), 3.0, lm, 0.5,
+                                           {"correct_envelope": True}),
     }
     path = OUT / "expected.json"
     expected = json.loads(path.read_text()) if path.is_file() else {"torch": torch.__version__, "files": {}}
@@ -86,7 +90,7 @@ def main() -> None:
             "model": f"{info.model_id}.json", "length": info.length, "segments": info.segments,
             "lm_segments": info.lm_segments, "sha256": hashlib.sha256(data).hexdigest(),
             "audio_sha256": audio_hash(audio), "audio_rms": float(audio.pow(2).mean().sqrt())}
-        if kw:
+        if info.source_length is not None:  # stored since neucodec 0.5.0
             expected["files"][name]["source_length"] = info.source_length
         print(name, len(data), "bytes", info.segments, "segments", info.lm_segments, "LM-coded")
     expected["files"]["lm_mono_24khz.ecdc"]["machine_bound"] = True

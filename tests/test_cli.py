@@ -182,3 +182,20 @@ def test_sigint_leaves_no_output(tiny_model: Path, tmp_path: Path) -> None:
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err.decode()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_envelope_correction_on_by_default_where_the_model_takes_it(recordings: dict[str, Path], tiny_model: Path,
+                                                                   tiny_stereo_model: Path, tmp_path: Path) -> None:
+    src = recordings["wav_mono"]
+    for flag, version, envelope in ((None, 2, "corrected (e1 table"), ("--no-envelope", 1, "none")):
+        out = tmp_path / f"{flag}.ecdc"
+        code, text = run("encode", src, out, "-m", tiny_model, *([flag] if flag else []))
+        assert code == 0 and (", envelope," in text) == (flag is None), text
+        code, text = run("info", out)
+        assert code == 0 and f"format version  {version}" in text and f"envelope        {envelope}" in text, text
+        code, text = run("decode", out, tmp_path / f"{flag}.wav", "-m", tiny_model, "-q")
+        assert code == 0 and sf.info(str(tmp_path / f"{flag}.wav")).frames == sf.info(str(src)).frames
+    code, text = run("encode", src, tmp_path / "x.ecdc", "-m", tiny_stereo_model, "--envelope")
+    assert code == 1 and "cannot take an envelope correction" in text and len(text.strip().splitlines()) == 1
+    assert not (tmp_path / "x.ecdc").exists()
+    assert run("encode", src, tmp_path / "y.ecdc", "-m", tiny_stereo_model, "-q")[0] == 0  # default: without

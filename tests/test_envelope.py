@@ -1,10 +1,17 @@
-"""Envelope correction: exact resynthesis, levels, and a correction that repairs a wrong envelope."""
+"""Envelope correction: exact resynthesis, levels, a correction that repairs a wrong envelope, its coding,
+its streaming application, and its place in .ecdc files (format version 2)."""
 from __future__ import annotations
+
+import hashlib
+import io
 
 import numpy as np
 import pytest
+import torch
 
-from neucodec import envelope
+from _bitstream import skewed_lm, tiny_codec24, tiny_codec48
+from neucodec import container, ecdc, envelope
+from neucodec.errors import CorruptStream, UnsupportedAudio, UnsupportedFormatVersion
 
 GRID = envelope.Grid()
 
@@ -113,3 +120,95 @@ def test_a_table_fitted_on_corrections_counts_what_follows_what_and_codes_them_c
     fitted = envelope.transition_table([real], GRID.max_steps).astype(np.float32)
     uniform = np.full_like(fitted, 1 / len(fitted))
     assert len(envelope.encode_steps(real, fitted)) < 0.5 * len(envelope.encode_steps(real, uniform))
+
+
+# ---------------------------------------------------------------- streaming, and in .ecdc files
+def test_the_streaming_corrector_is_apply_whatever_the_chunks() -> None:
+    x = _noise(2.5, 12)
+    steps = np.random.default_rng(13).integers(-3, 4, (GRID.bands, GRID.tiles(len(x)))).astype(np.int8)
+    corrector = envelope.Corrector(GRID, 1)
+    corrector.add(steps[None])
+    cuts = np.cumsum([0, 1, 239, 241, 5000, 17, 30000])
+    parts = [corrector.push(x[None, a:b]) for a, b in zip(cuts, [*cuts[1:], len(x)])] + [corrector.finish()]
+    assert np.abs(np.concatenate(parts, axis=1)[0] - envelope.apply(x, steps, GRID)).max() < 1e-12
+
+
+def test_segments_are_corrected_each_with_its_own_tiles() -> None:
+    x = _noise(2.0, 14)  # 2 s + 77 samples: a segment of 25 tiles (1 s at 24 kHz), then 26 tiles
+    steps = np.repeat(np.random.default_rng(15).integers(-3, 4, (1, GRID.bands, 51)).astype(np.int8), 2, axis=0)
+    corrector = envelope.Corrector(GRID, 2)
+    corrector.add(steps[:, :, :25])
+    out = [corrector.push(np.stack([x, -x])[:, :30000])]
+    corrector.add(steps[:, :, 25:])
+    y = np.concatenate([*out, corrector.push(np.stack([x, -x])[:, 30000:]), corrector.finish()], axis=1)
+    spec = envelope.stft(x, GRID)
+    first = envelope.gains_db(steps[0, :, :25], GRID, 100)  # each segment's gains alone, then the last held
+    second = envelope.gains_db(steps[0, :, 25:], GRID, spec.shape[1] - 100)
+    want = envelope.istft(spec * 10 ** (np.concatenate([first, second], axis=1) / 20), GRID, len(x))
+    assert np.abs(y[0] - want).max() < 1e-12 and np.abs(y[1] + want).max() < 1e-12
+
+
+def test_table_e1_is_fixed_by_the_format() -> None:
+    t = envelope.table("e1")  # FORMAT.md §4.5: never change it
+    assert t.dtype == np.float32 and t.shape == (15, 15) and (t > 0).all()
+    assert hashlib.sha256(t.tobytes()).hexdigest()[:16] == "048066bebccbe125"
+
+
+def _speechlike(seconds: float, groups: int = 1) -> torch.Tensor:
+    """Noise with a moving, syllable-rate envelope: the decoded audio of a tiny model misses it."""
+    t = torch.arange(int(24000 * seconds)) / 24000
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(groups, 1, t.numel(), generator=g) * (0.02 + 0.2 * torch.sin(2 * torch.pi * 3 * t) ** 2)
+    return x
+
+
+@pytest.mark.parametrize("use_lm", [False, True])
+def test_a_file_with_corrections_decodes_closer_to_its_input(use_lm: bool) -> None:
+    codec = tiny_codec24()
+    lm = skewed_lm(n_q=4) if use_lm else None
+    wav = _speechlike(2.3, groups=2)
+    plain = ecdc.encode_bytes(codec, wav, 3.0, lm, segment_seconds=1.0)
+    data = ecdc.encode_bytes(codec, wav, 3.0, lm, segment_seconds=1.0, correct_envelope=True)
+    info, corrected = ecdc.decode_bytes(data, codec, lm)
+    plain_info, uncorrected = ecdc.decode_bytes(plain, codec, lm)
+    assert (plain_info.format_version, plain_info.envelope) == (1, None)
+    assert info.format_version == 2 and info.envelope == {"table": "e1", "hop": 240, "bins": 8, "hops": 4,
+                                                          "bands": 20, "step_db": 6.0}
+    assert info.segment_frames == 75 and info.segments == 3 and info.length == wav.shape[-1]
+    assert corrected.shape == uncorrected.shape == wav.shape and len(data) > len(plain)
+    for g in range(2):
+        want = envelope.levels(wav[g, 0].double().numpy(), GRID)
+        err = [np.abs(envelope.levels(y[g, 0].double().numpy(), GRID) - want)[:, :-1].mean()
+               for y in (uncorrected, corrected)]
+        assert err[1] < 0.5 * err[0], err
+
+
+def test_envelope_damage_and_unknown_tables_are_reported() -> None:
+    codec = tiny_codec24()
+    data = ecdc.encode_bytes(codec, _speechlike(1.0), 3.0, segment_seconds=0.5, correct_envelope=True)
+    prelude = container.read_prelude(io.BytesIO(data))
+    header = dict(prelude.header, envelope=dict(prelude.header["envelope"], table="e9"))
+    body = data[prelude.size:]
+    for changed, error, match in ((header, UnsupportedFormatVersion, "unknown envelope table 'e9'; upgrade"),
+                                  (dict(header, envelope=dict(prelude.header["envelope"], hops=5)),
+                                   CorruptStream, "envelope tiles do not fit")):
+        buf = io.BytesIO()
+        container.ContainerWriter(buf, changed, 2)
+        with pytest.raises(error, match=match):
+            ecdc.decode_bytes(buf.getvalue() + body, codec)
+    fo = io.BytesIO(data)
+    record = next(iter(container.ContainerReader(fo, container.read_prelude(fo))))
+    payload = (len(record.payload) + 4).to_bytes(4, "little") + record.payload[4:]  # a length past the end
+    head = container._HEAD.pack(container.KIND_SEGMENT, record.flags, record.items, len(payload), record.frames,
+                                container.crc32(payload), record.codes_crc)
+    rec = head + container.crc32(head).to_bytes(4, "little") + payload
+    bad = data[: record.offset] + rec + data[record.offset + len(rec):]
+    with pytest.raises(CorruptStream, match=f"segment 0 at byte {record.offset}: envelope correction of a bad length"):
+        ecdc.decode_bytes(bad, codec)
+
+
+def test_a_segmented_model_takes_no_correction() -> None:
+    codec = tiny_codec48()
+    assert ecdc.envelope_settings(codec) is None and ecdc.use_envelope(codec, None) is None
+    with pytest.raises(UnsupportedAudio, match="--no-envelope"):
+        ecdc.encode_bytes(codec, torch.zeros(1, 2, 4800), 6.0, correct_envelope=True)
