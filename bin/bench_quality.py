@@ -2,8 +2,9 @@
 """Quality report: neucodec against Opus and Codec2 on the dev clips, metrics + real bitrates -> docs/quality.md.
 
 For every dev clip (speech, music, general sounds; 24 kHz mono) and every system -- neucodec at
-each `--bandwidths` point, Opus (opusenc, hard CBR, 60 ms frames) at the same targets, Codec2 1200
-and 3200 -- the clip is coded, decoded and scored:
+each `--bandwidths` point as `neucodec encode` writes it (with the envelope correction, where the
+model takes one) and without the correction, Opus (opusenc, hard CBR, 60 ms frames) at the same
+targets, Codec2 1200 and 3200 -- the clip is coded, decoded and scored:
 
 * ViSQOL v3 speech mode (visqol-python, lattice mapper) at 16 kHz, for every category (on music
   and general sounds it is still speech mode: a rough similarity score, not a music MOS;
@@ -237,36 +238,42 @@ def codec2_system(mode: int, tmp: Path) -> System:
     return System("codec2", mode / 1000, run)
 
 
-def neucodec_system(codec: tp.Any, lm: tp.Any, bandwidth: float) -> System:
+NEUCODEC = "neucodec"  # as `neucodec encode` writes it: with the envelope correction where the model takes one
+PLAIN = "neucodec, no envelope"
+
+
+def neucodec_system(codec: tp.Any, lm: tp.Any, bandwidth: float, envelope: bool, name: str) -> System:
     from neucodec import ecdc
 
     def run(path: Path, wav: np.ndarray) -> Coded:
         x = torch.from_numpy(wav).view(1, 1, -1)
         with torch.no_grad():
-            data = ecdc.encode_bytes(codec, x, bandwidth)
+            data = ecdc.encode_bytes(codec, x, bandwidth, correct_envelope=envelope)
             _, y = ecdc.decode_bytes(data, codec)
             coded = Coded(y.reshape(-1).numpy().astype(np.float32), len(data), ecdc_payload_bytes(data))
             if lm is not None:
-                lm_data = ecdc.encode_bytes(codec, x, bandwidth, lm=lm)
+                lm_data = ecdc.encode_bytes(codec, x, bandwidth, lm=lm, correct_envelope=envelope)
                 coded.lm_file_bytes, coded.lm_payload_bytes = len(lm_data), ecdc_payload_bytes(lm_data)
         return coded
-    return System("neucodec", bandwidth, run)
+    return System(name, bandwidth, run)
 
 
-def speed(codec: tp.Any, lm: tp.Any, clips: list[tuple[str, Path]], bandwidth: float = 6.0,
+def speed(codec: tp.Any, lm: tp.Any, clips: list[tuple[str, Path]], envelope: bool, bandwidth: float = 6.0,
           seconds: float = 60.0, rounds: int = 2) -> dict[str, float]:
     """Real-time factors (audio s per compute s, best of `rounds`) of `encode_bytes` and
-    `decode_bytes` at `bandwidth` on `seconds` of the dev clips joined, without and with the LM."""
+    `decode_bytes` at `bandwidth` on `seconds` of the dev clips joined: as `neucodec encode` codes
+    (`envelope`: with the correction), without the correction ("plain_"), and with the LM ("lm_")."""
     from neucodec import ecdc
 
     audio = np.concatenate([_read24(path) for _, path in clips])
     x = torch.from_numpy(np.resize(audio, int(seconds * SAMPLE_RATE))).view(1, 1, -1)
     out: dict[str, float] = {}
-    for tag, model_lm in (("", None), ("lm_", lm)) if lm is not None else (("", None),):
+    variants = [("", None, envelope)] + [("plain_", None, False)] * envelope + [("lm_", lm, envelope)] * (lm is not None)
+    for tag, model_lm, correct in variants:
         best_enc = best_dec = float("inf")
         for _ in range(rounds):
             t = time.perf_counter()
-            data = ecdc.encode_bytes(codec, x, bandwidth, lm=model_lm)
+            data = ecdc.encode_bytes(codec, x, bandwidth, lm=model_lm, correct_envelope=correct)
             t1 = time.perf_counter()
             ecdc.decode_bytes(data, codec, model_lm)
             best_enc, best_dec = min(best_enc, t1 - t), min(best_dec, time.perf_counter() - t1)
@@ -390,7 +397,7 @@ def summarise(rows: list[dict[str, tp.Any]]) -> dict[tuple[str, str], dict[str, 
 
 
 def _order(summary: dict[tuple[str, str], dict[str, tp.Any]], cat: str) -> list[str]:
-    rank = {"neucodec": 0, "opus": 1, "codec2": 2}
+    rank = {NEUCODEC: 0, PLAIN: 1, "opus": 2, "codec2": 3}
     labels = [lab for c, lab in summary if c == cat]
     return sorted(labels, key=lambda lab: (rank.get(summary[(cat, lab)]["name"], 9),
                                            summary[(cat, lab)]["target_kbps"]))
@@ -402,7 +409,7 @@ def table(summary: dict[tuple[str, str], dict[str, tp.Any]], cat: str, has_lm: b
     lines = [head, "|" + "---|" * 10]
     for lab in _order(summary, cat):
         s = summary[(cat, lab)]
-        is_neu = s["name"] == "neucodec"
+        is_neu = s["name"] in (NEUCODEC, PLAIN)
         lm_file = _fmt(s["lm_file_kbps"]) if is_neu and has_lm else ("n/a" if is_neu else "—")
         lm_pay = _fmt(s["lm_payload_kbps"]) if is_neu and has_lm else ("n/a" if is_neu else "—")
         lines.append(f"| {lab} | {_fmt(s['file_kbps'])} | {_fmt(s['payload_kbps'])} | {lm_file} | {lm_pay} "
@@ -412,21 +419,25 @@ def table(summary: dict[tuple[str, str], dict[str, tp.Any]], cat: str, has_lm: b
 
 
 def bar_verdict(summary: dict[tuple[str, str], dict[str, tp.Any]], bandwidth: float = 6.0) -> list[str]:
-    """One line per category (speech, music): does neucodec at `bandwidth` beat Opus at the same target?"""
+    """One line per category (speech, music): does neucodec, as `neucodec encode` writes it (without
+    the LM) at the highest bandwidth whose real payload is no larger than Opus's at `bandwidth`, beat
+    Opus at `bandwidth`?"""
     lines = []
     for cat in ("speech", "music"):
-        neu = summary.get((cat, f"neucodec @ {bandwidth:g} kbps"))
         opus = summary.get((cat, f"opus @ {bandwidth:g} kbps"))
+        fits = sorted((s["payload_kbps"], lab) for (c, lab), s in summary.items()
+                      if c == cat and s["name"] == NEUCODEC and opus and s["payload_kbps"] <= opus["payload_kbps"])
+        neu = summary[(cat, fits[-1][1])] if fits else None
         if neu is None or opus is None:
-            lines.append(f"* **{CATEGORY_TITLES[cat]}:** not measured (run with speech/music clips and "
-                         f"bandwidth {bandwidth:g}).")
+            lines.append(f"* **{CATEGORY_TITLES[cat]}:** not measured (run with speech/music clips, Opus at "
+                         f"{bandwidth:g} kbps and a neucodec bandwidth that fits in it).")
             continue
         v_win = neu["visqol"] > opus["visqol"]
         m_win = neu["mel"] < opus["mel"]
         verdict = ("**beats**" if v_win and m_win
                    else "**does not beat**" if not (v_win or m_win) else "**splits with**")
         lines.append(
-            f"* **{CATEGORY_TITLES[cat]}:** neucodec {bandwidth:g} kbps {verdict} Opus {bandwidth:g} kbps — "
+            f"* **{CATEGORY_TITLES[cat]}:** neucodec {neu['target_kbps']:g} kbps {verdict} Opus {bandwidth:g} kbps — "
             f"ViSQOL {_fmt(neu['visqol'])} vs {_fmt(opus['visqol'])} ({'better' if v_win else 'not better'}), "
             f"mel distance {_fmt(neu['mel'], 3)} vs {_fmt(opus['mel'], 3)} ({'better' if m_win else 'not better'}); "
             f"real payload {_fmt(neu['payload_kbps'])} vs {_fmt(opus['payload_kbps'])} kbps.")
@@ -442,7 +453,8 @@ def plot(summary: dict[tuple[str, str], dict[str, tp.Any]], metric: str, ylabel:
 
     cats = [c for c in CATEGORIES if any(k[0] == c for k in summary)]
     fig, axes = plt.subplots(1, len(cats), figsize=(4.6 * len(cats), 3.8), squeeze=False)
-    styles = {"neucodec": ("tab:blue", "o"), "opus": ("tab:orange", "s"), "codec2": ("tab:green", "^")}
+    styles = {NEUCODEC: ("tab:blue", "o"), PLAIN: ("lightsteelblue", "o"), "opus": ("tab:orange", "s"),
+              "codec2": ("tab:green", "^")}
     for ax, cat in zip(axes[0], cats):
         for name, (color, marker) in styles.items():
             pts = sorted((s["payload_kbps"], s[metric], s.get("lm_payload_kbps")) for (c, _), s in summary.items()
@@ -450,7 +462,7 @@ def plot(summary: dict[tuple[str, str], dict[str, tp.Any]], metric: str, ylabel:
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, label=name)
-            if name == "neucodec" and has_lm:
+            if name == NEUCODEC and has_lm:
                 ax.plot([p[2] for p in pts], [p[1] for p in pts], color=color, marker=marker, ls="--",
                         mfc="none", label="neucodec + LM")
         ax.set_xscale("log", base=2)
@@ -492,10 +504,12 @@ def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list
         f"* **Clips:** {counts} × 10 s, 24 kHz mono, from `{_home(str(args.clips))}` (held out from training).",
         f"* **Speed** ({args.threads} thread(s), 60 s of the clips joined, 6 kbps, best of 2; "
         f"load average {load:.1f} at the start): encode {rtf['encode']:.0f}×, decode {rtf['decode']:.0f}× real time"
+        + (f"; without the envelope correction encode {rtf['plain_encode']:.0f}×, decode {rtf['plain_decode']:.0f}×"
+           if "plain_encode" in rtf else "")
         + (f"; with the LM encode {rtf['lm_encode']:.0f}×, decode {rtf['lm_decode']:.0f}×" if "lm_encode" in rtf else "")
         + ".",
         "",
-        "## Bar: neucodec 6 kbps vs Opus 6 kbps",
+        "## Bar: neucodec vs Opus 6 kbps, at no more real payload",
         "",
         *bar_verdict(summary),
         "",
@@ -516,7 +530,10 @@ def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list
         "## How the numbers are made",
         "",
         "* **Systems.** neucodec: `neucodec.ecdc.encode_bytes` / `decode_bytes` at each bandwidth, "
-        "without and (when the package has one) with the LM. "
+        "without and (when the package has one) with the LM; *neucodec* as `neucodec encode` writes it, with "
+        "the envelope correction (about 1 kbps, counted in its bitrates), *neucodec, no envelope* without. "
+        "The bar compares the highest neucodec bandwidth whose real payload without the LM is no larger "
+        "than Opus's. "
         f"Opus: `opusenc --quiet --bitrate B --hard-cbr --framesize {OPUS_FRAME_MS}` on the 24 kHz clip, "
         f"`opusdec --quiet --rate {SAMPLE_RATE} --no-dither --float`. "
         "Codec2 (1.0.5): `sox -D` (no dither) to 8 kHz raw, `c2enc MODE` / `c2dec MODE`, `sox -D` back to 24 kHz.",
@@ -574,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model name or release .json / checkpoint path "
                    f"(default: the packaged default, else {_home(str(FALLBACK_MODEL))})")
     p.add_argument("--clips", type=Path, default=DEFAULT_CLIPS, help="folder of dev clips (+ clips.json)")
-    p.add_argument("--bandwidths", type=float, nargs="+", default=[1.5, 3.0, 6.0, 12.0])
+    p.add_argument("--bandwidths", type=float, nargs="+", default=[1.5, 3.0, 4.5, 6.0, 12.0])
     p.add_argument("--out", type=Path, default=ROOT / "docs/quality.md")
     p.add_argument("--plots", default=str(ROOT / "docs/quality_*.png"), help="'*' becomes visqol / mel")
     p.add_argument("--json", type=Path, default=None, help="also write per-clip results here")
@@ -593,14 +610,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"bandwidths {bad} not supported by {model['model_id']} ({codec.config.bandwidths})")
     clips = find_clips(args.clips.expanduser(), args.limit)
     load = os.getloadavg()[0]
-    rtf = speed(codec, lm, clips)
+    from neucodec import ecdc
+
+    envelope = ecdc.use_envelope(codec, None) is not None  # as `neucodec encode` decides
+    rtf = speed(codec, lm, clips, envelope)
     print("speed (x real time): " + ", ".join(f"{k} {v:.1f}" for k, v in rtf.items()), flush=True)
     metrics = Metrics()
     nan = float("nan")
     rows: list[dict[str, tp.Any]] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        systems = [neucodec_system(codec, lm, b) for b in args.bandwidths]
+        systems = [neucodec_system(codec, lm, b, envelope, NEUCODEC) for b in args.bandwidths]
+        systems += [neucodec_system(codec, lm, b, False, PLAIN) for b in args.bandwidths if envelope]
         systems += [opus_system(b, tmp) for b in args.bandwidths]
         systems += [codec2_system(m, tmp) for m in CODEC2_MODES]
         for cat, path in clips:

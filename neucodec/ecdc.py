@@ -388,21 +388,24 @@ def _resolve_lm(lm: LanguageModel | None, info: StreamInfo) -> LanguageModel:
 
 # ---------------------------------------------------------------- envelope settings
 def envelope_settings(codec: Codec) -> dict[str, tp.Any] | None:
-    """The envelope correction a causal codec's files get: the grid of `envelope.Grid` with a hop of
-    10 ms (so 400 Hz x 40 ms tiles, bands to 8 kHz) and table "e1"; None where tiles are not whole
-    code frames or the codec is segmented."""
+    """The envelope correction a causal codec's files can get: the grid of `envelope.Grid` with a hop
+    of 10 ms (so 400 Hz x 40 ms tiles, bands to 8 kHz) and the table its package names (`load_codec`'s
+    `.envelope_table`), else "e1"; None where tiles are not whole code frames or the codec is segmented."""
     if codec.config.segment_length is not None or codec.sample_rate % 100:
         return None
     grid = envelope.Grid(hop=codec.sample_rate // 100)
     if grid.tile % codec.hop_length or grid.bands * grid.bins > grid.hop:
         return None
-    return {"table": "e1", "hop": grid.hop, "bins": grid.bins, "hops": grid.hops, "bands": grid.bands,
-            "step_db": grid.step_db}
+    return {"table": getattr(codec, "envelope_table", None) or "e1", "hop": grid.hop, "bins": grid.bins,
+            "hops": grid.hops, "bands": grid.bands, "step_db": grid.step_db}
 
 
 def use_envelope(codec: Codec, wanted: bool | None) -> dict[str, tp.Any] | None:
     """The envelope settings to encode with: None if not `wanted`, or if `wanted` is None and the
-    codec cannot take a correction; UnsupportedAudio if it is wanted and the codec cannot."""
+    codec's package does not opt in to the correction (`.envelope_table`: it is measured per model;
+    neucodec's default model opts in); UnsupportedAudio if it is wanted and the codec cannot take it."""
+    if wanted is None and getattr(codec, "envelope_table", None) is None:
+        return None
     settings = None if wanted is False else envelope_settings(codec)
     if wanted and settings is None:
         raise UnsupportedAudio(f"{codec.config.name} cannot take an envelope correction (it needs a causal model "

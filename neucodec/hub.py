@@ -28,8 +28,9 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
 
     Returns a `Codec` in inference mode (eval, weight norm folded) on `device`, with `.model_id`
     and `.fingerprint` identifying its weights, and `.compatible`, the fingerprints of earlier weights
-    whose files it also decodes (`weights.lineage`), and `.earlier`, the releases of earlier default
-    models by fingerprint (for the advice when a file is not readable). None loads the packaged default model.
+    whose files it also decodes (`weights.lineage`), `.earlier`, the releases of earlier default
+    models by fingerprint (for the advice when a file is not readable), and `.envelope_table`, the
+    envelope correction its package opts in to (or None). None loads the packaged default model.
     """
     weights = _load(name_or_path)
     if weights.codec_config is None:
@@ -41,6 +42,7 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
     codec.fingerprint = weights.fingerprint  # type: ignore[assignment]
     codec.compatible = frozenset(weights.compatible.get("codec", ()))  # type: ignore[assignment]
     codec.earlier = weights.earlier  # type: ignore[assignment]
+    codec.envelope_table = weights.envelope  # type: ignore[assignment]
     return codec
 
 

@@ -57,6 +57,9 @@ class Weights:
     #: commit that holds its weights ({"neucodec": "0.5.0", "commit": "0f1799b"}), so that a file these
     #: weights cannot read is met with the release that can
     earlier: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    #: the envelope-correction table (`neucodec.envelope.TABLES`) its files get by default, or None:
+    #: a package opts in (package key `envelope`), since the correction is measured per model
+    envelope: str | None = None
 
 
 def cache_dir() -> Path:
@@ -220,18 +223,21 @@ def _load_release(path: Path) -> Weights:
     if not (isinstance(earlier, dict) and all(isinstance(v, dict) and all(isinstance(t, str) for t in v.values())
                                               for v in earlier.values())):
         raise WeightsUnavailable(f"{path}: 'earlier' must map fingerprints to {{\"neucodec\": ..., \"commit\": ...}}")
+    envelope = meta.get("envelope")
+    if envelope is not None and not isinstance(envelope, str):
+        raise WeightsUnavailable(f"{path}: 'envelope' must name an envelope table, such as \"e1\"")
     return Weights(meta["name"], codec_state, digest[:16], path, cfg.codec_from_dict(meta["codec"]),
-                   lm_config, lm_state or None, meta.get("training", {}), compatible, earlier)
+                   lm_config, lm_state or None, meta.get("training", {}), compatible, earlier, envelope)
 
 
 def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.CodecConfig,
                  lm: nn.Module | None = None, lm_config: cfg.LMConfig | None = None,
                  training: dict[str, tp.Any] | None = None, dtype: torch.dtype = torch.float16,
-                 parents: tp.Sequence[Weights] = ()) -> Path:
+                 parents: tp.Sequence[Weights] = (), envelope: str | None = None) -> Path:
     """Write `name.safetensors` + `name.json` (atomically) that `load_codec` reads.
 
     `parents`: the weights these were trained from; the package lists those whose files it still
-    decodes (`lineage`)."""
+    decodes (`lineage`). `envelope`: the envelope-correction table its files get by default."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -248,6 +254,8 @@ def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.Code
     compatible = lineage(tensors, codec_config, lm_config, parents)
     if compatible:
         meta["compatible"] = compatible
+    if envelope is not None:
+        meta["envelope"] = envelope
     tmp_t = folder / f".{stem}.safetensors.tmp"
     save_file(tensors, str(tmp_t))
     tmp_j = folder / f".{stem}.json.tmp"

@@ -38,22 +38,23 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> tp.Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _export(folder: Path, name: str, config: CodecConfig, with_lm: bool) -> Path:
+def _export(folder: Path, name: str, config: CodecConfig, with_lm: bool, envelope: str | None = None) -> Path:
     torch.manual_seed(0)
     codec = Codec(config)
     lm = lm_config = None
     if with_lm:
         lm_config = LMConfig(n_q=8, dim=32, num_layers=2, num_heads=2, past_context=50)
         lm = LanguageModel(lm_config)
-    return save_release(folder / f"{name}.json", name, codec, config, lm, lm_config)
+    return save_release(folder / f"{name}.json", name, codec, config, lm, lm_config, envelope=envelope)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A causal 24 kHz mono release package with an LM (random weights)."""
+    """A causal 24 kHz mono release package with an LM (random weights) that opts in to the envelope
+    correction, as the default model does."""
     config = CodecConfig(name="tiny_24khz", seanet=SEANetConfig(**TINY_SEANET), quantizer=TINY_RVQ,
                          bandwidths=(1.5, 3.0, 6.0))
-    return _export(tmp_path_factory.mktemp("models"), "tiny_24khz", config, with_lm=True)
+    return _export(tmp_path_factory.mktemp("models"), "tiny_24khz", config, with_lm=True, envelope="e1")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _bitstream import skewed_lm, tiny_codec24, tiny_codec48
-from neucodec import container, ecdc, envelope
+from neucodec import container, ecdc, envelope, load_codec
 from neucodec.errors import CorruptStream, UnsupportedAudio, UnsupportedFormatVersion
 
 GRID = envelope.Grid()
@@ -205,6 +205,13 @@ def test_envelope_damage_and_unknown_tables_are_reported() -> None:
     bad = data[: record.offset] + rec + data[record.offset + len(rec):]
     with pytest.raises(CorruptStream, match=f"segment 0 at byte {record.offset}: envelope correction of a bad length"):
         ecdc.decode_bytes(bad, codec)
+
+
+def test_the_default_model_opts_in_and_others_only_when_asked() -> None:
+    assert load_codec().envelope_table == "e1"  # package key "envelope": what `neucodec encode` does by default
+    assert ecdc.use_envelope(load_codec(), None) == ecdc.envelope_settings(load_codec())
+    codec = tiny_codec24()  # no package: it could take a correction, but gets one only when asked
+    assert ecdc.use_envelope(codec, None) is None and ecdc.use_envelope(codec, True) is not None
 
 
 def test_a_segmented_model_takes_no_correction() -> None:
