@@ -134,7 +134,8 @@ def cli() -> None:
               help="Entropy-code with the model's language model: ~25-40% smaller, slower.")
 @click.option("--envelope/--no-envelope", default=None,
               help="Store a correction of the decoded audio's spectral envelope: about 1 kbps more, much "
-                   "clearer sound; the encoder runs the decoder too [default: on where the model can take it].")
+                   "clearer sound; the encoder runs the decoder too [default: on if the model's package opts "
+                   "in, as the default model does].")
 @_model_options
 @_verbosity
 @_guarded
