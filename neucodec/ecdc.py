@@ -2,10 +2,10 @@
 
 `encode_stream` writes one container segment per `segment_seconds` of frames for a causal codec
 (via `Codec.encode_stream`), or one per model segment (1 s with overlap) for a segmented codec,
-and flushes each batch of segments as soon as it is coded. With `envelope=True` (causal codecs)
+and flushes each batch of segments as soon as it is coded. With `correct_envelope` (causal codecs)
 it also decodes each segment's codes and stores, with them, the corrections that bring the decoded
-audio's spectral envelope to its input's (`neucodec.envelope`); the decoder applies them. `decode_stream` yields audio chunks
-after the first batch of segments. Version-0 files of the reference encodec tool are read too
+audio's spectral envelope to its input's (`neucodec.envelope`; format version 2), which the decoder
+applies. `decode_stream` yields audio chunks after the first batch of segments. Version-0 files of the reference encodec tool are read too
 (those coded with its LM through `neucodec.v0lm`). Byte layout: docs/FORMAT.md.
 """
 from __future__ import annotations
@@ -231,8 +231,8 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
             stored so that decoding restores its exact length after resampling. Not needed when the
             source rate is the codec's.
         correct_envelope: also store each segment's envelope correction (`envelope_settings`; format
-            version 2): about 1 kbps more, and the encoder runs the decoder too. None: where the
-            codec can take it.
+            version 2): about 1 kbps more, and the encoder runs the decoder too. None: if the
+            codec's package opts in (`use_envelope`).
     Returns:
         the `StreamInfo` of the written stream (length, segments and bytes filled in).
     """
