@@ -181,6 +181,7 @@ class Corrector:
         self.x = np.zeros((rows, grid.hop))  # input from sample `start` on (first: the hop of padding)
         self.start = -grid.hop
         self.gains = np.zeros((rows, grid.window // 2 + 1, 0))  # linear, of frames `frame`, `frame` + 1, ...
+        self.last: np.ndarray | None = None  # the last segment's last frame's gains, held after it
         self.tail = np.zeros((rows, grid.hop))  # the second half of the last frame run
         self.frame = 0  # next frame to run, centred on sample frame * hop
         self.emitted = 0
@@ -189,7 +190,7 @@ class Corrector:
         """The next segment's corrections [rows, bands, tiles]."""
         g = np.stack([gains_db(s, self.grid, s.shape[1] * self.grid.hops) for s in steps])
         self.gains = np.concatenate([self.gains, 10 ** (g / 20)], axis=2)
-        self.last = self.gains[:, :, -1:]  # held after the last segment
+        self.last = self.gains[:, :, -1:]
 
     def push(self, audio: np.ndarray) -> np.ndarray:
         self.x = np.concatenate([self.x, audio], axis=1)
@@ -200,7 +201,7 @@ class Corrector:
         """The rest of the audio: the signal ends with the last `push`."""
         hop, length = self.grid.hop, self.start + self.x.shape[1]
         frames = -(-length // hop) + 1 - self.frame  # up to the frame centred at or after the end
-        if frames <= 0 or not hasattr(self, "last"):
+        if frames <= 0 or self.last is None:
             return self.x[:, :0]
         self.x = np.pad(self.x, ((0, 0), (0, (self.frame + frames) * hop + hop - self.start - self.x.shape[1])))
         held = np.repeat(self.last, max(0, frames - self.gains.shape[2]), axis=2)
