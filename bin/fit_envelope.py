@@ -3,11 +3,12 @@
 
 Takes `--crops` crops of `--seconds` from each category of the train split (speech, music, general
 sounds: equal shares), codes each with the model at every bandwidth of `--bandwidths`, measures the
-corrections of its decoded audio and counts how often each value follows each value in the same
-band (`envelope.transition_table`), and writes the table as JSON with the grid and what it was
-fitted on.
+corrections of its decoded audio and counts how often each value comes in each context
+(`envelope.transition_counts`), and adds the weights (the counts plus 1) under `--name` to a table
+file (`neucodec/envelope_tables.json` by default: the tables files may name), with the grid and
+what they were fitted on. It never replaces a table: they are part of the .ecdc format.
 
-    python bin/fit_envelope.py --out ~/.cache/neucodec-train/envelope-table.json
+    python bin/fit_envelope.py --name e2 [--out neucodec/envelope_tables.json]
 """
 from __future__ import annotations
 
@@ -29,11 +30,15 @@ def main() -> None:
     p.add_argument("--corpus", type=Path, default=Path.home() / ".cache/neucodec-train/corpus")
     p.add_argument("--crops", type=int, default=64, help="per category")
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--bandwidths", type=float, nargs="+", default=[3.0, 4.5, 6.0])
+    p.add_argument("--bandwidths", type=float, nargs="+", default=[1.5, 3.0, 4.5, 6.0, 12.0])
     p.add_argument("--step-db", type=float, default=envelope.Grid.step_db)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--name", required=True, help="the new table's name")
+    p.add_argument("--out", type=Path, default=envelope.TABLE_FILE)
     args = p.parse_args()
+    tables = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.name in tables:
+        raise SystemExit(f"{args.out} already has a table {args.name!r}; tables never change: pick a new name")
     torch.set_num_threads(1)
     codec = load_codec(args.model).eval()
     grid = envelope.Grid(step_db=args.step_db)
@@ -49,15 +54,14 @@ def main() -> None:
                     y = codec.decoder(codec.quantizer(latent, round(kbps / 0.75)).quantized)[0, 0, :length]
                     corrections.append(envelope.measure(x.astype(np.float64), y.double().numpy(), grid))
         print(f"{category}: {args.crops} crops", flush=True)
-    table = envelope.transition_table(corrections, grid.max_steps)
-    args.out.write_text(json.dumps({
-        "grid": dataclasses.asdict(grid),
-        "table": table.astype(np.float32).tolist(),  # float32 values, read back exactly
-        "fitted_on": {"model": args.model, "crops_per_category": args.crops, "seconds": args.seconds,
-                      "bandwidths": args.bandwidths, "seed": args.seed,
-                      "transitions": sum(c.size for c in corrections)},
-    }, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    weights = envelope.transition_counts(corrections, grid.max_steps).astype(np.int64) + 1
+    tables[args.name] = {
+        "fitted_on": {"model": args.model, "grid": dataclasses.asdict(grid), "crops_per_category": args.crops,
+                      "seconds": args.seconds, "bandwidths": args.bandwidths, "seed": args.seed,
+                      "values": sum(c.size for c in corrections)},
+        "weights": weights.tolist()}
+    args.out.write_text(json.dumps(tables, separators=(",", ":")) + "\n")
+    print(f"added {args.name} to {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,15 +5,16 @@ For each dev clip and each bandwidth (any multiple of 0.75 kbps, so 4.5 uses 6 c
 the model's decoded audio as is and with the correction applied at each quantizer step, with the
 metrics of `bin/bench_quality.py` (ViSQOL in speech mode at 16 kHz, log-mel distance, SI-SNR; for
 speech also PESQ-WB and STOI), and estimates the side channel's rate from the corrections
-themselves: the entropy of each value given the one before it in the same band (a fixed table per
+themselves: the entropy of each value in its context (`envelope.contexts`: a fixed table per
 category, fitted on half of the clips and measured on the other half, both ways, with add-one
-smoothing; so what a range coder with that table would need, header excluded). With `--table`
-(from `bin/fit_envelope.py`, fitted on the train split) it also codes each clip's corrections with
-`envelope.encode_steps`, checks that they decode, and reports the bytes. The codec's own payload is K x 0.75 kbps without the LM.
+smoothing; so what a range coder with that table would need, header excluded). With `--table NAME`
+(one of the format's tables, `envelope.table_names`, fitted on the train split by
+`bin/fit_envelope.py`) it also codes each clip's corrections with `envelope.encode_steps`, checks
+that they decode, and reports the bytes (the table's step must be the one probed). The codec's own payload is K x 0.75 kbps without the LM.
 
     python bin/probe_envelope.py [--clips ~/.cache/neucodec-train/corpus/dev/clips-wide-40]
         [--bandwidths 3 4.5 6] [--steps-db 3 6] [--bands 20] [--limit 40] [--category speech]
-        [--table T.json] [--json out.json]
+        [--table e1] [--json out.json]
 (needs the eval extra)
 """
 from __future__ import annotations
@@ -64,10 +65,9 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="clips per category")
     p.add_argument("--category", default=None, help="only this category (speech, music or sfx)")
     p.add_argument("--json", type=Path, default=None, help="write every score here")
-    p.add_argument("--table", type=Path, default=None, help="code the corrections with this fitted table")
+    p.add_argument("--table", default=None, help="code the corrections with this table of the format")
     args = p.parse_args()
-    fitted = json.loads(args.table.read_text()) if args.table else None
-    table = np.asarray(fitted["table"], np.float32) if fitted else None
+    table = envelope.table(args.table) if args.table else None
     torch.set_num_threads(1)
     codec, visqol = load_codec(args.model).eval(), VisqolSpeech()
     if codec.sample_rate != 24000 or codec.channels != 1:
@@ -101,9 +101,9 @@ def main() -> None:
                     steps = envelope.measure(ref, decoded, grid)
                     name = f"{kbps:g} kbps + envelope, {step:g} dB"
                     corrections.setdefault((name, cat), []).append(steps)
-                    if table is not None and step == fitted["grid"]["step_db"]:
-                        payload = envelope.encode_steps(steps, table)
-                        if not np.array_equal(envelope.decode_steps(payload, table, *steps.shape), steps):
+                    if table is not None and step == envelope.Grid.step_db:
+                        payload = envelope.encode_steps(steps[None], table)
+                        if not np.array_equal(envelope.decode_steps(payload, table, 1, *steps.shape)[0], steps):
                             raise SystemExit(f"{path.name}: the coded corrections do not decode")
                         coded[(name, cat)] = coded.get((name, cat), 0) + len(payload)
                     signals[name] = envelope.apply(decoded, steps, grid)

@@ -417,7 +417,7 @@ def _envelope_grid(settings: dict[str, tp.Any], layout: str, hop_length: int,
                    segment_frames: int) -> tuple[envelope.Grid, np.ndarray]:
     """(grid, table) of header `envelope` settings, checked."""
     name = settings.get("table")
-    if not isinstance(name, str) or name not in envelope.TABLES:
+    if not isinstance(name, str) or name not in envelope.table_names():
         raise UnsupportedFormatVersion(f"header: unknown envelope table {str(name)[:20]!r}; upgrade neucodec")
     values = {}
     for key, hi in (("hop", 1 << 16), ("bins", 1 << 10), ("hops", 1 << 10), ("bands", 1 << 10)):
@@ -464,9 +464,8 @@ class _EnvelopeMeter:
         ref = x[..., :n].reshape(rows, n).double().numpy()
         out = decoded[..., :n].reshape(rows, n).double().cpu().numpy()
         steps = np.stack([envelope.measure(r, o, self.grid) for r, o in zip(ref, out)])
-        flat = steps.reshape(-1, steps.shape[-1])
-        payload = envelope.encode_steps(flat, self.table)
-        if not np.array_equal(envelope.decode_steps(payload, self.table, *flat.shape), flat):
+        payload = envelope.encode_steps(steps, self.table)
+        if not np.array_equal(envelope.decode_steps(payload, self.table, *steps.shape), steps):
             raise NeucodecError("internal error: the envelope correction does not decode; encode with --no-envelope")
         return struct.pack("<I", len(payload)) + payload
 
@@ -479,8 +478,7 @@ def _envelope_steps(payload: bytes, info: StreamInfo, frames: int, where: str) -
     (size,) = struct.unpack("<I", payload[:4]) if len(payload) >= 4 else (-1,)
     if size < 0 or size % 4 or 4 + size > len(payload):
         raise CorruptStream(f"{where}: envelope correction of a bad length (file damaged)")
-    steps = envelope.decode_steps(payload[4: 4 + size], table, rows * grid.bands, tiles)
-    return steps.reshape(rows, grid.bands, tiles), payload[4 + size:]
+    return envelope.decode_steps(payload[4: 4 + size], table, rows, grid.bands, tiles), payload[4 + size:]
 
 
 def _span(info: StreamInfo) -> int | None:

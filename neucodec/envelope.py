@@ -15,11 +15,12 @@ The STFT is a square-root periodic Hann window of two hops, hop `hop`, analysis 
 with all gains 0 dB `apply` returns its input (to rounding). Shapes: audio [samples] float64;
 steps [bands, tiles] int.
 
-`encode_steps`/`decode_steps` range-code the corrections tile by tile (constriction's queue coder,
-`Categorical(perfect=False)`, one call per tile), each value with the probabilities of a fixed table
-given the previous tile's value in the same band (0 before the first tile). The table is float32,
-so the same bits everywhere; `transition_table` fits one (`bin/fit_envelope.py`: on the train split).
-`TABLES` holds the tables files may name, part of the .ecdc format (docs/FORMAT.md §4.5).
+`encode_steps`/`decode_steps` range-code the corrections (constriction's queue coder,
+`Categorical(perfect=False)`), each value with the probabilities of a fixed table given its context:
+its band's value at the tile before and the value of the band below in the same tile (0 outside the
+grid). The tables are float32, so the same bits everywhere; `transition_table` fits one
+(`bin/fit_envelope.py`: on the train split), and files name theirs (`table`, `TABLE_FILE`; part of
+the .ecdc format, docs/FORMAT.md §4.5).
 
 In an .ecdc file (`neucodec.ecdc`), each segment carries the corrections of its own tiles, and the
 decoder applies them as it streams (`Corrector`): within a segment the gains are interpolated
@@ -29,7 +30,10 @@ on to its end, so segments stay independent. `apply` is the same for one segment
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import typing as tp
+from pathlib import Path
 
 import constriction
 import numpy as np
@@ -60,34 +64,27 @@ class Grid:
         return -(-length // self.tile)
 
 
-#: Probability tables of the corrections, by name: row = the previous value in the band + span,
-#: entry = a weight; the probabilities are each weight over its row's sum, in float64, then rounded
-#: to float32 (`table`). Part of the .ecdc format: never change a table; a new one gets a new name.
-#: "e1": fitted on the train split with 0.13.0's codec (`bin/fit_envelope.py`: 64 crops of 10 s per
-#: category at 3, 4.5 and 6 kbps, 2,880,225 transitions), in units of 10^-5, at least 1.
-TABLES: dict[str, tuple[tuple[int, ...], ...]] = {"e1": (
-    (39167, 26908, 8250, 3161, 540, 771, 463, 20200, 77, 77, 77, 77, 77, 77, 77),
-    (11607, 33792, 25773, 5995, 4047, 2520, 496, 14624, 229, 382, 344, 76, 38, 38, 38),
-    (1596, 9327, 42029, 23648, 4774, 2750, 1116, 12803, 817, 649, 389, 65, 13, 13, 13),
-    (214, 532, 11285, 49203, 18936, 3739, 2340, 10632, 1300, 982, 665, 156, 6, 6, 6),
-    (170, 409, 1233, 12226, 50431, 21759, 3942, 5644, 1630, 1265, 1026, 255, 3, 3, 3),
-    (30, 86, 399, 1467, 12701, 50534, 21576, 6670, 2881, 1824, 1330, 456, 44, 2, 2),
-    (1, 35, 91, 323, 1290, 13427, 48579, 25156, 5932, 2944, 1513, 605, 94, 10, 1),
-    (16, 22, 61, 87, 115, 332, 2466, 90961, 4217, 1041, 487, 157, 32, 5, 1),
-    (1, 1, 12, 49, 106, 399, 2152, 20357, 52832, 18690, 4094, 1106, 188, 13, 1),
-    (1, 1, 5, 14, 48, 203, 744, 3663, 23358, 53536, 15972, 2105, 321, 27, 3),
-    (1, 2, 1, 7, 25, 80, 275, 1375, 4402, 28256, 54428, 10455, 630, 58, 6),
-    (1, 2, 1, 1, 5, 34, 121, 558, 1767, 5928, 33836, 51011, 6522, 203, 10),
-    (4, 4, 4, 4, 4, 9, 36, 391, 1150, 2428, 9060, 35637, 48262, 2939, 67),
-    (54, 54, 54, 54, 54, 54, 54, 324, 1026, 3132, 5940, 15659, 40227, 29698, 3618),
-    (503, 503, 503, 503, 503, 503, 503, 503, 1005, 3015, 7035, 12563, 18090, 21106, 33166),
-)}
+#: The probability tables of the corrections, by name, in `envelope_tables.json` beside this file:
+#: integer weights [n, n, n] (n = 2 span + 1) indexed [before + span, below + span, value + span]
+#: (`contexts`); the probabilities are each weight over the sum of its context's n weights, in
+#: float64, then rounded to float32 (`table`). Part of the .ecdc format (docs/FORMAT.md §4.5): never
+#: change a table; a new one gets a new name (`bin/fit_envelope.py` adds one, fitted on the train split).
+TABLE_FILE = Path(__file__).with_name("envelope_tables.json")
+
+
+@functools.cache
+def _tables() -> dict[str, tp.Any]:
+    return json.loads(TABLE_FILE.read_text())
+
+
+def table_names() -> tuple[str, ...]:
+    return tuple(_tables())
 
 
 def table(name: str) -> np.ndarray:
-    """The float32 table `encode_steps`/`decode_steps` take, of `TABLES[name]`."""
-    weights = np.asarray(TABLES[name], np.float64)
-    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+    """The float32 table `encode_steps`/`decode_steps` take, of the weights named `name`."""
+    weights = np.asarray(_tables()[name]["weights"], np.float64)
+    return (weights / weights.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def _frames(grid: Grid, length: int) -> int:
@@ -231,56 +228,70 @@ class Corrector:
         return out
 
 
+def contexts(symbols: np.ndarray, fill: int) -> tuple[np.ndarray, np.ndarray]:
+    """(before, below) of symbols [..., bands, tiles]: each one's band's value at the tile before,
+    and the value of the band below in the same tile; `fill` (the symbol of 0) outside the grid."""
+    pad = [(0, 0)] * (symbols.ndim - 2)
+    before = np.pad(symbols, pad + [(0, 0), (1, 0)], constant_values=fill)[..., :-1]
+    below = np.pad(symbols, pad + [(1, 0), (0, 0)], constant_values=fill)[..., :-1, :]
+    return before, below
+
+
 def transition_counts(corrections: tp.Iterable[np.ndarray], span: int) -> np.ndarray:
-    """How often each value follows each value in the same band (the first tile follows a 0), over
-    corrections [bands, tiles]: [2 span + 1, 2 span + 1], row = previous value + span."""
-    counts = np.zeros((2 * span + 1, 2 * span + 1))
+    """How often each value comes in each context (`contexts`: the band's value at the tile before,
+    the value of the band below), over corrections [..., bands, tiles]: [n, n, n] with
+    n = 2 span + 1, indexed [before + span, below + span, value + span]."""
+    counts = np.zeros((2 * span + 1,) * 3)
     for steps in corrections:
         symbols = steps.astype(np.int64) + span
-        previous = np.pad(symbols, ((0, 0), (1, 0)), constant_values=span)[:, :-1]
-        np.add.at(counts, (previous.ravel(), symbols.ravel()), 1)
+        before, below = contexts(symbols, span)
+        np.add.at(counts, (before.ravel(), below.ravel(), symbols.ravel()), 1)
     return counts
 
 
 def transition_table(corrections: tp.Iterable[np.ndarray], span: int) -> np.ndarray:
-    """The table `encode_steps` wants, fitted on corrections: `transition_counts` plus 1, each row
-    normalised (float64; cast to float32 to code with it)."""
+    """A table `encode_steps` takes, fitted on corrections: `transition_counts` plus 1, normalised
+    per context (float64; cast to float32 to code with it)."""
     counts = transition_counts(corrections, span) + 1
-    return counts / counts.sum(axis=1, keepdims=True)
+    return counts / counts.sum(axis=-1, keepdims=True)
 
 
 def encode_steps(steps: np.ndarray, table: np.ndarray) -> bytes:
-    """Corrections [bands, tiles] -> range-coded bytes (little-endian 32-bit words)."""
+    """Corrections [rows, bands, tiles] -> range-coded bytes (little-endian 32-bit words): tile by
+    tile, band by band from the lowest, the values of all rows in one call, each with the
+    probabilities of its context (`contexts`)."""
     span = _check_table(table)
     if steps.size and np.abs(steps).max() > span:
         raise ValueError(f"corrections beyond +-{span} steps cannot be coded with this table")
-    symbols = np.ascontiguousarray(steps.astype(np.int32) + span)
+    symbols = steps.astype(np.int32) + span
+    before, below = contexts(symbols, span)
     coder, family = constriction.stream.queue.RangeEncoder(), constriction.stream.model.Categorical(perfect=False)
-    previous = np.full(steps.shape[0], span, np.int32)
-    for t in range(steps.shape[1]):
-        coder.encode(np.ascontiguousarray(symbols[:, t]), family, np.ascontiguousarray(table[previous]))
-        previous = symbols[:, t]
+    for t in range(steps.shape[2]):
+        for b in range(steps.shape[1]):
+            coder.encode(np.ascontiguousarray(symbols[:, b, t]), family,
+                         np.ascontiguousarray(table[before[:, b, t], below[:, b, t]]))
     return coder.get_compressed().astype("<u4").tobytes()
 
 
-def decode_steps(payload: bytes, table: np.ndarray, bands: int, tiles: int) -> np.ndarray:
-    """Inverse of `encode_steps`: [bands, tiles] int8."""
+def decode_steps(payload: bytes, table: np.ndarray, rows: int, bands: int, tiles: int) -> np.ndarray:
+    """Inverse of `encode_steps`: [rows, bands, tiles] int8."""
     span = _check_table(table)
     if len(payload) % 4:
         raise ValueError(f"an envelope payload of {len(payload)} bytes is not whole 32-bit words")
     coder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4").astype(np.uint32))
     family = constriction.stream.model.Categorical(perfect=False)
-    out = np.empty((bands, tiles), np.int8)
-    previous = np.full(bands, span, np.int32)
+    symbols = np.full((rows, bands, tiles), span, np.int32)
     for t in range(tiles):
-        previous = coder.decode(family, np.ascontiguousarray(table[previous])).astype(np.int32)
-        out[:, t] = previous - span
-    return out
+        for b in range(bands):
+            before = symbols[:, b, t - 1] if t else symbols[:, b, t]  # span (0) before the first tile
+            below = symbols[:, b - 1, t] if b else symbols[:, b, t]  # and below the first band
+            symbols[:, b, t] = coder.decode(family, np.ascontiguousarray(table[before, below]))
+    return (symbols - span).astype(np.int8)
 
 
 def _check_table(table: np.ndarray) -> int:
-    """The table's span m: a float32 [2m + 1, 2m + 1] of positive probabilities, row = previous value + m."""
+    """The table's span m: a float32 [n, n, n] (n = 2m + 1) of positive probabilities."""
     n = table.shape[0]
-    if table.dtype != np.float32 or table.shape != (n, n) or n % 2 == 0 or not (table > 0).all():
-        raise ValueError("an envelope table is a square float32 array of odd size with positive entries")
+    if table.dtype != np.float32 or table.shape != (n, n, n) or n % 2 == 0 or not (table > 0).all():
+        raise ValueError("an envelope table is a cubic float32 array of odd size with positive entries")
     return n // 2

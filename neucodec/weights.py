@@ -57,7 +57,7 @@ class Weights:
     #: commit that holds its weights ({"neucodec": "0.5.0", "commit": "0f1799b"}), so that a file these
     #: weights cannot read is met with the release that can
     earlier: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
-    #: the envelope-correction table (`neucodec.envelope.TABLES`) its files get by default, or None:
+    #: the envelope-correction table (`neucodec.envelope.table_names`) its files get by default, or None:
     #: a package opts in (package key `envelope`), since the correction is measured per model
     envelope: str | None = None
 

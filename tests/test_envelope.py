@@ -78,18 +78,20 @@ def test_shapes_that_do_not_fit_are_refused() -> None:
 
 
 def _table(span: int, seed: int) -> np.ndarray:
-    """A table favouring small corrections and repeats of the previous value, as fitted ones do."""
-    values = np.arange(-span, span + 1)
-    t = np.exp(-np.abs(values[None, :]) / 2 - np.abs(values[None, :] - values[:, None]) / 3)
+    """A table favouring small corrections and the values of the neighbours, as fitted ones do:
+    [before, below, value]."""
+    v = np.arange(-span, span + 1)
+    t = np.exp(-np.abs(v)[None, None, :] / 2 - np.abs(v[None, None, :] - v[:, None, None]) / 3
+               - np.abs(v[None, None, :] - v[None, :, None]) / 4)
     t *= 1 + 0.2 * np.random.default_rng(seed).random(t.shape)
-    return (t / t.sum(axis=1, keepdims=True)).astype(np.float32)
+    return (t / t.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def test_corrections_round_trip_through_the_range_coder_and_likely_ones_cost_less() -> None:
     table = _table(GRID.max_steps, 0)
     reference, decoded = _noise(3.0, 7), _noise(3.0, 8) * 0.5
-    steps = envelope.measure(reference, decoded, GRID)
-    payload = envelope.encode_steps(steps, table)
+    steps = np.stack([envelope.measure(reference, decoded, GRID), envelope.measure(decoded, reference, GRID)])
+    payload = envelope.encode_steps(steps, table)  # two rows (channels), coded together
     assert len(payload) % 4 == 0
     assert np.array_equal(envelope.decode_steps(payload, table, *steps.shape), steps)
     wild = np.random.default_rng(9).integers(-GRID.max_steps, GRID.max_steps + 1, steps.shape).astype(np.int8)
@@ -100,23 +102,25 @@ def test_corrections_round_trip_through_the_range_coder_and_likely_ones_cost_les
 def test_the_coder_refuses_what_it_cannot_code() -> None:
     table = _table(3, 1)
     with pytest.raises(ValueError, match="beyond"):
-        envelope.encode_steps(np.full((2, 2), 4, np.int8), table)
-    with pytest.raises(ValueError, match="square float32"):
-        envelope.encode_steps(np.zeros((2, 2), np.int8), table.astype(np.float64))
+        envelope.encode_steps(np.full((1, 2, 2), 4, np.int8), table)
+    with pytest.raises(ValueError, match="cubic float32"):
+        envelope.encode_steps(np.zeros((1, 2, 2), np.int8), table.astype(np.float64))
     with pytest.raises(ValueError, match="whole 32-bit words"):
-        envelope.decode_steps(b"abc", table, 2, 2)
+        envelope.decode_steps(b"abc", table, 1, 2, 2)
 
 
-def test_a_table_fitted_on_corrections_counts_what_follows_what_and_codes_them_cheaply() -> None:
-    steps = np.array([[1, 1, 2], [0, -1, -1]], np.int8)
+def test_a_table_fitted_on_corrections_counts_values_in_their_context_and_codes_them_cheaply() -> None:
+    steps = np.array([[1, 1, 2], [0, -1, -1]], np.int8)  # bands 0 and 1, three tiles
     counts = envelope.transition_counts([steps], span=2)
     assert counts.sum() == steps.size
-    assert counts[2, 3] == 1 and counts[3, 3] == 1 and counts[3, 4] == 1  # 0 -> 1, 1 -> 1, 1 -> 2
-    assert counts[2, 2] == 1 and counts[2, 1] == 1 and counts[1, 1] == 1  # 0 -> 0, 0 -> -1, -1 -> -1
+    # [before, below, value] + 2: band 0 (nothing below): 0 -> 1, 1 -> 1, 1 -> 2
+    assert counts[2, 2, 3] == 1 and counts[3, 2, 3] == 1 and counts[3, 2, 4] == 1
+    # band 1, below it band 0's values 1, 1, 2: 0 -> 0, 0 -> -1, -1 -> -1
+    assert counts[2, 3, 2] == 1 and counts[2, 3, 1] == 1 and counts[1, 4, 1] == 1
     table = envelope.transition_table([steps], span=2)
-    assert np.allclose(table.sum(axis=1), 1) and (table > 0).all()
+    assert np.allclose(table.sum(axis=-1), 1) and (table > 0).all()
     reference, decoded = _noise(3.0, 10), _noise(3.0, 11) * 0.5
-    real = envelope.measure(reference, decoded, GRID)
+    real = envelope.measure(reference, decoded, GRID)[None]
     fitted = envelope.transition_table([real], GRID.max_steps).astype(np.float32)
     uniform = np.full_like(fitted, 1 / len(fitted))
     assert len(envelope.encode_steps(real, fitted)) < 0.5 * len(envelope.encode_steps(real, uniform))
@@ -150,8 +154,8 @@ def test_segments_are_corrected_each_with_its_own_tiles() -> None:
 
 def test_table_e1_is_fixed_by_the_format() -> None:
     t = envelope.table("e1")  # FORMAT.md §4.5: never change it
-    assert t.dtype == np.float32 and t.shape == (15, 15) and (t > 0).all()
-    assert hashlib.sha256(t.tobytes()).hexdigest()[:16] == "048066bebccbe125"
+    assert t.dtype == np.float32 and t.shape == (15, 15, 15) and (t > 0).all()
+    assert hashlib.sha256(t.tobytes()).hexdigest()[:16] == "b789438815a9d235"
 
 
 def _speechlike(seconds: float, groups: int = 1) -> torch.Tensor:
