@@ -330,8 +330,9 @@ def models(as_json: bool, verbose: bool) -> int:
     for r in rows:
         mark = " (default)" if r["name"] == DEFAULT_MODEL else ""
         bws = ", ".join(f"{b:g}" for b in r["bandwidths"])
+        envelope = f"; envelope correction ({r['envelope']}) by default" if r.get("envelope") else ""
         click.echo(f"{r['name']}{mark}: {r['sample_rate'] // 1000} kHz, {r['channels']} ch, "
-                   f"{'streaming' if r['causal'] else 'segmented'}; bandwidths {bws} kbps")
+                   f"{'streaming' if r['causal'] else 'segmented'}; bandwidths {bws} kbps{envelope}")
         click.echo(f"    weights: {r['weights'] or 'not downloaded (run: neucodec download ' + r['name'] + ')'}")
         if r.get("lm") is not None:
             click.echo(f"    LM: {r['lm'] or 'not downloaded (run: neucodec download ' + r['name'] + ')'}")
@@ -340,7 +341,8 @@ def models(as_json: bool, verbose: bool) -> int:
 
 
 def model_table() -> list[dict[str, tp.Any]]:
-    """One row per known model: name, sample rate, channels, causal, bandwidths, weights path or None."""
+    """One row per known model: name, sample rate, channels, causal, bandwidths, weights path or None,
+    envelope-correction table its package opts in to or None."""
     from . import config as cfg
     from . import weights as w
 
@@ -348,6 +350,7 @@ def model_table() -> list[dict[str, tp.Any]]:
     for name in w.known_names():
         lm_path: str | None = None
         has_lm = False
+        envelope = None
         try:
             path = w.resolve(name, allow_download=False)
         except NeucodecError:
@@ -366,9 +369,11 @@ def model_table() -> list[dict[str, tp.Any]]:
             config = cfg.codec_from_dict(meta["codec"])
             has_lm = bool(meta.get("lm"))
             lm_path = str(path) if has_lm else None
+            envelope = meta.get("envelope")
         rows.append(dict(name=name, sample_rate=config.sample_rate, channels=config.channels,
                          causal=config.seanet.causal, bandwidths=list(config.bandwidths),
-                         weights=str(path) if path else None, lm=lm_path if has_lm else None))
+                         weights=str(path) if path else None, lm=lm_path if has_lm else None,
+                         envelope=envelope))
     return rows
 
 

@@ -114,8 +114,9 @@ def test_models_lists_official_and_cache(tmp_path: Path) -> None:
     code, text = run("models")
     assert code == 0 and "encodec_24khz" in text and "neucodec download encodec_24khz" in text
     code, text = run("models", "--json")
-    rows = json.loads(text)
-    assert {r["name"] for r in rows} >= {"encodec_24khz", "encodec_48khz"}
+    rows = {r["name"]: r for r in json.loads(text)}
+    assert set(rows) >= {"encodec_24khz", "encodec_48khz", "neucodec_24khz"}
+    assert rows["neucodec_24khz"]["envelope"] == "e1" and rows["encodec_24khz"]["envelope"] is None
     code, text = run("download", "encodec_24khz")  # offline in tests
     assert code == 1 and "neucodec: error" in text
 
