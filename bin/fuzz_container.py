@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Fuzz the .ecdc reader: decode N mutated files, count outcomes by exception type.
 
-Anything other than a clean decode or a `NeucodecError` with a one-line message (a bare
-exception, a multi-line message, a hang past --max-seconds) counts as a failure; the exit code
-is the number of failures (capped at 100). Base files: packed and LM-coded (exact-v2 LM) 24 kHz-style
-streams, a version-2 stream with envelope corrections (LM-coded, two channel groups), a 48 kHz-style segmented stream and a plain version-0 stream, all from tiny fixed-seed
-models; the golden files LM-coded by neucodec 0.1.0 (float32 LM) and 0.2.0 (exact-v1)
-(tests/golden); and, when the reference
-`encodec` package is installed, a version-0 file it LM-coded (random paper-size LM, 2 codebooks).
+Anything other than a clean decode or a `NeucodecError` with a one-line message (a bare exception, a
+multi-line message, a hang past --max-seconds) counts as a failure; the exit code is the number of
+failures (capped at 100). Base files: packed and LM-coded (exact-v2 LM) 24 kHz-style streams, a
+version-2 stream with envelope corrections (LM-coded, two channel groups), a 48 kHz-style segmented
+stream and a plain version-0 stream, all from tiny fixed-seed models; the golden files LM-coded by
+neucodec 0.1.0 (float32 LM) and 0.2.0 (exact-v1) (tests/golden); and, when the reference `encodec`
+package is installed, a version-0 file it LM-coded (random paper-size LM, 2 codebooks).
 
     python bin/fuzz_container.py -n 10000 --seed 0
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What an envelope-correction side channel (`neucodec.envelope`) would buy, and what it would cost.
+"""What the envelope correction (`neucodec.envelope`) buys at other settings (steps, bands), and its cost.
 
 For each dev clip and each bandwidth (any multiple of 0.75 kbps, so 4.5 uses 6 codebooks) it scores
 the model's decoded audio as is and with the correction applied at each quantizer step, with the
@@ -10,7 +10,8 @@ category, fitted on half of the clips and measured on the other half, both ways,
 smoothing; so what a range coder with that table would need, header excluded). With `--table NAME`
 (one of the format's tables, `envelope.table_names`, fitted on the train split by
 `bin/fit_envelope.py`) it also codes each clip's corrections with `envelope.encode_steps`, checks
-that they decode, and reports the bytes (the table's step must be the one probed). The codec's own payload is K x 0.75 kbps without the LM.
+that they decode, and reports the bytes (the table's step must be the one probed). The codec's own
+payload is K x 0.75 kbps without the LM.
 
     python bin/probe_envelope.py [--clips ~/.cache/neucodec-train/corpus/dev/clips-wide-40]
         [--bandwidths 3 4.5 6] [--steps-db 3 6] [--bands 20] [--limit 40] [--category speech]

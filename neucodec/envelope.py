@@ -13,7 +13,7 @@ falls to 0 dB within one band.
 
 The STFT is a square-root periodic Hann window of two hops, hop `hop`, analysis and synthesis, so
 with all gains 0 dB `apply` returns its input (to rounding). Shapes: audio [samples] float64;
-steps [bands, tiles] int.
+steps [bands, tiles] int; for several channels (`Corrector`, `encode_steps`) [rows, bands, tiles].
 
 `encode_steps`/`decode_steps` range-code the corrections (constriction's queue coder,
 `Categorical(perfect=False)`), each value with the probabilities of a fixed table given its context:
