@@ -14,6 +14,10 @@ to DEV/clips-wide-N), which also keeps choices from being tuned to the report's 
 With `--paired`, the first model is the baseline and every later line adds, per key, the mean
 of the clip-by-clip differences from it and the half-width of their 95 % interval (`d_KEY`:
 [mean, ±]): two models scored on the same clips differ far less noisily than their means.
+
+With `--envelope`, each clip's decoded audio is scored with its envelope correction applied
+(`neucodec.envelope`, the default grid), as a file of the model carries it (a 10 s clip is one
+container segment): what a user of the default model hears.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from neucodec import load_codec
+from neucodec import envelope, load_codec
 from neucodec.train.data import CORPUS_RATE, INT16_SCALE, load_corpus
 from neucodec.train.metrics import load_visqol
 from neucodec.train.solver import dev_scores_per_clip
@@ -39,6 +43,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--wide", type=int, metavar="N", help="N clips of 10 s per category from the whole dev split")
     p.add_argument("--paired", action="store_true", help="also print differences from the first model, clip by clip")
+    p.add_argument("--envelope", action="store_true",
+                   help="score the audio with its envelope correction applied, as the model's files carry it")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     visqol = load_visqol()
@@ -50,7 +56,8 @@ def main() -> None:
     base: dict[str, list[float]] | None = None
     for model in args.models:
         scores = dev_scores_per_clip(load_codec(model).eval(), clips, (1.5, 6.0), visqol,
-                                     lambda category, index, bandwidth: category != "sfx" and bandwidth == 6.0)
+                                     lambda category, index, bandwidth: category != "sfx" and bandwidth == 6.0,
+                                     envelope.Grid() if args.envelope else None)
         line: dict[str, tp.Any] = {k: round(float(np.mean(v)), 3) for k, v in sorted(scores.items())}
         if args.paired and base is not None:
             for k, v in sorted(scores.items()):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import config as cfg
+from .. import envelope
 from ..model import Codec
 from ..weights import Weights, complete_codebooks, load_weights, resolve, save_release
 from .data import Batches, MixConfig, Prefetched, load_corpus
@@ -380,8 +381,11 @@ def dev_scores(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.Sequence[f
 
 def dev_scores_per_clip(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.Sequence[float],
                         visqol: VisqolSpeech | None,
-                        visqol_for: tp.Callable[[str, int, float], bool]) -> dict[str, list[float]]:
-    """`dev_scores` before the means: each key's scores in the order of `clips`."""
+                        visqol_for: tp.Callable[[str, int, float], bool],
+                        correct: envelope.Grid | None = None) -> dict[str, list[float]]:
+    """`dev_scores` before the means: each key's scores in the order of `clips`. With `correct`, of
+    the decoded audio with its envelope correction on that grid applied (`neucodec.envelope`), as a
+    file of one segment carries it."""
     out: dict[str, list[float]] = {}
     per_category: dict[str, int] = {}
     for path in clips:
@@ -394,6 +398,10 @@ def dev_scores_per_clip(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.S
         for bw in bandwidths:
             q = codec.quantizer(z, codec.config.n_q_for_bandwidth(bw))
             y = codec.decoder(q.quantized)[..., : wav.shape[-1]]
+            if correct is not None:
+                ref, dec = wav.flatten().double().cpu().numpy(), y.flatten().double().cpu().numpy()
+                fixed = envelope.apply(dec, envelope.measure(ref, dec, correct), correct)
+                y = torch.from_numpy(fixed).to(y).view_as(y)
             key = f"{cat}_{bw:g}k"
             out.setdefault(f"{key}_si_snr", []).append(float(si_snr(y, wav).mean()))
             out.setdefault(f"{key}_mel", []).append(mel_distance(y, wav, codec.sample_rate))

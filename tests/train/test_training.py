@@ -463,3 +463,27 @@ def test_visqol_leaves_the_callers_torch_thread_count_alone() -> None:
     assert torch.get_num_threads() == 1  # (the training tests' fixture)
     assert 1.0 <= scorer(x, 0.9 * x, 16000) <= 5.0
     assert torch.get_num_threads() == 1
+
+
+def test_dev_scores_with_the_envelope_correction_score_what_files_carry(tmp_path: Path) -> None:
+    """`rank_models.py --envelope`: the corrected audio of a tiny random codec is far closer to its
+    input's envelope, so its mel distance drops; the keys and clip order are those of the plain scores."""
+    from neucodec import envelope
+    from neucodec.train.solver import dev_scores_per_clip
+
+    from _bitstream import tiny_codec24
+
+    codec = tiny_codec24()
+    t = np.arange(24000) / 24000
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(["speech_000.wav", "music_000.wav"]):  # noise with a syllable-rate envelope
+        x = rng.normal(size=t.size) * (0.02 + 0.2 * np.sin(2 * np.pi * (2 + i) * t) ** 2)
+        sf.write(tmp_path / name, x.astype(np.float32), 24000)
+    clips = sorted(tmp_path.glob("*.wav"))
+    with torch.no_grad():
+        plain = dev_scores_per_clip(codec, clips, (1.5,), None, lambda *_: False)
+        fixed = dev_scores_per_clip(codec, clips, (1.5,), None, lambda *_: False, envelope.Grid())
+    assert plain.keys() == fixed.keys() == {"music_1.5k_mel", "music_1.5k_si_snr", "speech_1.5k_mel",
+                                            "speech_1.5k_si_snr"}
+    for key in ("music_1.5k_mel", "speech_1.5k_mel"):
+        assert fixed[key][0] < plain[key][0]
