@@ -30,6 +30,7 @@ from .model import Codec, overlap_add
 Tensor = torch.Tensor
 
 LM_BATCH = 8  # segments coded/decoded together in one batched LM run
+MAX_CORRECTIONS = 1 << 20  # envelope corrections per segment (10 s of stereo at 24 kHz: 10,000)
 _V0_CHUNK_FRAMES = 800  # 800 * K * 10 bits is always whole bytes
 
 
@@ -254,6 +255,9 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
     if settings is not None:  # segments of whole tiles
         per_tile = settings["hop"] * settings["hops"] // codec.hop_length
         seg_frames = max(-(-seg_frames // per_tile), -(-8 // per_tile)) * per_tile
+        if groups * codec.channels * settings["bands"] * seg_frames // per_tile > MAX_CORRECTIONS:
+            raise UnsupportedAudio(f"{groups * codec.channels} channels in segments of {segment_seconds:g} s are too "
+                                   "many for the envelope correction; encode with --no-envelope")
     coder = None if lm is None else {
         "name": "constriction.queue.RangeEncoder", "model": "Categorical(perfect=False)", "dtype": "float32",
         "prob_grid": entropy.PROB_GRID, "lm_threads": entropy.LM_THREADS, "word": "uint32le",
@@ -475,6 +479,9 @@ def _envelope_steps(payload: bytes, info: StreamInfo, frames: int, where: str) -
     and the codes' payload."""
     grid, table = _envelope_grid(tp.cast(dict, info.envelope), info.layout, info.hop_length, info.segment_frames)
     rows, tiles = info.groups * info.channels, -(-frames * info.hop_length // grid.tile)
+    if rows * grid.bands * tiles > MAX_CORRECTIONS:
+        raise CorruptStream(f"{where}: {rows * grid.bands * tiles} envelope corrections exceed the limit of "
+                            f"{MAX_CORRECTIONS} per segment (file damaged)")
     (size,) = struct.unpack("<I", payload[:4]) if len(payload) >= 4 else (-1,)
     if size < 0 or size % 4 or 4 + size > len(payload):
         raise CorruptStream(f"{where}: envelope correction of a bad length (file damaged)")
