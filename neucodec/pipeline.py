@@ -169,8 +169,8 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         model: model name or weights path; None is the default model. Ignored when `codec` is given.
         bandwidth: kbps, one of the model's bandwidths; None uses `default_bandwidth` (6 kbps where offered).
         use_lm: entropy-code with the model's LM (smaller, slower; runs on the CPU).
-        envelope: store the envelope correction (`ecdc.envelope_settings`: about 1 kbps, clearer
-            audio); None: where the model can take it.
+        envelope: store the envelope correction (`ecdc.use_envelope`: under 1 kbps, clearer audio);
+            None: if the model's package opts in (the default model does).
         force: replace an existing `dst`.
         progress: show a bar for long files on stderr.
         notify: called with one-line notes (resampling, per-channel bitrate).
