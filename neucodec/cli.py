@@ -298,8 +298,9 @@ def info(path: str, as_json: bool, verbose: bool) -> int:
         ("entropy coder", coder + (f", {data.get('lm_segments')} of {data.get('segments')} segments LM-coded"
                                    if data.get("lm_id") else "")),
         ("format version", data.get("format_version")),
-        ("envelope", "corrected ({table} table, {bands} bands of {bins} bins, {step_db:g} dB steps)".format(
-            **data["envelope"]) if isinstance(data.get("envelope"), dict) else "none"),
+        ("envelope", "corrected ({table} table, {bands} bands of {bins} bins, {step_db:g} dB steps; {kbps:.2f} "
+                     "kbps)".format(**data["envelope"], kbps=data.get("envelope_kbps") or 0.0)
+         if isinstance(data.get("envelope"), dict) else "none"),
         ("duration", f"{seconds:.3f} s ({data.get('length')} samples at {data['sample_rate']} Hz)"),
         ("original", f"{data.get('source_sample_rate')} Hz, {data.get('source_channels')} channel(s)"
                      + (f", {data['source_length']} samples" if data.get("source_length") is not None else "")),

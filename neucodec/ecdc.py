@@ -90,6 +90,7 @@ class StreamInfo:
     lm_segments: int = 0
     frames: int = 0
     bytes: int = 0
+    envelope_bytes: int = 0  # of the envelope corrections, with their length words
 
     @property
     def duration(self) -> float | None:
@@ -99,12 +100,14 @@ class StreamInfo:
         d = dataclasses.asdict(self)
         d["duration"] = self.duration
         d["kbps"] = (8 * self.bytes / 1000 / self.duration) if self.duration else None
+        d["envelope_kbps"] = (8 * self.envelope_bytes / 1000 / self.duration) if self.duration else None
         return d
 
 
 def _header(info: StreamInfo) -> dict[str, tp.Any]:
     d = dataclasses.asdict(info)
-    for key in ("format_version", "length", "source_length", "segments", "lm_segments", "frames", "bytes"):
+    for key in ("format_version", "length", "source_length", "segments", "lm_segments", "frames", "bytes",
+                "envelope_bytes"):
         d.pop(key)
     if d["envelope"] is None:  # a version-1 header, as before
         d.pop("envelope")
@@ -206,6 +209,7 @@ class _SegmentSink:
             self.info.segments += 1
             self.info.frames += codes.shape[-1]
             self.info.lm_segments += seg.flags in container.LM_FLAGS
+            self.info.envelope_bytes += len(correction)
         self.pending = []
 
 
@@ -474,6 +478,14 @@ class _EnvelopeMeter:
         return struct.pack("<I", len(payload)) + payload
 
 
+def _correction_size(payload: bytes, where: str) -> int:
+    """Bytes of the envelope corrections at the start of `payload` (a segment's, after its scales)."""
+    (size,) = struct.unpack("<I", payload[:4]) if len(payload) >= 4 else (-1,)
+    if size < 0 or size % 4 or 4 + size > len(payload):
+        raise CorruptStream(f"{where}: envelope correction of a bad length (file damaged)")
+    return size
+
+
 def _envelope_steps(payload: bytes, info: StreamInfo, frames: int, where: str) -> tuple[np.ndarray, bytes]:
     """Split a segment payload (after its scales) into its envelope corrections [G * C, bands, tiles]
     and the codes' payload."""
@@ -482,9 +494,8 @@ def _envelope_steps(payload: bytes, info: StreamInfo, frames: int, where: str) -
     if rows * grid.bands * tiles > MAX_CORRECTIONS:
         raise CorruptStream(f"{where}: {rows * grid.bands * tiles} envelope corrections exceed the limit of "
                             f"{MAX_CORRECTIONS} per segment (file damaged)")
-    (size,) = struct.unpack("<I", payload[:4]) if len(payload) >= 4 else (-1,)
-    if size < 0 or size % 4 or 4 + size > len(payload):
-        raise CorruptStream(f"{where}: envelope correction of a bad length (file damaged)")
+    size = _correction_size(payload, where)
+    info.envelope_bytes += 4 + size
     return envelope.decode_steps(payload[4: 4 + size], table, rows, grid.bands, tiles), payload[4 + size:]
 
 
@@ -743,6 +754,10 @@ def read_info(fi: tp.BinaryIO) -> StreamInfo:
         info.segments += 1
         info.frames += record.frames
         info.lm_segments += record.flags in container.LM_FLAGS
+        if info.envelope is not None:
+            scales = 4 * info.groups * info.scales
+            info.envelope_bytes += 4 + _correction_size(record.payload[scales:], f"segment {record.index} at byte "
+                                                        f"{record.offset}")
     _check_end(reader, info)
     return info
 

@@ -180,6 +180,7 @@ def test_a_file_with_corrections_decodes_closer_to_its_input(use_lm: bool) -> No
                                                           "bands": 20, "step_db": 6.0}
     assert info.segment_frames == 75 and info.segments == 3 and info.length == wav.shape[-1]
     assert corrected.shape == uncorrected.shape == wav.shape and len(data) > len(plain)
+    assert ecdc.read_info(io.BytesIO(data)).envelope_bytes == info.envelope_bytes > 0 == plain_info.envelope_bytes
     for g in range(2):
         want = envelope.levels(wav[g, 0].double().numpy(), GRID)
         err = [np.abs(envelope.levels(y[g, 0].double().numpy(), GRID) - want)[:, :-1].mean()
