@@ -224,3 +224,13 @@ def test_a_segmented_model_takes_no_correction() -> None:
     assert ecdc.envelope_settings(codec) is None and ecdc.use_envelope(codec, None) is None
     with pytest.raises(UnsupportedAudio, match="--no-envelope"):
         ecdc.encode_bytes(codec, torch.zeros(1, 2, 4800), 6.0, correct_envelope=True)
+
+
+def test_the_corrections_of_a_segment_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    codec = tiny_codec24()
+    data = ecdc.encode_bytes(codec, _speechlike(1.0), 3.0, segment_seconds=0.5, correct_envelope=True)
+    monkeypatch.setattr(ecdc, "MAX_CORRECTIONS", 100)  # a segment of 0.52 s holds 13 tiles x 20 bands
+    with pytest.raises(CorruptStream, match="segment 0 at byte .*: 260 envelope corrections exceed the limit"):
+        ecdc.decode_bytes(data, codec)
+    with pytest.raises(UnsupportedAudio, match="too many for the envelope correction; encode with --no-envelope"):
+        ecdc.encode_bytes(codec, _speechlike(1.0), 3.0, segment_seconds=0.5, correct_envelope=True)
