@@ -32,6 +32,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--bandwidths", type=float, nargs="+", default=[1.5, 3.0, 4.5, 6.0, 12.0])
     p.add_argument("--step-db", type=float, default=envelope.Grid.step_db)
+    p.add_argument("--bins", type=int, default=envelope.Grid.bins, help="STFT bins (50 Hz at 24 kHz) per band")
+    p.add_argument("--hops", type=int, default=envelope.Grid.hops, help="STFT hops (10 ms) per tile")
+    p.add_argument("--bands", type=int, default=None, help="coded bands from 0 Hz [default: up to 8 kHz]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", required=True, help="the new table's name")
     p.add_argument("--out", type=Path, default=envelope.TABLE_FILE)
@@ -41,7 +44,7 @@ def main() -> None:
         raise SystemExit(f"{args.out} already has a table {args.name!r}; tables never change: pick a new name")
     torch.set_num_threads(1)
     codec = load_codec(args.model).eval()
-    grid = envelope.Grid(step_db=args.step_db)
+    grid = envelope.Grid(step_db=args.step_db, bins=args.bins, hops=args.hops, bands=args.bands or 160 // args.bins)
     corrections = []
     rng = np.random.default_rng(args.seed)
     length = int(args.seconds * codec.sample_rate)

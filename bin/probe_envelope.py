@@ -14,7 +14,8 @@ that they decode, and reports the bytes (the table's step must be the one probed
 payload is K x 0.75 kbps without the LM.
 
     python bin/probe_envelope.py [--clips ~/.cache/neucodec-train/corpus/dev/clips-wide-40]
-        [--bandwidths 3 4.5 6] [--steps-db 3 6] [--bands 20] [--limit 40] [--category speech]
+        [--bandwidths 3 4.5 6] [--steps-db 3 6] [--bins 8] [--hops 4] [--bands 20] [--limit 40]
+        [--category speech]
         [--table e1] [--json out.json]
 (needs the eval extra)
 """
@@ -62,12 +63,16 @@ def main() -> None:
     p.add_argument("--clips", type=Path, default=Path.home() / ".cache/neucodec-train/corpus/dev/clips-wide-40")
     p.add_argument("--bandwidths", type=float, nargs="+", default=[3.0, 4.5, 6.0])
     p.add_argument("--steps-db", type=float, nargs="+", default=[3.0, 6.0])
-    p.add_argument("--bands", type=int, default=envelope.Grid.bands, help="coded bands of 400 Hz, from 0 Hz")
+    p.add_argument("--bins", type=int, default=envelope.Grid.bins, help="STFT bins (50 Hz) per band")
+    p.add_argument("--hops", type=int, default=envelope.Grid.hops, help="STFT hops (10 ms) per tile")
+    p.add_argument("--bands", type=int, default=None, help="coded bands from 0 Hz [default: up to 8 kHz]")
     p.add_argument("--limit", type=int, default=None, help="clips per category")
     p.add_argument("--category", default=None, help="only this category (speech, music or sfx)")
     p.add_argument("--json", type=Path, default=None, help="write every score here")
     p.add_argument("--table", default=None, help="code the corrections with this table of the format")
     args = p.parse_args()
+    args.bands = args.bands or 160 // args.bins  # 160 bins of 50 Hz: 8 kHz
+    default_grid = (args.bins, args.hops, args.bands) == (envelope.Grid.bins, envelope.Grid.hops, envelope.Grid.bands)
     table = envelope.table(args.table) if args.table else None
     torch.set_num_threads(1)
     codec, visqol = load_codec(args.model).eval(), VisqolSpeech()
@@ -98,11 +103,11 @@ def main() -> None:
                 decoded = y.double().numpy()
                 signals = {f"{kbps:g} kbps": decoded}
                 for step in args.steps_db:
-                    grid = envelope.Grid(step_db=step, bands=args.bands)
+                    grid = envelope.Grid(step_db=step, bands=args.bands, bins=args.bins, hops=args.hops)
                     steps = envelope.measure(ref, decoded, grid)
                     name = f"{kbps:g} kbps + envelope, {step:g} dB"
                     corrections.setdefault((name, cat), []).append(steps)
-                    if table is not None and step == envelope.Grid.step_db:
+                    if table is not None and step == envelope.Grid.step_db and default_grid:
                         payload = envelope.encode_steps(steps[None], table)
                         if not np.array_equal(envelope.decode_steps(payload, table, 1, *steps.shape)[0], steps):
                             raise SystemExit(f"{path.name}: the coded corrections do not decode")
@@ -116,7 +121,8 @@ def main() -> None:
                                  "si_snr": float(si_snr(torch.from_numpy(signal).view(1, 1, -1),
                                                         torch.from_numpy(ref).view(1, 1, -1))[0]), **(speech_scores(x, signal) if cat == "speech" else {})})
             print(f"{path.name} done", flush=True)
-    print(f"\nmodel {args.model}; clips {args.clips}; grid {envelope.Grid(bands=args.bands)} (step varied)\n")
+    print(f"\nmodel {args.model}; clips {args.clips}; grid "
+          f"{envelope.Grid(bands=args.bands, bins=args.bins, hops=args.hops)} (step varied)\n")
     print("| category | system | codes kbps | side kbps, estimated | side kbps, coded | ViSQOL | mel dist | SI-SNR dB "
           "| PESQ-WB | STOI |\n|---|---|---|---|---|---|---|---|---|---|")
     for cat in sorted(by_cat):
