@@ -133,7 +133,7 @@ def cli() -> None:
 @click.option("--lm/--no-lm", "use_lm", default=False, show_default=True,
               help="Entropy-code with the model's language model: ~25-40% smaller, slower.")
 @click.option("--envelope/--no-envelope", default=None,
-              help="Store a correction of the decoded audio's spectral envelope: under 1 kbps more, much "
+              help="Store a correction of the decoded audio's spectral envelope: about 1.5 kbps more, much "
                    "clearer sound; the encoder runs the decoder too [default: on if the model's package opts "
                    "in, as the default model does].")
 @_model_options

@@ -396,16 +396,21 @@ def _resolve_lm(lm: LanguageModel | None, info: StreamInfo) -> LanguageModel:
 
 # ---------------------------------------------------------------- envelope settings
 def envelope_settings(codec: Codec) -> dict[str, tp.Any] | None:
-    """The envelope correction a causal codec's files can get: the grid of `envelope.Grid` with a hop
-    of 10 ms (so 400 Hz x 40 ms tiles, bands to 8 kHz) and the table its package names (`load_codec`'s
-    `.envelope_table`), else "e1"; None where tiles are not whole code frames or the codec is segmented."""
+    """The envelope correction a causal codec's files can get: the table its package names
+    (`load_codec`'s `.envelope_table`), else "e1", on the grid that table was fitted on
+    (`envelope.table_grid`; "e1": 400 Hz x 40 ms tiles to 8 kHz) with a hop of 10 ms at the codec's
+    rate; None where tiles are not whole code frames or the codec is segmented."""
     if codec.config.segment_length is not None or codec.sample_rate % 100:
         return None
-    grid = envelope.Grid(hop=codec.sample_rate // 100)
+    name = getattr(codec, "envelope_table", None) or "e1"
+    if name not in envelope.table_names():
+        raise UnsupportedFormatVersion(f"{codec.config.name} asks for the envelope table {name[:20]!r}, which this "
+                                       "neucodec does not have; upgrade neucodec")
+    grid = dataclasses.replace(envelope.table_grid(name), hop=codec.sample_rate // 100)
     if grid.tile % codec.hop_length or grid.bands * grid.bins > grid.hop:
         return None
-    return {"table": getattr(codec, "envelope_table", None) or "e1", "hop": grid.hop, "bins": grid.bins,
-            "hops": grid.hops, "bands": grid.bands, "step_db": grid.step_db}
+    return {"table": name, "hop": grid.hop, "bins": grid.bins, "hops": grid.hops, "bands": grid.bands,
+            "step_db": grid.step_db}
 
 
 def use_envelope(codec: Codec, wanted: bool | None) -> dict[str, tp.Any] | None:

@@ -81,6 +81,11 @@ def table_names() -> tuple[str, ...]:
     return tuple(_tables())
 
 
+def table_grid(name: str) -> Grid:
+    """The grid a table was fitted on: what a file coded with it uses (its hop: 10 ms at the codec's rate)."""
+    return Grid(**_tables()[name]["fitted_on"]["grid"])
+
+
 def table(name: str) -> np.ndarray:
     """The float32 table `encode_steps`/`decode_steps` take, of the weights named `name`."""
     weights = np.asarray(_tables()[name]["weights"], np.float64)

@@ -116,7 +116,7 @@ def test_models_lists_official_and_cache(tmp_path: Path) -> None:
     code, text = run("models", "--json")
     rows = {r["name"]: r for r in json.loads(text)}
     assert set(rows) >= {"encodec_24khz", "encodec_48khz", "neucodec_24khz"}
-    assert rows["neucodec_24khz"]["envelope"] == "e1" and rows["encodec_24khz"]["envelope"] is None
+    assert rows["neucodec_24khz"]["envelope"] == "e2" and rows["encodec_24khz"]["envelope"] is None
     code, text = run("download", "encodec_24khz")  # offline in tests
     assert code == 1 and "neucodec: error" in text
 

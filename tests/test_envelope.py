@@ -152,10 +152,13 @@ def test_segments_are_corrected_each_with_its_own_tiles() -> None:
     assert np.abs(y[0] - want).max() < 1e-12 and np.abs(y[1] + want).max() < 1e-12
 
 
-def test_table_e1_is_fixed_by_the_format() -> None:
-    t = envelope.table("e1")  # FORMAT.md §4.5: never change it
+@pytest.mark.parametrize("name, bins, bands, digest", [("e1", 8, 20, "b789438815a9d235"),
+                                                       ("e2", 4, 40, "270f7fa8b70db662")])
+def test_the_tables_are_fixed_by_the_format(name: str, bins: int, bands: int, digest: str) -> None:
+    t = envelope.table(name)  # FORMAT.md §4.5: never change one
     assert t.dtype == np.float32 and t.shape == (15, 15, 15) and (t > 0).all()
-    assert hashlib.sha256(t.tobytes()).hexdigest()[:16] == "b789438815a9d235"
+    assert hashlib.sha256(t.tobytes()).hexdigest()[:16] == digest
+    assert envelope.table_grid(name) == envelope.Grid(bins=bins, bands=bands)  # a table brings its grid
 
 
 def _speechlike(seconds: float, groups: int = 1) -> torch.Tensor:
@@ -213,8 +216,9 @@ def test_envelope_damage_and_unknown_tables_are_reported() -> None:
 
 
 def test_the_default_model_opts_in_and_others_only_when_asked() -> None:
-    assert load_codec().envelope_table == "e1"  # package key "envelope": what `neucodec encode` does by default
-    assert ecdc.use_envelope(load_codec(), None) == ecdc.envelope_settings(load_codec())
+    assert load_codec().envelope_table == "e2"  # package key "envelope": what `neucodec encode` does by default
+    assert ecdc.use_envelope(load_codec(), None) == {"table": "e2", "hop": 240, "bins": 4, "hops": 4, "bands": 40,
+                                                     "step_db": 6.0}
     codec = tiny_codec24()  # no package: it could take a correction, but gets one only when asked
     assert ecdc.use_envelope(codec, None) is None and ecdc.use_envelope(codec, True) is not None
 
