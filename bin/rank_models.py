@@ -15,9 +15,9 @@ With `--paired`, the first model is the baseline and every later line adds, per 
 of the clip-by-clip differences from it and the half-width of their 95 % interval (`d_KEY`:
 [mean, ±]): two models scored on the same clips differ far less noisily than their means.
 
-With `--envelope`, each clip's decoded audio is scored with its envelope correction applied
-(`neucodec.envelope`, the default grid), as a file of the model carries it (a 10 s clip is one
-container segment): what a user of the default model hears.
+With `--envelope [TABLE]`, each clip's decoded audio is scored with its envelope correction applied
+(`neucodec.envelope`, on the grid of TABLE, by default `e2`, the default model's), as a file of the
+model carries it (a 10 s clip is one container segment): what a user of the default model hears.
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--wide", type=int, metavar="N", help="N clips of 10 s per category from the whole dev split")
     p.add_argument("--paired", action="store_true", help="also print differences from the first model, clip by clip")
-    p.add_argument("--envelope", action="store_true",
-                   help="score the audio with its envelope correction applied, as the model's files carry it")
+    p.add_argument("--envelope", nargs="?", const="e2", default=None, metavar="TABLE",
+                   help="score the audio with its envelope correction applied on the grid of TABLE (default e2, "
+                        "the default model's), as the model's files carry it")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     visqol = load_visqol()
@@ -57,7 +58,7 @@ def main() -> None:
     for model in args.models:
         scores = dev_scores_per_clip(load_codec(model).eval(), clips, (1.5, 6.0), visqol,
                                      lambda category, index, bandwidth: category != "sfx" and bandwidth == 6.0,
-                                     envelope.Grid() if args.envelope else None)
+                                     envelope.table_grid(args.envelope) if args.envelope else None)
         line: dict[str, tp.Any] = {k: round(float(np.mean(v)), 3) for k, v in sorted(scores.items())}
         if args.paired and base is not None:
             for k, v in sorted(scores.items()):
