@@ -491,10 +491,11 @@ def _correction_size(payload: bytes, where: str) -> int:
     return size
 
 
-def _envelope_steps(payload: bytes, info: StreamInfo, frames: int, where: str) -> tuple[np.ndarray, bytes]:
+def _envelope_steps(payload: bytes, info: StreamInfo, coding: tuple[envelope.Grid, np.ndarray], frames: int,
+                    where: str) -> tuple[np.ndarray, bytes]:
     """Split a segment payload (after its scales) into its envelope corrections [G * C, bands, tiles]
-    and the codes' payload."""
-    grid, table = _envelope_grid(tp.cast(dict, info.envelope), info.layout, info.hop_length, info.segment_frames)
+    and the codes' payload; `coding`: the header's (grid, table), `_envelope_grid`."""
+    grid, table = coding
     rows, tiles = info.groups * info.channels, -(-frames * info.hop_length // grid.tile)
     if rows * grid.bands * tiles > MAX_CORRECTIONS:
         raise CorruptStream(f"{where}: {rows * grid.bands * tiles} envelope corrections exceed the limit of "
@@ -528,6 +529,8 @@ def _segment_codes(reader: container.ContainerReader, info: StreamInfo, lm_box: 
     envelope corrections [G * C, bands, tiles] | None)."""
     G, K = info.groups, info.n_q
     batch: list[container.SegmentRecord] = []
+    coding = None if info.envelope is None else \
+        _envelope_grid(info.envelope, info.layout, info.hop_length, info.segment_frames)
 
     def decode(records: list[container.SegmentRecord]) -> list[Segment]:
         todo, scales, corrections = [], [], []
@@ -540,8 +543,8 @@ def _segment_codes(reader: container.ContainerReader, info: StreamInfo, lm_box: 
                 if not torch.isfinite(sc).all():
                     raise CorruptStream(f"{where}: invalid volume scale (file damaged)")
                 payload = payload[4 * G:]
-            if info.envelope is not None:
-                steps, payload = _envelope_steps(payload, info, r.frames, where)
+            if coding is not None:
+                steps, payload = _envelope_steps(payload, info, coding, r.frames, where)
             todo.append((r.flags, payload, (G, K, r.frames), where))
             scales.append(sc)
             corrections.append(steps)

@@ -11,8 +11,8 @@ frequency, and applies them to its own output's STFT (`apply`); the fine structu
 stay the codec's. Only the first `bands` bands are coded (8 kHz at 24 kHz); above them the gain
 falls to 0 dB within one band.
 
-The STFT is a square-root periodic Hann window of two hops, hop `hop`, analysis and synthesis, so
-with all gains 0 dB `apply` returns its input (to rounding). Shapes: audio [samples] float64;
+The STFT (`stft`) is a square-root periodic Hann window of two hops, hop `hop`, analysis and
+synthesis, so with all gains 0 dB `apply` returns its input (to rounding). Shapes: audio [samples] float64;
 steps [bands, tiles] int; for several channels (`Corrector`, `encode_steps`) [rows, bands, tiles].
 
 `encode_steps`/`decode_steps` range-code the corrections (constriction's queue coder,
@@ -25,7 +25,7 @@ the .ecdc format, docs/FORMAT.md §4.5).
 In an .ecdc file (`neucodec.ecdc`), each segment carries the corrections of its own tiles, and the
 decoder applies them as it streams (`Corrector`): within a segment the gains are interpolated
 between its tiles' centres and held from its first centre back to its start and from its last one
-on to its end, so segments stay independent. `apply` is the same for one segment, all at once.
+on to its end, so segments stay independent. `apply` is one segment, all at once.
 """
 from __future__ import annotations
 
@@ -111,17 +111,6 @@ def stft(x: np.ndarray, grid: Grid) -> np.ndarray:
     return np.fft.rfft(padded[idx] * _window(grid), axis=1).T
 
 
-def istft(spec: np.ndarray, grid: Grid, length: int) -> np.ndarray:
-    """Inverse of `stft` (overlap-add with the same window), trimmed to `length` samples."""
-    frames = np.fft.irfft(spec.T, grid.window, axis=1) * _window(grid)
-    out = np.zeros((spec.shape[1] + 1) * grid.hop)
-    for k in range(2):  # frames of even and odd index do not overlap among themselves
-        part = frames[k::2]
-        start = k * grid.hop
-        out[start: start + part.size] += part.ravel()[: len(out) - start]
-    return out[grid.hop: grid.hop + length]
-
-
 def levels(x: np.ndarray, grid: Grid) -> np.ndarray:
     """Mean power per tile in dB (white noise of RMS r: about 20 log10 r), [bands, tiles]."""
     power = np.abs(stft(x, grid)[: grid.bands * grid.bins, :-1]) ** 2 / np.sum(_window(grid) ** 2)
@@ -159,13 +148,13 @@ def gains_db(steps: np.ndarray, grid: Grid, frames: int) -> np.ndarray:
 
 
 def apply(decoded: np.ndarray, steps: np.ndarray, grid: Grid = Grid()) -> np.ndarray:
-    """`decoded` with the correction `steps` [bands, tiles] applied; the same length."""
+    """`decoded` with the correction `steps` [bands, tiles] applied, as one segment; the same length."""
     if steps.shape != (grid.bands, grid.tiles(len(decoded))):
         raise ValueError(f"a correction of shape {steps.shape} does not fit {len(decoded)} samples "
                          f"(expected {(grid.bands, grid.tiles(len(decoded)))})")
-    spec = stft(decoded, grid)
-    spec *= 10 ** (gains_db(steps, grid, spec.shape[1]) / 20)
-    return istft(spec, grid, len(decoded))
+    corrector = Corrector(grid, 1)
+    corrector.add(steps[None])
+    return np.concatenate([corrector.push(decoded[None]), corrector.finish()], axis=1)[0]
 
 
 class Corrector:
@@ -174,8 +163,7 @@ class Corrector:
     final; `finish` returns the rest. Rows (channels) are corrected independently; audio [rows, t].
 
     Each segment's gains are `gains_db` of its own tiles alone, and after the last segment the last
-    gain holds, so for one segment this is exactly `apply` (to rounding). Latency: one hop, and
-    whatever of the audio has no corrections yet.
+    gain holds. Latency: one hop, and whatever of the audio has no corrections yet.
     """
 
     def __init__(self, grid: Grid, rows: int) -> None:
