@@ -251,35 +251,36 @@ def transition_table(corrections: tp.Iterable[np.ndarray], span: int) -> np.ndar
 
 def encode_steps(steps: np.ndarray, table: np.ndarray) -> bytes:
     """Corrections [rows, bands, tiles] -> range-coded bytes (little-endian 32-bit words): tile by
-    tile, band by band from the lowest, the values of all rows in one call, each with the
-    probabilities of its context (`contexts`)."""
+    tile, band by band from the lowest, row by row, each value with the probabilities of its context
+    (`contexts`); all known here, so they go to the coder in one call."""
     span = _check_table(table)
     if steps.size and np.abs(steps).max() > span:
         raise ValueError(f"corrections beyond +-{span} steps cannot be coded with this table")
     symbols = steps.astype(np.int32) + span
     before, below = contexts(symbols, span)
-    coder, family = constriction.stream.queue.RangeEncoder(), constriction.stream.model.Categorical(perfect=False)
-    for t in range(steps.shape[2]):
-        for b in range(steps.shape[1]):
-            coder.encode(np.ascontiguousarray(symbols[:, b, t]), family,
-                         np.ascontiguousarray(table[before[:, b, t], below[:, b, t]]))
+    order = [np.ascontiguousarray(a.transpose(2, 1, 0)).ravel() for a in (symbols, before, below)]
+    coder = constriction.stream.queue.RangeEncoder()
+    coder.encode(order[0], constriction.stream.model.Categorical(perfect=False),
+                 np.ascontiguousarray(table[order[1], order[2]]))
     return coder.get_compressed().astype("<u4").tobytes()
 
 
 def decode_steps(payload: bytes, table: np.ndarray, rows: int, bands: int, tiles: int) -> np.ndarray:
-    """Inverse of `encode_steps`: [rows, bands, tiles] int8."""
+    """Inverse of `encode_steps`: [rows, bands, tiles] int8. A value's context is only known once the
+    values before it are decoded: one at a time, each with its context's model, built once."""
     span = _check_table(table)
     if len(payload) % 4:
         raise ValueError(f"an envelope payload of {len(payload)} bytes is not whole 32-bit words")
     coder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4").astype(np.uint32))
-    family = constriction.stream.model.Categorical(perfect=False)
-    symbols = np.full((rows, bands, tiles), span, np.int32)
+    models = [[constriction.stream.model.Categorical(p, perfect=False) for p in plane] for plane in table]
+    symbols = np.full((tiles, bands, rows), span, np.int32)
+    before = [[span] * rows for _ in range(bands)]  # each band's values at the tile before, per row
     for t in range(tiles):
+        below = [span] * rows
         for b in range(bands):
-            before = symbols[:, b, t - 1] if t else symbols[:, b, t]  # span (0) before the first tile
-            below = symbols[:, b - 1, t] if b else symbols[:, b, t]  # and below the first band
-            symbols[:, b, t] = coder.decode(family, np.ascontiguousarray(table[before, below]))
-    return (symbols - span).astype(np.int8)
+            before[b] = below = [coder.decode(models[a][c]) for a, c in zip(before[b], below)]
+        symbols[t] = before
+    return (symbols.transpose(2, 1, 0) - span).astype(np.int8)
 
 
 def _check_table(table: np.ndarray) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 
+import constriction
 import numpy as np
 import pytest
 import torch
@@ -107,6 +108,21 @@ def test_corrections_round_trip_through_the_range_coder_and_likely_ones_cost_les
     wild = np.random.default_rng(9).integers(-GRID.max_steps, GRID.max_steps + 1, steps.shape).astype(np.int8)
     assert np.array_equal(envelope.decode_steps(envelope.encode_steps(wild, table), table, *wild.shape), wild)
     assert len(envelope.encode_steps(wild, table)) > 2 * len(payload)  # steady corrections are cheap
+
+
+def test_the_coded_order_is_tile_band_row_with_each_values_context() -> None:
+    """The bitstream (FORMAT.md 4.5), against a coder that takes the values one at a time."""
+    table = _table(GRID.max_steps, 2)
+    steps = np.random.default_rng(3).integers(-3, 4, (2, 5, 7)).astype(np.int8)
+    span, (rows, bands, tiles) = GRID.max_steps, steps.shape
+    padded = np.pad(steps.astype(np.int64) + span, [(0, 0), (1, 0), (1, 0)], constant_values=span)
+    coder, family = constriction.stream.queue.RangeEncoder(), constriction.stream.model.Categorical(perfect=False)
+    for t in range(tiles):
+        for b in range(bands):
+            for r in range(rows):
+                before, below = padded[r, b + 1, t], padded[r, b, t + 1]
+                coder.encode(padded[r, b + 1, t + 1:t + 2].astype(np.int32), family, table[before, below][None].copy())
+    assert envelope.encode_steps(steps, table) == coder.get_compressed().astype("<u4").tobytes()
 
 
 def test_the_coder_refuses_what_it_cannot_code() -> None:
