@@ -274,8 +274,9 @@ def lineage(tensors: dict[str, torch.Tensor], codec_config: cfg.CodecConfig, lm_
             parents: tp.Sequence[Weights]) -> dict[str, list[str]]:
     """Fingerprints of earlier weights whose files the package of `tensors` decodes.
 
-    For the codec: a parent with the same configuration whose encoder and codebooks are these bit
-    for bit (a decoder-only fine-tuning gives the same codes), with the parent's own list. For the
+    For the codec: a parent with the same configuration (bar the bandwidths offered) whose encoder
+    and codebooks are these bit for bit (a decoder-only fine-tuning gives the same codes), with the
+    parent's own list. For the
     LM: a parent whose LM is this one bit for bit, with its list. Decided by comparing the stored
     tensors, never by how the weights were made."""
     out: dict[str, list[str]] = {}
@@ -288,7 +289,8 @@ def lineage(tensors: dict[str, torch.Tensor], codec_config: cfg.CodecConfig, lm_
     code_keys = [k for k in tensors if k.startswith(_CODE_PARTS)]
     lm_keys = [k for k in tensors if k.startswith("lm.")]
     for parent in parents:
-        if parent.codec_config == codec_config and same("codec.", parent.state, code_keys):
+        offered = dataclasses.replace(parent.codec_config, bandwidths=codec_config.bandwidths)  # not what codes mean
+        if offered == codec_config and same("codec.", parent.state, code_keys):
             out.setdefault("codec", []).extend([parent.fingerprint, *parent.compatible.get("codec", [])])
         if lm_config is not None and parent.lm_config == lm_config and parent.lm_state is not None \
                 and len(parent.lm_state) == len(lm_keys) and same("lm.", parent.lm_state, lm_keys):

@@ -1,8 +1,10 @@
 """Streaming writer/reader: round trips, pipes, models named in the header, corruption -> one-line errors."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -136,11 +138,11 @@ def test_a_new_decoder_reads_the_files_of_the_weights_it_was_trained_from(tmp_pa
 
     raw, lm = tiny_codec24(prepared=False), skewed_lm()
 
-    def release(folder: str, *parents: Path) -> Path:
-        return save_release(tmp_path / folder / "bs_tiny.json", "bs_tiny", raw, raw.config, lm, lm.cfg,
+    def release(folder: str, *parents: Path, config: tp.Any = raw.config) -> Path:
+        return save_release(tmp_path / folder / "bs_tiny.json", "bs_tiny", raw, config, lm, lm.cfg,
                             dtype=torch.float32, parents=[load_weights(p) for p in parents])
 
-    a = release("a")
+    a = release("a", config=dataclasses.replace(raw.config, bandwidths=(1.5, 3.0, 4.5, 6.0)))  # offers one more
     data = lm_coded_file(load_codec(a), load_lm(a))
     with torch.no_grad():
         next(raw.decoder.parameters()).add_(0.01)
