@@ -276,9 +276,8 @@ def lineage(tensors: dict[str, torch.Tensor], codec_config: cfg.CodecConfig, lm_
 
     For the codec: a parent with the same configuration (bar the bandwidths offered) whose encoder
     and codebooks are these bit for bit (a decoder-only fine-tuning gives the same codes), with the
-    parent's own list. For the
-    LM: a parent whose LM is this one bit for bit, with its list. Decided by comparing the stored
-    tensors, never by how the weights were made."""
+    parent's own list. For the LM: a parent whose LM is this one bit for bit, with its list. Decided
+    by comparing the stored tensors, never by how the weights were made."""
     out: dict[str, list[str]] = {}
 
     def same(prefix: str, state: dict[str, torch.Tensor] | None, keys: list[str]) -> bool:
