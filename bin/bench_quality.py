@@ -23,6 +23,7 @@ column is the .ecdc size with LM entropy coding, "n/a" when the model ships no L
 
     python bin/bench_quality.py --model ~/.cache/neucodec-train/release/neucodec_24khz.json
     python bin/bench_quality.py --limit 1 --bandwidths 6        # quick check
+    python bin/bench_quality.py --envelope-table e3 --out /tmp/q.md --plots '/tmp/q_*.png'   # another table
 
 Needs the `eval` extra (pesq, pystoi, visqol-python[all], matplotlib) and opus-tools, codec2, sox.
 """
@@ -242,7 +243,8 @@ NEUCODEC = "neucodec"  # as `neucodec encode` writes it: with the envelope corre
 PLAIN = "neucodec, no envelope"
 
 
-def neucodec_system(codec: tp.Any, lm: tp.Any, bandwidth: float, envelope: bool, name: str) -> System:
+def neucodec_system(codec: tp.Any, lm: tp.Any, bandwidth: float, envelope: str | bool, name: str) -> System:
+    """neucodec at `bandwidth`; `envelope`: the correction's table, or False for none."""
     from neucodec import ecdc
 
     def run(path: Path, wav: np.ndarray) -> Coded:
@@ -258,17 +260,18 @@ def neucodec_system(codec: tp.Any, lm: tp.Any, bandwidth: float, envelope: bool,
     return System(name, bandwidth, run)
 
 
-def speed(codec: tp.Any, lm: tp.Any, clips: list[tuple[str, Path]], envelope: bool, bandwidth: float = 6.0,
+def speed(codec: tp.Any, lm: tp.Any, clips: list[tuple[str, Path]], envelope: str | bool, bandwidth: float = 6.0,
           seconds: float = 60.0, rounds: int = 2) -> dict[str, float]:
     """Real-time factors (audio s per compute s, best of `rounds`) of `encode_bytes` and
     `decode_bytes` at `bandwidth` on `seconds` of the dev clips joined: as `neucodec encode` codes
-    (`envelope`: with the correction), without the correction ("plain_"), and with the LM ("lm_")."""
+    (`envelope`: with the correction on that table), without the correction ("plain_"), and with the
+    LM ("lm_")."""
     from neucodec import ecdc
 
     audio = np.concatenate([_read24(path) for _, path in clips])
     x = torch.from_numpy(np.resize(audio, int(seconds * SAMPLE_RATE))).view(1, 1, -1)
     out: dict[str, float] = {}
-    variants = [("", None, envelope)] + [("plain_", None, False)] * envelope + [("lm_", lm, envelope)] * (lm is not None)
+    variants = [("", None, envelope)] + [("plain_", None, False)] * bool(envelope) + [("lm_", lm, envelope)] * (lm is not None)
     for tag, model_lm, correct in variants:
         best_enc = best_dec = float("inf")
         for _ in range(rounds):
@@ -500,6 +503,7 @@ def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list
         f"* **Training behind the weights:** {train.get('steps', '?')} steps, {train.get('train_hours', '?')} h "
         f"({how_trained})",
         f"* **Entropy-coding LM:** {model['lm'] or 'none in this package (LM bitrates n/a)'}",
+        f"* **Envelope correction:** {_envelope_line(model['envelope'])}",
         *_blank_warning(model["blank_codebooks"], model["n_q"]),
         f"* **Clips:** {counts} × 10 s, 24 kHz mono, from `{_home(str(args.clips))}` (held out from training).",
         f"* **Speed** ({args.threads} thread(s), 60 s of the clips joined, 6 kbps, best of 2; "
@@ -563,6 +567,14 @@ def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list
     return "\n".join(parts)
 
 
+def _envelope_line(settings: dict[str, tp.Any] | None) -> str:
+    if not settings:
+        return "none (the model takes none)"
+    tile_hz, tile_ms = settings["bins"] * 50, settings["hops"] * 10  # STFT bins of 50 Hz, hops of 10 ms
+    return (f"table `{settings['table']}`, {settings['bands']} bands of {tile_hz} Hz × {tile_ms} ms tiles, "
+            f"{settings['step_db']:g} dB steps (rows *neucodec*)")
+
+
 def _blank_warning(blank: list[int], n_q: int) -> list[str]:
     """A warning line when codebooks are all zero (weights exported before the RVQ was switched on)."""
     if not blank:
@@ -597,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write per-clip results here")
     p.add_argument("--limit", type=int, default=None, help="at most N clips per category")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--envelope-table", default=None, metavar="NAME",
+                   help="the envelope correction's table, as `neucodec encode --envelope-table` [default: the model's]")
     args = p.parse_args(argv)
     if "*" not in args.plots:
         p.error("--plots needs a '*' (replaced by the metric name)")
@@ -612,7 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     from neucodec import ecdc
 
-    envelope = ecdc.use_envelope(codec, None) is not None  # as `neucodec encode` decides
+    settings = ecdc.use_envelope(codec, args.envelope_table)  # as `neucodec encode` decides
+    envelope: str | bool = settings["table"] if settings else False
+    model["envelope"] = settings
     rtf = speed(codec, lm, clips, envelope)
     print("speed (x real time): " + ", ".join(f"{k} {v:.1f}" for k, v in rtf.items()), flush=True)
     metrics = Metrics()

@@ -129,18 +129,24 @@ def cli() -> None:
 @click.argument("dst", metavar="OUT", type=click.Path(allow_dash=True, path_type=str),
                 callback=_given)
 @click.option("-b", "--bandwidth", type=float, default=None, metavar="KBPS",
-              help="Target bitrate per coded stream, one of the model's bandwidths [default: 6 if offered].")
+              help="Bandwidth of the codes per coded stream, one of the model's bandwidths (the envelope "
+                   "correction comes on top) [default: the model's: 3 for the default model, else 6 if offered].")
 @click.option("--lm/--no-lm", "use_lm", default=False, show_default=True,
               help="Entropy-code with the model's language model: ~25-40% smaller, slower.")
 @click.option("--envelope/--no-envelope", default=None,
               help="Store a correction of the decoded audio's spectral envelope: about 1.5 kbps more, much "
                    "clearer sound; the encoder runs the decoder too [default: on if the model's package opts "
                    "in, as the default model does].")
+@click.option("--envelope-table", metavar="NAME", default=None,
+              help="Code the envelope correction on this table's tiles (implies --envelope): e1 400 Hz x 40 ms "
+                   "(~0.8 kbps), e2 200 Hz x 40 ms (~1.5 kbps), e3 100 Hz x 40 ms (~3.3 kbps, clearer still) "
+                   "[default: the model's].")
 @_model_options
 @_verbosity
 @_guarded
-def encode(src: str, dst: str, bandwidth: float | None, use_lm: bool, envelope: bool | None, model: str | None,
-           device: str, force: bool, jobs: int | None, quiet: bool, verbose: bool) -> int:
+def encode(src: str, dst: str, bandwidth: float | None, use_lm: bool, envelope: bool | None,
+           envelope_table: str | None, model: str | None, device: str, force: bool, jobs: int | None, quiet: bool,
+           verbose: bool) -> int:
     """Compress audio IN (file, folder or - for stdin) into OUT (.ecdc file, folder or - for stdout).
 
     Reads WAV, FLAC, OGG/Opus and MP3 at any sample rate and channel count: audio is resampled for the
@@ -148,6 +154,10 @@ def encode(src: str, dst: str, bandwidth: float | None, use_lm: bool, envelope: 
     """
     from . import pipeline
 
+    if envelope_table is not None:
+        if envelope is False:
+            raise click.UsageError("--no-envelope and --envelope-table contradict each other; drop one")
+        envelope = envelope_table  # type: ignore[assignment]
     options = dict(model=model, bandwidth=bandwidth, use_lm=use_lm, envelope=envelope, device=device)
     if _is_folder(src):
         return _folder("encode", Path(src), Path(dst), options, force, jobs, quiet, verbose)
@@ -331,9 +341,10 @@ def models(as_json: bool, verbose: bool) -> int:
     for r in rows:
         mark = " (default)" if r["name"] == DEFAULT_MODEL else ""
         bws = ", ".join(f"{b:g}" for b in r["bandwidths"])
+        default = f" (default {r['default_bandwidth']:g})" if r.get("default_bandwidth") else ""
         envelope = f"; envelope correction ({r['envelope']}) by default" if r.get("envelope") else ""
         click.echo(f"{r['name']}{mark}: {r['sample_rate'] // 1000} kHz, {r['channels']} ch, "
-                   f"{'streaming' if r['causal'] else 'segmented'}; bandwidths {bws} kbps{envelope}")
+                   f"{'streaming' if r['causal'] else 'segmented'}; bandwidths {bws} kbps{default}{envelope}")
         click.echo(f"    weights: {r['weights'] or 'not downloaded (run: neucodec download ' + r['name'] + ')'}")
         if r.get("lm") is not None:
             click.echo(f"    LM: {r['lm'] or 'not downloaded (run: neucodec download ' + r['name'] + ')'}")
@@ -343,7 +354,7 @@ def models(as_json: bool, verbose: bool) -> int:
 
 def model_table() -> list[dict[str, tp.Any]]:
     """One row per known model: name, sample rate, channels, causal, bandwidths, weights path or None,
-    envelope-correction table its package opts in to or None."""
+    envelope-correction table its package opts in to or None, its package's default bandwidth or None."""
     from . import config as cfg
     from . import weights as w
 
@@ -351,7 +362,7 @@ def model_table() -> list[dict[str, tp.Any]]:
     for name in w.known_names():
         lm_path: str | None = None
         has_lm = False
-        envelope = None
+        envelope = default_bandwidth = None
         try:
             path = w.resolve(name, allow_download=False)
         except NeucodecError:
@@ -370,11 +381,11 @@ def model_table() -> list[dict[str, tp.Any]]:
             config = cfg.codec_from_dict(meta["codec"])
             has_lm = bool(meta.get("lm"))
             lm_path = str(path) if has_lm else None
-            envelope = meta.get("envelope")
+            envelope, default_bandwidth = meta.get("envelope"), meta.get("default_bandwidth")
         rows.append(dict(name=name, sample_rate=config.sample_rate, channels=config.channels,
                          causal=config.seanet.causal, bandwidths=list(config.bandwidths),
                          weights=str(path) if path else None, lm=lm_path if has_lm else None,
-                         envelope=envelope))
+                         envelope=envelope, default_bandwidth=default_bandwidth))
     return rows
 
 

@@ -217,7 +217,7 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
                   lm: LanguageModel | None, source_sample_rate: int, source_channels: int,
                   segment_seconds: float = 10.0, progress: tp.Callable[[int], None] | None = None,
                   segments_coder: tp.Any = None, source_length: tp.Callable[[], int] | None = None,
-                  correct_envelope: bool | None = False) -> StreamInfo:
+                  correct_envelope: bool | str | None = False) -> StreamInfo:
     """Encode audio chunks into an .ecdc stream written to `fo` (which need not seek).
 
     Args:
@@ -236,8 +236,8 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
             stored so that decoding restores its exact length after resampling. Not needed when the
             source rate is the codec's.
         correct_envelope: also store each segment's envelope correction (`envelope_settings`; format
-            version 2): about 1 kbps more, and the encoder runs the decoder too. None: if the
-            codec's package opts in (`use_envelope`).
+            version 2): about 1.5 kbps more with table e2, and the encoder runs the decoder too.
+            None: if the codec's package opts in (`use_envelope`); a table name: with that table.
     Returns:
         the `StreamInfo` of the written stream (length, segments and bytes filled in).
     """
@@ -395,14 +395,16 @@ def _resolve_lm(lm: LanguageModel | None, info: StreamInfo) -> LanguageModel:
 
 
 # ---------------------------------------------------------------- envelope settings
-def envelope_settings(codec: Codec) -> dict[str, tp.Any] | None:
-    """The envelope correction a causal codec's files can get: the table its package names
-    (`load_codec`'s `.envelope_table`), else "e1", on the grid that table was fitted on
+def envelope_settings(codec: Codec, table: str | None = None) -> dict[str, tp.Any] | None:
+    """The envelope correction a causal codec's files can get: with `table`, else the table its
+    package names (`load_codec`'s `.envelope_table`), else "e1", on the grid that table was fitted on
     (`envelope.table_grid`; "e1": 400 Hz x 40 ms tiles to 8 kHz) with a hop of 10 ms at the codec's
     rate; None where tiles are not whole code frames or the codec is segmented."""
+    if table is not None and table not in envelope.table_names():
+        raise UnsupportedAudio(f"no envelope table {table[:20]!r}; choose one of {', '.join(envelope.table_names())}")
     if codec.config.segment_length is not None or codec.sample_rate % 100:
         return None
-    name = getattr(codec, "envelope_table", None) or "e1"
+    name = table or getattr(codec, "envelope_table", None) or "e1"
     if name not in envelope.table_names():
         raise UnsupportedFormatVersion(f"{codec.config.name} asks for the envelope table {name[:20]!r}, which this "
                                        "neucodec does not have; upgrade neucodec")
@@ -413,13 +415,14 @@ def envelope_settings(codec: Codec) -> dict[str, tp.Any] | None:
             "step_db": grid.step_db}
 
 
-def use_envelope(codec: Codec, wanted: bool | None) -> dict[str, tp.Any] | None:
+def use_envelope(codec: Codec, wanted: bool | str | None) -> dict[str, tp.Any] | None:
     """The envelope settings to encode with: None if not `wanted`, or if `wanted` is None and the
     codec's package does not opt in to the correction (`.envelope_table`: it is measured per model;
-    neucodec's default model opts in); UnsupportedAudio if it is wanted and the codec cannot take it."""
+    neucodec's default model opts in); a table name: with that table (`envelope.table_names`);
+    UnsupportedAudio if it is wanted and the codec cannot take it."""
     if wanted is None and getattr(codec, "envelope_table", None) is None:
         return None
-    settings = None if wanted is False else envelope_settings(codec)
+    settings = None if wanted is False else envelope_settings(codec, wanted if isinstance(wanted, str) else None)
     if wanted and settings is None:
         raise UnsupportedAudio(f"{codec.config.name} cannot take an envelope correction (it needs a causal model "
                                "whose code frames tile 40 ms); encode with --no-envelope")

@@ -29,8 +29,9 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
     Returns a `Codec` in inference mode (eval, weight norm folded) on `device`, with `.model_id`
     and `.fingerprint` identifying its weights, and `.compatible`, the fingerprints of earlier weights
     whose files it also decodes (`weights.lineage`), `.earlier`, the releases of earlier default
-    models by fingerprint (for the advice when a file is not readable), and `.envelope_table`, the
-    envelope correction its package opts in to (or None). None loads the packaged default model.
+    models by fingerprint (for the advice when a file is not readable), `.envelope_table`, the
+    envelope correction its package opts in to (or None), and `.default_bandwidth`, the bandwidth its
+    package asks for when none is given (or None). None loads the packaged default model.
     """
     weights = _load(name_or_path)
     if weights.codec_config is None:
@@ -43,6 +44,7 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
     codec.compatible = frozenset(weights.compatible.get("codec", ()))  # type: ignore[assignment]
     codec.earlier = weights.earlier  # type: ignore[assignment]
     codec.envelope_table = weights.envelope  # type: ignore[assignment]
+    codec.default_bandwidth = weights.default_bandwidth  # type: ignore[assignment]
     return codec
 
 

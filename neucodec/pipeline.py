@@ -162,15 +162,17 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
                 use_lm: bool = False, device: str | torch.device = "auto", force: bool = False,
                 progress: bool = False, notify: Notify | None = None, codec: Codec | None = None,
                 lm: LanguageModel | None = None, segment_seconds: float | None = None,
-                segments_coder: tp.Any = None, envelope: bool | None = None) -> FileResult:
+                segments_coder: tp.Any = None, envelope: bool | str | None = None) -> FileResult:
     """Compress an audio file (or `-` for stdin) into an .ecdc file (or `-` for stdout).
 
     Args:
         model: model name or weights path; None is the default model. Ignored when `codec` is given.
-        bandwidth: kbps, one of the model's bandwidths; None uses `default_bandwidth` (6 kbps where offered).
+        bandwidth: kbps, one of the model's bandwidths; None uses `default_bandwidth` (the package's,
+            else 6 kbps where offered).
         use_lm: entropy-code with the model's LM (smaller, slower; runs on the CPU).
-        envelope: store the envelope correction (`ecdc.use_envelope`: under 1 kbps, clearer audio);
-            None: if the model's package opts in (the default model does).
+        envelope: store the envelope correction (`ecdc.use_envelope`: about 1.5 kbps with table e2,
+            far clearer audio); None: if the model's package opts in (the default model does); a
+            table name (e1, e2, e3): with that table's tiles.
         force: replace an existing `dst`.
         progress: show a bar for long files on stderr.
         notify: called with one-line notes (resampling, per-channel bitrate).
@@ -223,9 +225,10 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
 
 
 def default_bandwidth(codec: Codec) -> float:
-    """The bandwidth used when none is given: 6 kbps where offered, else the lowest."""
+    """The bandwidth used when none is given: the package's (`load_codec`'s `.default_bandwidth`),
+    else 6 kbps where offered, else the lowest."""
     bws = codec.config.bandwidths
-    return 6.0 if 6.0 in bws else min(bws)
+    return getattr(codec, "default_bandwidth", None) or (6.0 if 6.0 in bws else min(bws))
 
 
 def _encode_notes(reader: audio_io.AudioReader, codec: Codec, bandwidth: float) -> list[str]:

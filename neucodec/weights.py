@@ -60,6 +60,8 @@ class Weights:
     #: the envelope-correction table (`neucodec.envelope.table_names`) its files get by default, or None:
     #: a package opts in (package key `envelope`), since the correction is measured per model
     envelope: str | None = None
+    #: the bandwidth its files get when none is asked for (package key `default_bandwidth`), or None
+    default_bandwidth: float | None = None
 
 
 def cache_dir() -> Path:
@@ -226,18 +228,26 @@ def _load_release(path: Path) -> Weights:
     envelope = meta.get("envelope")
     if envelope is not None and not isinstance(envelope, str):
         raise WeightsUnavailable(f"{path}: 'envelope' must name an envelope table, such as \"e1\"")
-    return Weights(meta["name"], codec_state, digest[:16], path, cfg.codec_from_dict(meta["codec"]),
-                   lm_config, lm_state or None, meta.get("training", {}), compatible, earlier, envelope)
+    codec_config = cfg.codec_from_dict(meta["codec"])
+    bandwidth = meta.get("default_bandwidth")
+    if bandwidth is not None and (isinstance(bandwidth, bool) or bandwidth not in codec_config.bandwidths):
+        raise WeightsUnavailable(f"{path}: 'default_bandwidth' must be one of the codec's bandwidths "
+                                 f"{list(codec_config.bandwidths)}")
+    return Weights(meta["name"], codec_state, digest[:16], path, codec_config, lm_config, lm_state or None,
+                   meta.get("training", {}), compatible, earlier, envelope,
+                   None if bandwidth is None else float(bandwidth))
 
 
 def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.CodecConfig,
                  lm: nn.Module | None = None, lm_config: cfg.LMConfig | None = None,
                  training: dict[str, tp.Any] | None = None, dtype: torch.dtype = torch.float16,
-                 parents: tp.Sequence[Weights] = (), envelope: str | None = None) -> Path:
+                 parents: tp.Sequence[Weights] = (), envelope: str | None = None,
+                 default_bandwidth: float | None = None) -> Path:
     """Write `name.safetensors` + `name.json` (atomically) that `load_codec` reads.
 
     `parents`: the weights these were trained from; the package lists those whose files it still
-    decodes (`lineage`). `envelope`: the envelope-correction table its files get by default."""
+    decodes (`lineage`). `envelope`: the envelope-correction table its files get by default;
+    `default_bandwidth`: the bandwidth they get when none is asked for."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -256,6 +266,8 @@ def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.Code
         meta["compatible"] = compatible
     if envelope is not None:
         meta["envelope"] = envelope
+    if default_bandwidth is not None:
+        meta["default_bandwidth"] = default_bandwidth
     tmp_t = folder / f".{stem}.safetensors.tmp"
     save_file(tensors, str(tmp_t))
     tmp_j = folder / f".{stem}.json.tmp"

@@ -116,7 +116,10 @@ def test_models_lists_official_and_cache(tmp_path: Path) -> None:
     code, text = run("models", "--json")
     rows = {r["name"]: r for r in json.loads(text)}
     assert set(rows) >= {"encodec_24khz", "encodec_48khz", "neucodec_24khz"}
-    assert rows["neucodec_24khz"]["envelope"] == "e2" and rows["encodec_24khz"]["envelope"] is None
+    assert rows["neucodec_24khz"]["envelope"] == "e3" and rows["encodec_24khz"]["envelope"] is None
+    assert rows["neucodec_24khz"]["default_bandwidth"] == 3.0 and rows["encodec_24khz"]["default_bandwidth"] is None
+    assert "neucodec_24khz (default): 24 kHz, 1 ch, streaming; bandwidths 1.5, 3, 4.5, 6, 12, 24 kbps (default 3); " \
+        "envelope correction (e3) by default" in run("models")[1]
     code, text = run("download", "encodec_24khz")  # offline in tests
     assert code == 1 and "neucodec: error" in text
 
@@ -196,6 +199,13 @@ def test_envelope_correction_on_by_default_where_the_model_takes_it(recordings: 
         assert code == 0 and f"format version  {version}" in text and f"envelope        {envelope}" in text, text
         code, text = run("decode", out, tmp_path / f"{flag}.wav", "-m", tiny_model, "-q")
         assert code == 0 and sf.info(str(tmp_path / f"{flag}.wav")).frames == sf.info(str(src)).frames
+    code, text = run("encode", src, tmp_path / "t.ecdc", "-m", tiny_model, "--envelope-table", "e2", "-q")
+    assert code == 0 and "envelope        corrected (e2 table, 40 bands of 4 bins" in run("info", tmp_path / "t.ecdc")[1]
+    code, text = run("encode", src, tmp_path / "u.ecdc", "-m", tiny_model, "--envelope-table", "e9")
+    assert code == 1 and "no envelope table 'e9'; choose one of e1, e2" in text and len(text.strip().splitlines()) == 1
+    code, text = run("encode", src, tmp_path / "v.ecdc", "-m", tiny_model, "--no-envelope", "--envelope-table", "e2")
+    assert code == 2 and "contradict" in text
+    assert not (tmp_path / "u.ecdc").exists() and not (tmp_path / "v.ecdc").exists()
     code, text = run("encode", src, tmp_path / "x.ecdc", "-m", tiny_stereo_model, "--envelope")
     assert code == 1 and "cannot take an envelope correction" in text and len(text.strip().splitlines()) == 1
     assert not (tmp_path / "x.ecdc").exists()

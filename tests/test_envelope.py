@@ -182,7 +182,8 @@ def test_segments_are_corrected_each_with_its_own_tiles() -> None:
 
 
 @pytest.mark.parametrize("name, bins, bands, digest", [("e1", 8, 20, "b789438815a9d235"),
-                                                       ("e2", 4, 40, "270f7fa8b70db662")])
+                                                       ("e2", 4, 40, "270f7fa8b70db662"),
+                                                       ("e3", 2, 80, "ee327fa805e68950")])
 def test_the_tables_are_fixed_by_the_format(name: str, bins: int, bands: int, digest: str) -> None:
     t = envelope.table(name)  # FORMAT.md §4.5: never change one
     assert t.dtype == np.float32 and t.shape == (15, 15, 15) and (t > 0).all()

@@ -1,7 +1,10 @@
 """pipeline: file round trips for every input kind, channel/rate restoration, safe writes, devices."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import typing as tp
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import soundfile as sf
 import torch
 
 from neucodec import audio_io, decode_file, encode_file, pipeline
-from neucodec.errors import DeviceUnavailable, NeucodecError, OutputError, UnsupportedAudio
+from neucodec.errors import DeviceUnavailable, NeucodecError, OutputError, UnsupportedAudio, WeightsUnavailable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,6 +67,25 @@ def test_per_channel_bitrate_note(recordings: dict[str, Path], tiny_model: Path,
     notes: list[str] = []
     encode_file(recordings["flac_stereo"], tmp_path / "a.ecdc", model=tiny_model, notify=notes.append)
     assert any("2 mono streams" in n and "12 kbps in total" in n for n in notes)
+
+
+def test_a_package_names_the_bandwidth_used_when_none_is_asked_for(recordings: dict[str, Path], tiny_model: Path,
+                                                                    tmp_path: Path) -> None:
+    meta = json.loads(tiny_model.read_text())
+
+    def package(value: tp.Any) -> Path:
+        path = tmp_path / f"{value!r}" / tiny_model.name
+        path.parent.mkdir()
+        shutil.copy(tiny_model.with_suffix(".safetensors"), path.with_suffix(".safetensors"))
+        path.write_text(json.dumps({**meta, "default_bandwidth": value}))
+        return path
+
+    for value, kbps in ((3.0, 3.0), (None, 6.0)):  # without the key: 6 kbps, where offered
+        assert encode_file(recordings["wav_mono"], tmp_path / f"{value}.ecdc", model=package(value)).info.bandwidth == kbps
+    for bad in (4.5, True, "3"):  # not one of the codec's bandwidths (1.5, 3, 6)
+        with pytest.raises(WeightsUnavailable, match="'default_bandwidth' must be one of the codec's bandwidths"):
+            encode_file(recordings["wav_mono"], tmp_path / "bad.ecdc", model=package(bad))
+    assert not (tmp_path / "bad.ecdc").exists()
 
 
 def test_overwrite_rules_and_same_file(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
