@@ -246,11 +246,15 @@ def test_envelope_damage_and_unknown_tables_are_reported() -> None:
 
 
 def test_the_default_model_opts_in_and_others_only_when_asked() -> None:
-    assert load_codec().envelope_table == "e2"  # package key "envelope": what `neucodec encode` does by default
-    assert ecdc.use_envelope(load_codec(), None) == {"table": "e2", "hop": 240, "bins": 4, "hops": 4, "bands": 40,
+    assert load_codec().envelope_table == "e3"  # package key "envelope": what `neucodec encode` does by default
+    assert ecdc.use_envelope(load_codec(), None) == {"table": "e3", "hop": 240, "bins": 2, "hops": 4, "bands": 80,
                                                      "step_db": 6.0}
+    assert ecdc.use_envelope(load_codec(), "e2")["table"] == "e2"  # any table, asked for by name
     codec = tiny_codec24()  # no package: it could take a correction, but gets one only when asked
-    assert ecdc.use_envelope(codec, None) is None and ecdc.use_envelope(codec, True) is not None
+    assert ecdc.use_envelope(codec, None) is None and ecdc.use_envelope(codec, True)["table"] == "e1"
+    assert ecdc.use_envelope(codec, "e3")["bands"] == 80 and ecdc.use_envelope(codec, False) is None
+    with pytest.raises(UnsupportedAudio, match="no envelope table 'e0'; choose one of e1, e2, e3"):
+        ecdc.use_envelope(codec, "e0")
 
 
 def test_a_segmented_model_takes_no_correction() -> None:
