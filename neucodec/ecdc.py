@@ -30,7 +30,7 @@ from .model import Codec, overlap_add
 Tensor = torch.Tensor
 
 LM_BATCH = 8  # segments coded/decoded together in one batched LM run
-MAX_CORRECTIONS = 1 << 20  # envelope corrections per segment (10 s of stereo with table e2: 20,000)
+MAX_CORRECTIONS = 1 << 20  # envelope corrections per segment (10 s of stereo with table e3: 40,000)
 _V0_CHUNK_FRAMES = 800  # 800 * K * 10 bits is always whole bytes
 
 
