@@ -240,7 +240,7 @@ def _encode_notes(reader: audio_io.AudioReader, codec: Codec, bandwidth: float) 
     if groups > 1:
         unit = "mono" if codec.channels == 1 else f"{codec.channels}-channel"
         notes.append(f"{reader.name}: {reader.channels} channels coded as {groups} {unit} streams: "
-                     f"{bandwidth:g} kbps each, {groups * bandwidth:g} kbps in total")
+                     f"{bandwidth:g} kbps of codes each, {groups * bandwidth:g} kbps of codes in total")
     elif reader.channels < codec.channels:
         notes.append(f"{reader.name}: mono input duplicated to {codec.channels} channels for the model "
                      "(decoding restores mono)")

@@ -49,7 +49,7 @@ def test_encode_info_decode_round_trip(recordings: dict[str, Path], tiny_model: 
     out = tmp_path / "s.ecdc"
     code, text = run("encode", recordings["flac_stereo"], out, "-m", tiny_model, "-b", "3")
     assert code == 0, text
-    assert "2 mono streams" in text and "6 kbps in total" in text
+    assert "2 mono streams" in text and "6 kbps of codes in total" in text
     code, text = run("info", out)
     assert code == 0 and "tiny_24khz" in text and "44100 Hz, 2 channel" in text
     code, text = run("info", out, "--json")

@@ -66,7 +66,7 @@ def test_stereo_model_on_mono_and_lm(recordings: dict[str, Path], tiny_stereo_mo
 def test_per_channel_bitrate_note(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
     notes: list[str] = []
     encode_file(recordings["flac_stereo"], tmp_path / "a.ecdc", model=tiny_model, notify=notes.append)
-    assert any("2 mono streams" in n and "12 kbps in total" in n for n in notes)
+    assert any("2 mono streams" in n and "12 kbps of codes in total" in n for n in notes)
 
 
 def test_a_package_names_the_bandwidth_used_when_none_is_asked_for(recordings: dict[str, Path], tiny_model: Path,
