@@ -72,8 +72,8 @@ def main() -> None:
     p.add_argument("--table", default=None, help="code the corrections with this table of the format")
     args = p.parse_args()
     args.bands = args.bands or 160 // args.bins  # 160 bins of 50 Hz: 8 kHz
-    default_grid = (args.bins, args.hops, args.bands) == (envelope.Grid.bins, envelope.Grid.hops, envelope.Grid.bands)
     table = envelope.table(args.table) if args.table else None
+    table_grid = envelope.table_grid(args.table) if args.table else None  # what the table codes
     torch.set_num_threads(1)
     codec, visqol = load_codec(args.model).eval(), VisqolSpeech()
     if codec.sample_rate != 24000 or codec.channels != 1:
@@ -107,7 +107,7 @@ def main() -> None:
                     steps = envelope.measure(ref, decoded, grid)
                     name = f"{kbps:g} kbps + envelope, {step:g} dB"
                     corrections.setdefault((name, cat), []).append(steps)
-                    if table is not None and step == envelope.Grid.step_db and default_grid:
+                    if grid == table_grid:  # the table codes its own grid only
                         payload = envelope.encode_steps(steps[None], table)
                         if not np.array_equal(envelope.decode_steps(payload, table, 1, *steps.shape)[0], steps):
                             raise SystemExit(f"{path.name}: the coded corrections do not decode")
