@@ -28,6 +28,7 @@ from .. import config as cfg
 from .. import envelope
 from ..model import Codec
 from ..weights import Weights, complete_codebooks, load_weights, resolve, save_release
+from .correction import corrected
 from .data import Batches, MixConfig, Prefetched, load_corpus
 from .discriminators import MultiScaleSTFTDiscriminator
 from .losses import (Balancer, LogStftLoss, MultiScaleMelLoss, SpectralNsimLoss, frame_comb_loss,
@@ -74,6 +75,8 @@ class TrainConfig:
     decay_steps: int = 0  # ... reached this many steps later (0: constant learning rates)
     bandwidth_weights: tuple[float, ...] | None = None  # how often each of codec.bandwidths is drawn (None: equally)
     mix: dict[str, float] = dataclasses.field(default_factory=dict)  # MixConfig fields to change (none: the paper's)
+    envelope: str | None = None  # an envelope table: the losses see the output with its correction on that grid ...
+    envelope_share: float = 1.0  # ... on this share of the steps (`correction.corrected`; the rest see it plain)
 
     def __post_init__(self) -> None:
         if self.bandwidth_weights is not None:
@@ -82,6 +85,8 @@ class TrainConfig:
                     or not sum(self.bandwidth_weights):
                 raise ValueError(f"bandwidth_weights needs one weight >= 0 per bandwidth {list(self.codec.bandwidths)}, "
                                  f"not all 0; got {list(self.bandwidth_weights)}")
+        if self.envelope is not None and self.envelope not in envelope.table_names():
+            raise ValueError(f"no envelope table {self.envelope!r}; choose one of {', '.join(envelope.table_names())}")
         fields = [f.name for f in dataclasses.fields(MixConfig)]
         if unknown := sorted(set(self.mix) - set(fields)):
             raise ValueError(f"mix has no field {unknown}; fields: {fields}")
@@ -238,30 +243,33 @@ class Solver:
         with autocast:
             x_hat, q = self.model(wav, n_q)
         x_hat32 = x_hat.float()
-        losses = {"l1": (x_hat32 - wav).abs().mean(), "mel": self.mel_loss(x_hat32, wav)}
+        out = x_hat32  # what the losses see: the output, or what a file of it plays (with its correction)
+        if c.envelope is not None and self.bw_rng.random() < c.envelope_share:
+            out = corrected(x_hat32, wav, envelope.table_grid(c.envelope))
+        losses = {"l1": (out - wav).abs().mean(), "mel": self.mel_loss(out, wav)}
         if c.weights.get("si_snr"):  # optional: negative SI-SNR pulls the output onto the waveform
-            losses["si_snr"] = -si_snr(x_hat32, wav).mean()
+            losses["si_snr"] = -si_snr(out, wav).mean()
         if self.nsim_loss is not None:  # the local structure of band levels, as ViSQOL compares it
-            losses["nsim"] = self.nsim_loss(x_hat32, wav)
+            losses["nsim"] = self.nsim_loss(out, wav)
         if self.stft_loss is not None:  # fine-frequency log magnitudes: harmonics against noise
-            losses["stft"] = self.stft_loss(x_hat32, wav)
+            losses["stft"] = self.stft_loss(out, wav)
         if c.weights.get("comb"):  # a pattern stamped on every code frame: a buzz at the frame rate
-            losses["comb"] = frame_comb_loss(x_hat32, wav, self.codec.hop_length)
+            losses["comb"] = frame_comb_loss(out, wav, self.codec.hop_length)
         metrics: dict[str, float] = {}
         update_disc = adversarial and (self.bw_rng.random() < c.disc_prob or warming)
         if adversarial and not warming:
             with autocast:  # the real pass serves the feature loss and, kept, the discriminator's update
                 with torch.set_grad_enabled(update_disc):
                     logits_real, fmap_real = self.disc_model(wav)
-                logits_fake, fmap_fake = self.disc_model(x_hat32)
+                logits_fake, fmap_fake = self.disc_model(out)
             losses["adv"] = hinge_generator_loss([lg.float() for lg in logits_fake])
             losses["feat"] = relative_feature_loss([[f.detach().float() for f in fr] for fr in fmap_real],
                                                    [[f.float() for f in ff] for ff in fmap_fake])
         self.opt.zero_grad(set_to_none=True)
         commit = c.commit_weight * q.commit_loss
         if self.balancer is not None:
-            out_grad = self.balancer.gradient(losses, x_hat32)
-            tensors, grads = [x_hat32], [out_grad]
+            out_grad = self.balancer.gradient(losses, out)
+            tensors, grads = [out], [out_grad]
             metrics.update(self.balancer.metrics)
         else:
             total = sum(c.weights.get(k, 0.0) * v for k, v in losses.items())
@@ -281,7 +289,7 @@ class Solver:
             with autocast:
                 if warming:
                     logits_real, _ = self.disc_model(wav)
-                fake, _ = self.disc_model(x_hat32.detach())
+                fake, _ = self.disc_model(out.detach())
             d_loss = hinge_discriminator_loss([r.float() for r in logits_real], [f.float() for f in fake])
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -293,7 +301,7 @@ class Solver:
         if c.decay_steps:
             metrics["lr"] = c.lr * scale
         with torch.no_grad():
-            metrics["si_snr"] = float(si_snr(x_hat32, wav).mean())
+            metrics["si_snr"] = float(si_snr(out, wav).mean())
         return metrics
 
     # ------------------------------------------------------------------ evaluation

@@ -487,3 +487,38 @@ def test_dev_scores_with_the_envelope_correction_score_what_files_carry(tmp_path
                                             "speech_1.5k_si_snr"}
     for key in ("music_1.5k_mel", "speech_1.5k_mel"):
         assert fixed[key][0] < plain[key][0]
+
+
+def test_corrected_is_the_files_envelope_correction_and_passes_the_gradient() -> None:
+    """`correction.corrected` equals `envelope.apply` of the measured correction on whole tiles (what
+    a 1 s crop is on the default grid), and the loss's gradient reaches the decoded audio through it."""
+    from neucodec import envelope
+    from neucodec.train.correction import corrected
+
+    grid = envelope.table_grid("e3")
+    rng = np.random.default_rng(1)
+    n = 6 * grid.tile
+    ref = rng.normal(size=(2, n)) * np.linspace(0.01, 0.3, n)
+    dec = 0.5 * ref + 0.05 * rng.normal(size=(2, n))
+    x = torch.tensor(dec)[:, None].requires_grad_(True)
+    y = corrected(x, torch.tensor(ref)[:, None], grid)
+    for r, d, got in zip(ref, dec, y[:, 0].detach().numpy()):
+        steps = envelope.measure(r, d, grid)
+        assert (steps != 0).any()
+        np.testing.assert_allclose(got, envelope.apply(d, steps, grid), atol=1e-9)
+    (y - torch.tensor(ref)[:, None]).abs().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_envelope_share_sets_how_often_the_losses_see_the_corrected_output(tmp_path: Path) -> None:
+    """With `envelope` the losses score the output with its correction applied (so, here, a far
+    smaller mel loss than the plain output's at the same weights); a share of 0 never applies it."""
+    with pytest.raises(ValueError, match="no envelope table 'e9'"):
+        TrainConfig(codec=TINY, envelope="e9")
+    mel = {}
+    for share in (0.0, 1.0):
+        torch.manual_seed(0)
+        s = _solver(tmp_path / str(share), adversarial=False, envelope="e3", envelope_share=share)
+        batch = s.batches.next()
+        mel[share] = s.train_step(batch)["mel"]
+    assert mel[1.0] < 0.8 * mel[0.0], mel
