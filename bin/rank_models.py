@@ -17,7 +17,8 @@ of the clip-by-clip differences from it and the half-width of their 95 % interva
 
 With `--envelope [TABLE]`, each clip's decoded audio is scored with its envelope correction applied
 (`neucodec.envelope`, on the grid of TABLE, by default `e3`, the default model's), as a file of the
-model carries it (a 10 s clip is one container segment): what a user of the default model hears.
+model carries it (a 10 s clip is one container segment): what a user of the default model hears;
+each category and bandwidth then also gets the correction's rate, coded with TABLE (`envelope_kbps`).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from neucodec import envelope, load_codec
+from neucodec import load_codec
 from neucodec.train.data import CORPUS_RATE, INT16_SCALE, load_corpus
 from neucodec.train.metrics import load_visqol
 from neucodec.train.solver import dev_scores_per_clip
@@ -58,7 +59,7 @@ def main() -> None:
     for model in args.models:
         scores = dev_scores_per_clip(load_codec(model).eval(), clips, (1.5, 6.0), visqol,
                                      lambda category, index, bandwidth: category != "sfx" and bandwidth == 6.0,
-                                     envelope.table_grid(args.envelope) if args.envelope else None)
+                                     args.envelope)
         line: dict[str, tp.Any] = {k: round(float(np.mean(v)), 3) for k, v in sorted(scores.items())}
         if args.paired and base is not None:
             for k, v in sorted(scores.items()):

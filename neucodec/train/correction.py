@@ -8,7 +8,8 @@ The gains multiply the STFT, so the gradient reaches the decoder through them: t
 what the correction cannot give, the detail within a tile.
 
 It is `envelope.apply` on one segment, in torch: the same square-root Hann STFT, frames centred on
-multiples of the hop, the same interpolated gains (`envelope.gains_db`).
+multiples of the hop, the same interpolated gains (`envelope.gains_db`); equal to it on whole tiles
+(a training crop of 1 s is 25 tiles of `e3`), near it in the last tile otherwise.
 """
 from __future__ import annotations
 

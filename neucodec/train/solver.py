@@ -390,10 +390,11 @@ def dev_scores(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.Sequence[f
 def dev_scores_per_clip(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.Sequence[float],
                         visqol: VisqolSpeech | None,
                         visqol_for: tp.Callable[[str, int, float], bool],
-                        correct: envelope.Grid | None = None) -> dict[str, list[float]]:
-    """`dev_scores` before the means: each key's scores in the order of `clips`. With `correct`, of
-    the decoded audio with its envelope correction on that grid applied (`neucodec.envelope`), as a
-    file of one segment carries it."""
+                        correct: str | None = None) -> dict[str, list[float]]:
+    """`dev_scores` before the means: each key's scores in the order of `clips`. With `correct` (an
+    envelope table), of the decoded audio with its envelope correction on that table's grid applied
+    (`neucodec.envelope`), as a file of one segment carries it, and the correction's rate coded with
+    that table (`..._envelope_kbps`)."""
     out: dict[str, list[float]] = {}
     per_category: dict[str, int] = {}
     for path in clips:
@@ -406,11 +407,14 @@ def dev_scores_per_clip(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.S
         for bw in bandwidths:
             q = codec.quantizer(z, codec.config.n_q_for_bandwidth(bw))
             y = codec.decoder(q.quantized)[..., : wav.shape[-1]]
-            if correct is not None:
-                ref, dec = wav.flatten().double().cpu().numpy(), y.flatten().double().cpu().numpy()
-                fixed = envelope.apply(dec, envelope.measure(ref, dec, correct), correct)
-                y = torch.from_numpy(fixed).to(y).view_as(y)
             key = f"{cat}_{bw:g}k"
+            if correct is not None:
+                grid = envelope.table_grid(correct)
+                ref, dec = wav.flatten().double().cpu().numpy(), y.flatten().double().cpu().numpy()
+                steps = envelope.measure(ref, dec, grid)
+                y = torch.from_numpy(envelope.apply(dec, steps, grid)).to(y).view_as(y)
+                coded = envelope.encode_steps(steps[None], envelope.table(correct))
+                out.setdefault(f"{key}_envelope_kbps", []).append(8 * len(coded) * sr / len(x) / 1000)
             out.setdefault(f"{key}_si_snr", []).append(float(si_snr(y, wav).mean()))
             out.setdefault(f"{key}_mel", []).append(mel_distance(y, wav, codec.sample_rate))
             if visqol is not None and visqol_for(cat, index, bw):

@@ -468,7 +468,6 @@ def test_visqol_leaves_the_callers_torch_thread_count_alone() -> None:
 def test_dev_scores_with_the_envelope_correction_score_what_files_carry(tmp_path: Path) -> None:
     """`rank_models.py --envelope`: the corrected audio of a tiny random codec is far closer to its
     input's envelope, so its mel distance drops; the keys and clip order are those of the plain scores."""
-    from neucodec import envelope
     from neucodec.train.solver import dev_scores_per_clip
 
     from _bitstream import tiny_codec24
@@ -482,9 +481,10 @@ def test_dev_scores_with_the_envelope_correction_score_what_files_carry(tmp_path
     clips = sorted(tmp_path.glob("*.wav"))
     with torch.no_grad():
         plain = dev_scores_per_clip(codec, clips, (1.5,), None, lambda *_: False)
-        fixed = dev_scores_per_clip(codec, clips, (1.5,), None, lambda *_: False, envelope.Grid())
-    assert plain.keys() == fixed.keys() == {"music_1.5k_mel", "music_1.5k_si_snr", "speech_1.5k_mel",
-                                            "speech_1.5k_si_snr"}
+        fixed = dev_scores_per_clip(codec, clips, (1.5,), None, lambda *_: False, "e1")
+    assert plain.keys() == {"music_1.5k_mel", "music_1.5k_si_snr", "speech_1.5k_mel", "speech_1.5k_si_snr"}
+    assert fixed.keys() == plain.keys() | {"music_1.5k_envelope_kbps", "speech_1.5k_envelope_kbps"}
+    assert all(0.1 < kbps[0] < 3.2 for k, kbps in fixed.items() if k.endswith("envelope_kbps"))  # e1: 1,000 values/s
     for key in ("music_1.5k_mel", "speech_1.5k_mel"):
         assert fixed[key][0] < plain[key][0]
 
