@@ -23,7 +23,7 @@ from neucodec import config as cfg
 from neucodec.hub import load_codec
 from neucodec.train.data import Batches, load_corpus
 from neucodec.train.lm_solver import LMSolver, code_dataset
-from neucodec.weights import load_weights, resolve, save_release
+from neucodec.weights import carried, load_weights, resolve, save_release
 from neucodec.model import Codec
 
 
@@ -92,7 +92,7 @@ def main() -> None:
         meta = dict(weights.metadata, lm_steps=solver.step, lm_hours=round(solver.seconds / 3600, 3),
                     lm_eval=solver.evaluate())
         save_release(args.export, codec_config.name, train_codec, codec_config, solver.lm, lm_config, meta,
-                     parents=[w for w in (weights, start) if w is not None])
+                     parents=[w for w in (weights, start) if w is not None], **carried(codec_config, weights)[1])
 
     def request_stop(signum: int, frame: object) -> None:  # SIGTERM / Ctrl-C: finish the step, save, export
         solver.stop_requested = True

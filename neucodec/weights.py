@@ -282,6 +282,17 @@ _TRAINING_ONLY = ("._codebook.embed_avg", "._codebook.cluster_size")
 _CODE_PARTS = ("codec.encoder.", "codec.quantizer.")
 
 
+def carried(codec_config: cfg.CodecConfig, parent: Weights | None) -> tuple[cfg.CodecConfig, dict[str, tp.Any]]:
+    """What a package trained from `parent` keeps of its settings: the bandwidths it offers beyond
+    `codec_config`'s (the union), its envelope table and its default bandwidth; as the codec
+    configuration and the keyword arguments of `save_release`. Without a parent, nothing changes."""
+    if parent is None or parent.codec_config is None:
+        return codec_config, {}
+    offered = tuple(sorted({*codec_config.bandwidths, *parent.codec_config.bandwidths}))
+    return (dataclasses.replace(codec_config, bandwidths=offered),
+            {"envelope": parent.envelope, "default_bandwidth": parent.default_bandwidth})
+
+
 def lineage(tensors: dict[str, torch.Tensor], codec_config: cfg.CodecConfig, lm_config: cfg.LMConfig | None,
             parents: tp.Sequence[Weights]) -> dict[str, list[str]]:
     """Fingerprints of earlier weights whose files the package of `tensors` decodes.

@@ -27,7 +27,7 @@ from torch import nn
 from .. import config as cfg
 from .. import envelope
 from ..model import Codec
-from ..weights import Weights, complete_codebooks, load_weights, resolve, save_release
+from ..weights import Weights, carried, complete_codebooks, load_weights, resolve, save_release
 from .correction import corrected
 from .data import Batches, MixConfig, Prefetched, load_corpus
 from .discriminators import MultiScaleSTFTDiscriminator
@@ -370,11 +370,14 @@ class Solver:
         append_csv(path, row)
 
     def export(self, path: Path, lm: nn.Module | None = None, lm_config: cfg.LMConfig | None = None) -> Path:
-        """Release package (fp16 safetensors + JSON) of the current weights."""
+        """Release package (fp16 safetensors + JSON) of the current weights; it keeps the first
+        parent's package settings (`weights.carried`: bandwidths offered, envelope table, default
+        bandwidth)."""
         meta = {"steps": self.step, "train_hours": round(self.seconds / 3600, 3),
                 "batch_size": self.cfg.batch_size * self.world, "segment_seconds": self.cfg.segment_seconds}
-        return save_release(path, self.cfg.codec.name, self.codec, self.cfg.codec, lm, lm_config, meta,
-                            parents=self.parents)
+        codec_config, settings = carried(self.cfg.codec, self.parents[0] if self.parents else None)
+        return save_release(path, self.cfg.codec.name, self.codec, codec_config, lm, lm_config, meta,
+                            parents=self.parents, **settings)
 
 
 @torch.no_grad()

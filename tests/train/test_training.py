@@ -291,6 +291,29 @@ def test_export_is_loadable(tmp_path: Path) -> None:
     assert codec.decode(enc).shape == wav.shape
 
 
+def test_exports_keep_their_parents_package_settings(tmp_path: Path) -> None:
+    """A candidate trained from a release offers what it offered (a bandwidth the training config
+    does not draw), names its envelope table and default bandwidth, so it can ship as it is."""
+    import dataclasses
+
+    from neucodec.weights import save_release
+
+    s = _solver(tmp_path, freeze_encoder=True)
+    s.train_step(s.batches.next())
+    offered = dataclasses.replace(TINY, bandwidths=(0.75, 1.5, 3.0))
+    parent = load_weights(save_release(tmp_path / "parent" / "tiny.json", "tiny", s.codec, offered,
+                                       envelope="e1", default_bandwidth=0.75))
+    s.parents = [parent]
+    s.train_step(s.batches.next())
+    child = load_weights(s.export(tmp_path / "child" / "tiny.json"))
+    assert child.codec_config.bandwidths == (0.75, 1.5, 3.0)
+    assert (child.envelope, child.default_bandwidth) == ("e1", 0.75)
+    assert child.compatible == {"codec": [parent.fingerprint]}
+    s.parents = []  # from scratch: the training configuration's bandwidths, no settings
+    orphan = load_weights(s.export(tmp_path / "orphan" / "tiny.json"))
+    assert (orphan.codec_config.bandwidths, orphan.envelope, orphan.default_bandwidth) == ((1.5, 3.0), None, None)
+
+
 def _dev_clips(folder: Path) -> list[Path]:
     """Two 1 s dev clips per category, named like the corpus builder's (category from the name)."""
     folder.mkdir(parents=True, exist_ok=True)
