@@ -75,8 +75,8 @@ class TrainConfig:
     decay_steps: int = 0  # ... reached this many steps later (0: constant learning rates)
     bandwidth_weights: tuple[float, ...] | None = None  # how often each of codec.bandwidths is drawn (None: equally)
     mix: dict[str, float] = dataclasses.field(default_factory=dict)  # MixConfig fields to change (none: the paper's)
-    envelope: str | None = None  # an envelope table: the losses see the output with its correction on that grid ...
-    envelope_share: float = 1.0  # ... on this share of the steps (`correction.corrected`; the rest see it plain)
+    envelope: str | None = None  # an envelope table: the losses also score the output with its correction on that grid ...
+    envelope_share: float = 0.5  # ... with this weight, the plain output 1 - it (`correction.corrected`)
 
     def __post_init__(self) -> None:
         if self.bandwidth_weights is not None:
@@ -227,6 +227,17 @@ class Solver:
             return self.bw_rng.choice(self.n_qs)
         return c.codec.n_q_for_bandwidth(self.bw_rng.choices(c.codec.bandwidths, c.bandwidth_weights)[0])
 
+    def _scorer(self, x_hat: Tensor, wav: Tensor) -> tp.Callable[[tp.Callable[[Tensor], Tensor]], Tensor]:
+        """How a loss scores this step's output: of `x_hat`, or with `envelope`, (1 - share) of it
+        plus share of it with its envelope correction applied (`correction.corrected`)."""
+        c = self.cfg
+        if c.envelope is None or not c.envelope_share:
+            return lambda loss: loss(x_hat)
+        fixed = corrected(x_hat, wav, envelope.table_grid(c.envelope))
+        if c.envelope_share == 1:
+            return lambda loss: loss(fixed)
+        return lambda loss: (1 - c.envelope_share) * loss(x_hat) + c.envelope_share * loss(fixed)
+
     def train_step(self, wav: Tensor) -> dict[str, float]:
         c = self.cfg
         quantize = self.step >= c.quantizer_start
@@ -243,33 +254,31 @@ class Solver:
         with autocast:
             x_hat, q = self.model(wav, n_q)
         x_hat32 = x_hat.float()
-        out = x_hat32  # what the losses see: the output, or what a file of it plays (with its correction)
-        if c.envelope is not None and self.bw_rng.random() < c.envelope_share:
-            out = corrected(x_hat32, wav, envelope.table_grid(c.envelope))
-        losses = {"l1": (out - wav).abs().mean(), "mel": self.mel_loss(out, wav)}
+        score = self._scorer(x_hat32, wav)
+        losses = {"l1": score(lambda y: (y - wav).abs().mean()), "mel": score(lambda y: self.mel_loss(y, wav))}
         if c.weights.get("si_snr"):  # optional: negative SI-SNR pulls the output onto the waveform
-            losses["si_snr"] = -si_snr(out, wav).mean()
+            losses["si_snr"] = score(lambda y: -si_snr(y, wav).mean())
         if self.nsim_loss is not None:  # the local structure of band levels, as ViSQOL compares it
-            losses["nsim"] = self.nsim_loss(out, wav)
+            losses["nsim"] = score(lambda y: self.nsim_loss(y, wav))
         if self.stft_loss is not None:  # fine-frequency log magnitudes: harmonics against noise
-            losses["stft"] = self.stft_loss(out, wav)
+            losses["stft"] = score(lambda y: self.stft_loss(y, wav))
         if c.weights.get("comb"):  # a pattern stamped on every code frame: a buzz at the frame rate
-            losses["comb"] = frame_comb_loss(out, wav, self.codec.hop_length)
+            losses["comb"] = score(lambda y: frame_comb_loss(y, wav, self.codec.hop_length))
         metrics: dict[str, float] = {}
         update_disc = adversarial and (self.bw_rng.random() < c.disc_prob or warming)
         if adversarial and not warming:
             with autocast:  # the real pass serves the feature loss and, kept, the discriminator's update
                 with torch.set_grad_enabled(update_disc):
                     logits_real, fmap_real = self.disc_model(wav)
-                logits_fake, fmap_fake = self.disc_model(out)
+                logits_fake, fmap_fake = self.disc_model(x_hat32)
             losses["adv"] = hinge_generator_loss([lg.float() for lg in logits_fake])
             losses["feat"] = relative_feature_loss([[f.detach().float() for f in fr] for fr in fmap_real],
                                                    [[f.float() for f in ff] for ff in fmap_fake])
         self.opt.zero_grad(set_to_none=True)
         commit = c.commit_weight * q.commit_loss
         if self.balancer is not None:
-            out_grad = self.balancer.gradient(losses, out)
-            tensors, grads = [out], [out_grad]
+            out_grad = self.balancer.gradient(losses, x_hat32)
+            tensors, grads = [x_hat32], [out_grad]
             metrics.update(self.balancer.metrics)
         else:
             total = sum(c.weights.get(k, 0.0) * v for k, v in losses.items())
@@ -289,7 +298,7 @@ class Solver:
             with autocast:
                 if warming:
                     logits_real, _ = self.disc_model(wav)
-                fake, _ = self.disc_model(out.detach())
+                fake, _ = self.disc_model(x_hat32.detach())
             d_loss = hinge_discriminator_loss([r.float() for r in logits_real], [f.float() for f in fake])
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -301,7 +310,7 @@ class Solver:
         if c.decay_steps:
             metrics["lr"] = c.lr * scale
         with torch.no_grad():
-            metrics["si_snr"] = float(si_snr(out, wav).mean())
+            metrics["si_snr"] = float(si_snr(x_hat32, wav).mean())
         return metrics
 
     # ------------------------------------------------------------------ evaluation

@@ -512,36 +512,50 @@ def test_dev_scores_with_the_envelope_correction_score_what_files_carry(tmp_path
         assert fixed[key][0] < plain[key][0]
 
 
-def test_corrected_is_the_files_envelope_correction_and_passes_the_gradient() -> None:
-    """`correction.corrected` equals `envelope.apply` of the measured correction on whole tiles (what
-    a 1 s crop is on the default grid), and the loss's gradient reaches the decoded audio through it."""
+def test_corrected_is_the_envelope_correction_with_the_levels_its_own() -> None:
+    """`correction.corrected` is `envelope.apply` of the measured correction where that is exact (a
+    decoded signal whole steps too quiet in every tile, partial last tile included), and the loss
+    of what it returns cannot move a tile's level: no gradient on the decoded audio's gain below
+    the coded bands' top (the ratchet of rounded gains, see the module), unlike the plain output's."""
     from neucodec import envelope
     from neucodec.train.correction import corrected
 
     grid = envelope.table_grid("e3")
     rng = np.random.default_rng(1)
+    for n in (6 * grid.tile, 6 * grid.tile + 333):
+        ref = rng.normal(size=n) * np.linspace(0.01, 0.3, n)
+        dec = ref * 10 ** (-2 * grid.step_db / 20)
+        steps = envelope.measure(ref, dec, grid)
+        assert (steps == 2).all()
+        got = corrected(torch.tensor(dec)[None, None], torch.tensor(ref)[None, None], grid)[0, 0].numpy()
+        np.testing.assert_allclose(got, envelope.apply(dec, steps, grid), atol=1e-9)
+
+    def lowpass(x: np.ndarray) -> np.ndarray:  # below the top of e3's bands (8 kHz)
+        spectrum = np.fft.rfft(x)
+        spectrum[len(spectrum) * 7 // 12:] = 0
+        return np.fft.irfft(spectrum, len(x))
+
     n = 6 * grid.tile
-    ref = rng.normal(size=(2, n)) * np.linspace(0.01, 0.3, n)
-    dec = 0.5 * ref + 0.05 * rng.normal(size=(2, n))
-    x = torch.tensor(dec)[:, None].requires_grad_(True)
-    y = corrected(x, torch.tensor(ref)[:, None], grid)
-    for r, d, got in zip(ref, dec, y[:, 0].detach().numpy()):
-        steps = envelope.measure(r, d, grid)
-        assert (steps != 0).any()
-        np.testing.assert_allclose(got, envelope.apply(d, steps, grid), atol=1e-9)
-    (y - torch.tensor(ref)[:, None]).abs().mean().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
+    ref = torch.tensor(lowpass(rng.normal(size=n)) * np.linspace(0.05, 0.3, n))[None, None]
+    dec = torch.tensor(lowpass(rng.normal(size=n)) * 0.1)[None, None]
+    slopes = []
+    for correct in (False, True):
+        gain = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        out = corrected(gain * dec, ref, grid) if correct else gain * dec
+        (out - ref).abs().mean().backward()
+        slopes.append(abs(float(gain.grad)))
+    assert slopes[0] > 0.01 and slopes[1] < 1e-4, slopes
 
 
-def test_envelope_share_sets_how_often_the_losses_see_the_corrected_output(tmp_path: Path) -> None:
-    """With `envelope` the losses score the output with its correction applied (so, here, a far
-    smaller mel loss than the plain output's at the same weights); a share of 0 never applies it."""
+def test_envelope_share_weighs_the_corrected_output_against_the_plain_one(tmp_path: Path) -> None:
+    """With `envelope` each loss scores (1 - share) of the plain output plus share of it corrected
+    (so, here, a far smaller mel loss at share 1 than at 0, and halfway at 0.5)."""
     with pytest.raises(ValueError, match="no envelope table 'e9'"):
         TrainConfig(codec=TINY, envelope="e9")
     mel = {}
-    for share in (0.0, 1.0):
+    for share in (0.0, 0.5, 1.0):
         torch.manual_seed(0)
         s = _solver(tmp_path / str(share), adversarial=False, envelope="e3", envelope_share=share)
-        batch = s.batches.next()
-        mel[share] = s.train_step(batch)["mel"]
+        mel[share] = s.train_step(s.batches.next())["mel"]
     assert mel[1.0] < 0.8 * mel[0.0], mel
+    assert mel[0.5] == pytest.approx((mel[0.0] + mel[1.0]) / 2, rel=1e-4)
