@@ -51,21 +51,27 @@ def corrected(x_hat: Tensor, reference: Tensor, grid: envelope.Grid) -> Tensor:
     applies a correction (unrounded, and differentiable in `x_hat`'s levels; see the module)."""
     length = x_hat.shape[-1]
     tiles = grid.tiles(length)
-    pad = tiles * grid.tile - length
-    x = torch.nn.functional.pad(x_hat[:, 0], (0, pad))
-    window = torch.sqrt(torch.hann_window(grid.window, periodic=True, dtype=x.dtype, device=x.device))
-    spec = torch.stft(x, grid.window, grid.hop, window=window, center=True, pad_mode="constant",
-                      return_complex=True)  # [B, window // 2 + 1, tiles * hops + 1]
-    power = spec[:, : grid.bands * grid.bins, :-1].abs() ** 2 / window.pow(2).sum()
-    have = 10 * torch.log10(power.reshape(len(x), grid.bands, grid.bins, tiles, grid.hops).mean(dim=(2, 4)) + 1e-20)
-    want = torch.from_numpy(np.stack([envelope.levels(r, grid) for r in
-                                      torch.nn.functional.pad(reference[:, 0], (0, pad)).detach().double().cpu().numpy()]))
-    want = want.to(have)
+    window = torch.sqrt(torch.hann_window(grid.window, periodic=True, dtype=x_hat.dtype, device=x_hat.device))
+
+    def stft(audio: Tensor) -> Tensor:  # [B, window // 2 + 1, tiles * hops + 1], as `envelope.stft`
+        padded = torch.nn.functional.pad(audio[:, 0], (0, tiles * grid.tile - length))
+        return torch.stft(padded, grid.window, grid.hop, window=window, center=True, pad_mode="constant",
+                          return_complex=True)
+
+    def levels(spec: Tensor) -> Tensor:  # [B, bands, tiles] in dB, as `envelope.levels`
+        power = spec[:, : grid.bands * grid.bins, :-1].abs() ** 2 / window.pow(2).sum()
+        return 10 * torch.log10(power.reshape(len(spec), grid.bands, grid.bins, tiles, grid.hops).mean(dim=(2, 4))
+                                + 1e-20)
+
+    spec = stft(x_hat)
+    have = levels(spec)
+    with torch.no_grad():
+        want = levels(stft(reference.to(x_hat.dtype)))
     limit = grid.max_steps * grid.step_db
     tile_db = torch.where(want < grid.floor_db, torch.zeros_like(have), (want - have).clamp(-limit, limit))
     over_freq, over_time = (torch.from_numpy(m).to(have) for m in _interpolation(grid, tiles))
     full = torch.nn.functional.pad(tile_db, (0, 0, 0, over_freq.shape[1] - grid.bands))  # 0 dB above the bands
     gains_db = over_freq @ full @ over_time  # [B, bins, frames]
     y = torch.istft(spec * 10 ** (gains_db / 20), grid.window, grid.hop, window=window, center=True,
-                    length=x.shape[-1])
+                    length=tiles * grid.tile)
     return y[:, None, :length]

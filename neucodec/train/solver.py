@@ -409,6 +409,7 @@ def dev_scores_per_clip(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.S
     that table (`..._envelope_kbps`)."""
     out: dict[str, list[float]] = {}
     per_category: dict[str, int] = {}
+    grid, table = (envelope.table_grid(correct), envelope.table(correct)) if correct is not None else (None, None)
     for path in clips:
         x, sr = sf.read(str(path), dtype="float32", always_2d=True)
         wav = torch.from_numpy(x.mean(1))[None, None].to(codec.device)
@@ -420,12 +421,11 @@ def dev_scores_per_clip(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.S
             q = codec.quantizer(z, codec.config.n_q_for_bandwidth(bw))
             y = codec.decoder(q.quantized)[..., : wav.shape[-1]]
             key = f"{cat}_{bw:g}k"
-            if correct is not None:
-                grid = envelope.table_grid(correct)
+            if grid is not None:
                 ref, dec = wav.flatten().double().cpu().numpy(), y.flatten().double().cpu().numpy()
                 steps = envelope.measure(ref, dec, grid)
                 y = torch.from_numpy(envelope.apply(dec, steps, grid)).to(y).view_as(y)
-                coded = envelope.encode_steps(steps[None], envelope.table(correct))
+                coded = envelope.encode_steps(steps[None], table)
                 out.setdefault(f"{key}_envelope_kbps", []).append(8 * len(coded) * sr / len(x) / 1000)
             out.setdefault(f"{key}_si_snr", []).append(float(si_snr(y, wav).mean()))
             out.setdefault(f"{key}_mel", []).append(mel_distance(y, wav, codec.sample_rate))
