@@ -8,7 +8,7 @@ corrections of its decoded audio and counts how often each value comes in each c
 file (`neucodec/envelope_tables.json` by default: the tables files may name), with the grid and
 what they were fitted on. It never replaces a table: they are part of the .ecdc format.
 
-    python bin/fit_envelope.py --name e2 [--out neucodec/envelope_tables.json]
+    python bin/fit_envelope.py --name e2 --bins 4 [--wider BIN:BINS ...] [--out neucodec/envelope_tables.json]
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--bins", type=int, default=envelope.Grid.bins, help="STFT bins (50 Hz at 24 kHz) per band")
     p.add_argument("--hops", type=int, default=envelope.Grid.hops, help="STFT hops (10 ms) per tile")
     p.add_argument("--bands", type=int, default=None, help="coded bands from 0 Hz [default: up to 8 kHz]")
+    p.add_argument("--wider", nargs="+", default=[], metavar="BIN:BINS",
+                   help="from STFT bin BIN on, bands of BINS bins (`envelope.Grid.wider`; e4: 80:4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", required=True, help="the new table's name")
     p.add_argument("--out", type=Path, default=envelope.TABLE_FILE)
@@ -44,7 +46,10 @@ def main() -> None:
         raise SystemExit(f"{args.out} already has a table {args.name!r}; tables never change: pick a new name")
     torch.set_num_threads(1)
     codec = load_codec(args.model).eval()
-    grid = envelope.Grid(step_db=args.step_db, bins=args.bins, hops=args.hops, bands=args.bands or 160 // args.bins)
+    wider = tuple(tuple(int(v) for v in pair.split(":")) for pair in args.wider)
+    grid = envelope.Grid(step_db=args.step_db, bins=args.bins, hops=args.hops, wider=wider)
+    bands = args.bands or next(n for n in range(1, 161) if dataclasses.replace(grid, bands=n).top >= 160)
+    grid = dataclasses.replace(grid, bands=bands)  # by default, up to 8 kHz (bin 160)
     corrections = []
     rng = np.random.default_rng(args.seed)
     length = int(args.seconds * codec.sample_rate)

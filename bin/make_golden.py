@@ -14,7 +14,8 @@ files pin the compressed header of FORMAT.md §2 (earlier files keep their plain
 file resampled from 44.1 kHz: it must decode to exactly 66,151 samples at 44.1 kHz.
 `envelope_lm_2groups_24khz.ecdc` pins format version 2: envelope corrections (table "e1", FORMAT.md
 §4.5) in LM-coded segments of two channel groups; `envelope_e3_2groups_24khz.ecdc` the table "e3" (the
-default model's since neucodec 0.16.0) in plain segments.
+default model's in neucodec 0.16.0) in plain segments, `envelope_e4_2groups_24khz.ecdc` the table "e4"
+(bands wider above 4 kHz; the default model's since 0.17.0).
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def main() -> None:
                                            {"correct_envelope": True}),
         "envelope_e3_2groups_24khz.ecdc": (c24, torch.cat([tone, -0.5 * tone]), 3.0, None, 0.5,
                                            {"correct_envelope": "e3"}),
+        "envelope_e4_2groups_24khz.ecdc": (c24, torch.cat([tone, -0.5 * tone]), 3.0, None, 0.5,
+                                           {"correct_envelope": "e4"}),
     }
     path = OUT / "expected.json"
     expected = json.loads(path.read_text()) if path.is_file() else {"torch": torch.__version__, "files": {}}

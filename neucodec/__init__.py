@@ -1,7 +1,7 @@
 """neucodec: an EnCodec-compatible neural audio codec (library and command-line tool)."""
 from __future__ import annotations
 
-__version__ = "0.16.0"
+__version__ = "0.17.0"
 
 from .config import CodecConfig, LMConfig, RVQConfig, SEANetConfig  # noqa: E402
 from .errors import NeucodecError  # noqa: E402

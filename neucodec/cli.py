@@ -135,13 +135,13 @@ def cli() -> None:
               help="Entropy-code the codes with the model's language model: the codes ~40% smaller for speech, "
                    "~10% for music (the envelope correction is not LM-coded); slower.")
 @click.option("--envelope/--no-envelope", default=None,
-              help="Store a correction of the decoded audio's spectral envelope: about 3.4 kbps more with the "
+              help="Store a correction of the decoded audio's spectral envelope: about 2.6 kbps more with the "
                    "default model's table, much clearer sound; the encoder runs the decoder too [default: on if "
                    "the model's package opts in, as the default model does].")
 @click.option("--envelope-table", metavar="NAME", default=None,
               help="Code the envelope correction on this table's tiles (implies --envelope): e1 400 Hz x 40 ms "
-                   "(~0.8 kbps), e2 200 Hz x 40 ms (~1.5 kbps), e3 100 Hz x 40 ms (~3.3 kbps, clearer still) "
-                   "[default: the model's].")
+                   "(~0.8 kbps), e2 200 Hz x 40 ms (~1.5 kbps), e3 100 Hz x 40 ms (~3.4 kbps, clearer still), "
+                   "e4 as e3 to 4 kHz, then 200 Hz (~2.6 kbps, as clear) [default: the model's].")
 @_model_options
 @_verbosity
 @_guarded

@@ -30,7 +30,7 @@ from .model import Codec, overlap_add
 Tensor = torch.Tensor
 
 LM_BATCH = 8  # segments coded/decoded together in one batched LM run
-MAX_CORRECTIONS = 1 << 20  # envelope corrections per segment (10 s of stereo with table e3: 40,000)
+MAX_CORRECTIONS = 1 << 20  # envelope corrections per segment (10 s of stereo with table e3: 40,000; e4: 30,000)
 _V0_CHUNK_FRAMES = 800  # 800 * K * 10 bits is always whole bytes
 
 
@@ -236,7 +236,7 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
             stored so that decoding restores its exact length after resampling. Not needed when the
             source rate is the codec's.
         correct_envelope: also store each segment's envelope correction (`envelope_settings`; format
-            version 2): about 3.4 kbps more with table e3, and the encoder runs the decoder too.
+            version 2): about 2.6 kbps more with table e4 (3.4 with e3), and the encoder runs the decoder too.
             None: if the codec's package opts in (`use_envelope`); a table name: with that table.
     Returns:
         the `StreamInfo` of the written stream (length, segments and bytes filled in).
@@ -409,10 +409,13 @@ def envelope_settings(codec: Codec, table: str | None = None) -> dict[str, tp.An
         raise UnsupportedFormatVersion(f"{codec.config.name} asks for the envelope table {name[:20]!r}, which this "
                                        "neucodec does not have; upgrade neucodec")
     grid = dataclasses.replace(envelope.table_grid(name), hop=codec.sample_rate // 100)
-    if grid.tile % codec.hop_length or grid.bands * grid.bins > grid.hop:
+    if grid.tile % codec.hop_length or grid.top > grid.hop:
         return None
-    return {"table": name, "hop": grid.hop, "bins": grid.bins, "hops": grid.hops, "bands": grid.bands,
-            "step_db": grid.step_db}
+    settings = {"table": name, "hop": grid.hop, "bins": grid.bins, "hops": grid.hops, "bands": grid.bands,
+                "step_db": grid.step_db}
+    if grid.wider:
+        settings["wider"] = [list(pair) for pair in grid.wider]
+    return settings
 
 
 def use_envelope(codec: Codec, wanted: bool | str | None) -> dict[str, tp.Any] | None:
@@ -444,9 +447,15 @@ def _envelope_grid(settings: dict[str, tp.Any], layout: str, hop_length: int,
     step = settings.get("step_db")
     if not isinstance(step, (int, float)) or isinstance(step, bool) or not 0 < step <= 48:
         raise CorruptStream(f"header: envelope field 'step_db' has a bad value {str(step)[:20]!r}")
+    wider = settings.get("wider", [])
+    if not (isinstance(wider, list) and len(wider) <= 16 and all(
+            isinstance(pair, list) and len(pair) == 2 and all(type(v) is int and lo <= v <= 1 << 16
+                                                              for v, lo in zip(pair, (0, 1)))
+            for pair in wider)):
+        raise CorruptStream(f"header: envelope field 'wider' has a bad value {str(wider)[:40]!r}")
     table = envelope.table(name)
-    grid = envelope.Grid(step_db=float(step), max_steps=len(table) // 2, **values)
-    if layout != "stream" or grid.bands * grid.bins > grid.hop or grid.tile % hop_length \
+    grid = envelope.Grid(step_db=float(step), max_steps=len(table) // 2, wider=tuple(map(tuple, wider)), **values)
+    if layout != "stream" or grid.top > grid.hop or grid.tile % hop_length \
             or segment_frames * hop_length % grid.tile:
         raise CorruptStream("header: envelope tiles do not fit the segments (file damaged)")
     return grid, table

@@ -9,7 +9,7 @@ the mean power of the input and of the decoded audio, rounded to `step_db` (`mea
 turns those integers into gains, interpolated linearly between tile centres in time and in
 frequency, and applies them to its own output's STFT (`apply`); the fine structure and the phase
 stay the codec's. Only the first `bands` bands are coded (8 kHz at 24 kHz); above them the gain
-falls to 0 dB within one band.
+falls to 0 dB within one band. Bands may widen higher up (`Grid.wider`), where hearing resolves less.
 
 The STFT (`stft`) is a square-root periodic Hann window of two hops, hop `hop`, analysis and
 synthesis, so with all gains 0 dB `apply` returns its input (to rounding). Shapes: audio [samples] float64;
@@ -50,10 +50,26 @@ class Grid:
     step_db: float = 6.0
     max_steps: int = 7  # corrections are clipped to +-max_steps
     floor_db: float = -90.0  # tiles of the input below this level get no correction
+    #: wider bands higher up: (from bin, bins per band) pairs, ascending; a band starting at or above
+    #: a pair's bin has its width (`e4`: 100 Hz bands to 4 kHz, then 200 Hz). () is `bins` throughout.
+    wider: tuple[tuple[int, int], ...] = ()
 
     @property
     def window(self) -> int:
         return 2 * self.hop
+
+    @property
+    def edges(self) -> np.ndarray:
+        """The coded bands' first bins and, last, the bin after the top band: [bands + 1]."""
+        edges = [0]
+        for _ in range(self.bands):
+            edges.append(edges[-1] + next((w for b, w in reversed(self.wider) if edges[-1] >= b), self.bins))
+        return np.asarray(edges)
+
+    @property
+    def top(self) -> int:
+        """The bin after the top coded band."""
+        return int(self.edges[-1])
 
     @property
     def tile(self) -> int:
@@ -83,7 +99,9 @@ def table_names() -> tuple[str, ...]:
 
 def table_grid(name: str) -> Grid:
     """The grid a table was fitted on: what a file coded with it uses (its hop: 10 ms at the codec's rate)."""
-    return Grid(**_tables()[name]["fitted_on"]["grid"])
+    grid = dict(_tables()[name]["fitted_on"]["grid"])
+    wider = tuple(tuple(pair) for pair in grid.pop("wider", ()))
+    return Grid(**grid, wider=wider)
 
 
 def table(name: str) -> np.ndarray:
@@ -113,9 +131,14 @@ def stft(x: np.ndarray, grid: Grid) -> np.ndarray:
 
 def levels(x: np.ndarray, grid: Grid) -> np.ndarray:
     """Mean power per tile in dB (white noise of RMS r: about 20 log10 r), [bands, tiles]."""
-    power = np.abs(stft(x, grid)[: grid.bands * grid.bins, :-1]) ** 2 / np.sum(_window(grid) ** 2)
+    power = np.abs(stft(x, grid)[: grid.top, :-1]) ** 2 / np.sum(_window(grid) ** 2)
     t = power.shape[1] // grid.hops
-    blocks = power.reshape(grid.bands, grid.bins, t, grid.hops).mean(axis=(1, 3))
+    if grid.wider:
+        edges = grid.edges
+        frames = power.reshape(grid.top, t, grid.hops).mean(axis=2)
+        blocks = np.add.reduceat(frames, edges[:-1], axis=0) / np.diff(edges)[:, None]
+    else:
+        blocks = power.reshape(grid.bands, grid.bins, t, grid.hops).mean(axis=(1, 3))
     return 10 * np.log10(blocks + 1e-20)
 
 
@@ -139,12 +162,22 @@ def _interpolate(values: np.ndarray, centres: np.ndarray, n: int) -> np.ndarray:
 def gains_db(steps: np.ndarray, grid: Grid, frames: int) -> np.ndarray:
     """Per STFT bin and frame, [window // 2 + 1, frames]: the tile corrections interpolated."""
     n_bins = grid.window // 2 + 1
-    full = np.zeros((-(-n_bins // grid.bins) + 1, steps.shape[1]))
+    band_centres = _band_centres(grid, n_bins)
+    full = np.zeros((len(band_centres), steps.shape[1]))
     full[: grid.bands] = steps * grid.step_db
-    band_centres = np.arange(len(full)) * grid.bins + (grid.bins - 1) / 2
     tile_centres = np.arange(steps.shape[1]) * grid.hops + (grid.hops - 1) / 2
     over_time = _interpolate(full, tile_centres, frames)  # [bands + ..., frames]
     return _interpolate(over_time.T, band_centres, n_bins).T
+
+
+def _band_centres(grid: Grid, n_bins: int) -> np.ndarray:
+    """Centre bins of the coded bands, then of bands as wide as the top one on past the last bin
+    (their gains are 0 dB)."""
+    if not grid.wider:
+        return np.arange(-(-n_bins // grid.bins) + 1) * grid.bins + (grid.bins - 1) / 2
+    edges, width = grid.edges, int(grid.edges[-1] - grid.edges[-2])
+    above = grid.top + np.arange(max(0, -(-(n_bins - grid.top) // width)) + 1) * width
+    return np.concatenate([edges[:-1] + (np.diff(edges) - 1) / 2, above + (width - 1) / 2])
 
 
 def apply(decoded: np.ndarray, steps: np.ndarray, grid: Grid = Grid()) -> np.ndarray:

@@ -170,9 +170,9 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         bandwidth: kbps, one of the model's bandwidths; None uses `default_bandwidth` (the package's,
             else 6 kbps where offered).
         use_lm: entropy-code with the model's LM (smaller, slower; runs on the CPU).
-        envelope: store the envelope correction (`ecdc.use_envelope`: about 3.4 kbps with the default
-            model's table e3, far clearer audio); None: if the model's package opts in (the default
-            model does); a table name (e1, e2, e3): with that table's tiles.
+        envelope: store the envelope correction (`ecdc.use_envelope`: about 2.6 kbps with the default
+            model's table e4, far clearer audio); None: if the model's package opts in (the default
+            model does); a table name (e1, e2, e3, e4): with that table's tiles.
         force: replace an existing `dst`.
         progress: show a bar for long files on stderr.
         notify: called with one-line notes (resampling, per-channel bitrate).

@@ -116,10 +116,10 @@ def test_models_lists_official_and_cache(tmp_path: Path) -> None:
     code, text = run("models", "--json")
     rows = {r["name"]: r for r in json.loads(text)}
     assert set(rows) >= {"encodec_24khz", "encodec_48khz", "neucodec_24khz"}
-    assert rows["neucodec_24khz"]["envelope"] == "e3" and rows["encodec_24khz"]["envelope"] is None
+    assert rows["neucodec_24khz"]["envelope"] == "e4" and rows["encodec_24khz"]["envelope"] is None
     assert rows["neucodec_24khz"]["default_bandwidth"] == 3.0 and rows["encodec_24khz"]["default_bandwidth"] is None
     assert "neucodec_24khz (default): 24 kHz, 1 ch, streaming; bandwidths 1.5, 3, 4.5, 6, 12, 24 kbps (default 3); " \
-        "envelope correction (e3) by default" in run("models")[1]
+        "envelope correction (e4) by default" in run("models")[1]
     code, text = run("download", "encodec_24khz")  # offline in tests
     assert code == 1 and "neucodec: error" in text
 

@@ -72,6 +72,35 @@ def test_measure_and_apply_repair_a_moving_envelope() -> None:
     assert before > 5 and after < 0.3 * before
 
 
+WIDER = envelope.Grid(bands=60, bins=2, wider=((80, 4),))  # e4's grid: 100 Hz bands to 4 kHz, then 200 Hz
+
+
+def test_wider_bands_higher_up_reach_8_khz_and_measure_like_uniform_ones() -> None:
+    assert list(WIDER.edges[:3]) == [0, 2, 4] and list(WIDER.edges[39:43]) == [78, 80, 84, 88]
+    assert WIDER.top == 160 == envelope.Grid(bins=2, bands=80).top
+    x = _noise(1.3, 7, rms=0.3)
+    assert np.max(np.abs(envelope.apply(x, np.zeros((60, WIDER.tiles(len(x))), np.int8), WIDER) - x)) < 1e-12
+    lv = envelope.levels(x, WIDER)
+    assert lv.shape == (60, WIDER.tiles(len(x))) and abs(np.median(lv) - 20 * np.log10(0.3)) < 1.0
+    uniform, as_wider = envelope.Grid(bins=4, bands=40), envelope.Grid(bins=2, bands=40, wider=((0, 4),))
+    np.testing.assert_allclose(envelope.levels(x, as_wider), envelope.levels(x, uniform), atol=1e-9)
+    steps = np.random.default_rng(8).integers(-3, 4, (40, uniform.tiles(len(x)))).astype(np.int8)
+    np.testing.assert_allclose(envelope.apply(x, steps, as_wider), envelope.apply(x, steps, uniform), atol=1e-12)
+
+
+@pytest.mark.parametrize("grid", [GRID, WIDER], ids=["uniform", "wider"])
+def test_measure_and_apply_repair_a_moving_envelope_on_any_grid(grid: envelope.Grid) -> None:
+    reference = _noise(2.0, 9)
+    bins = np.arange(GRID.window // 2 + 1)[:, None]
+    t = np.arange(envelope.stft(reference, GRID).shape[1])[None, :]
+    reference = _shaped(reference, 18 * np.exp(-((bins - 60 - 40 * np.sin(2 * np.pi * t / 37)) / 12) ** 2) - 9)
+    decoded = _noise(2.0, 10) * 0.25
+    repaired = envelope.apply(decoded, envelope.measure(reference, decoded, grid), grid)
+    want = envelope.levels(reference, grid)
+    before = np.abs(envelope.levels(decoded, grid) - want)[:, 1:-1].mean()
+    assert before > 5 and np.abs(envelope.levels(repaired, grid) - want)[:, 1:-1].mean() < 0.3 * before
+
+
 def test_silence_gets_no_correction_and_corrections_are_clipped() -> None:
     silent = np.zeros(24077)
     assert not envelope.measure(silent, _noise(1.0, 4), GRID).any()
@@ -181,14 +210,15 @@ def test_segments_are_corrected_each_with_its_own_tiles() -> None:
     assert np.abs(y[0] - want).max() < 1e-12 and np.abs(y[1] + want).max() < 1e-12
 
 
-@pytest.mark.parametrize("name, bins, bands, digest", [("e1", 8, 20, "b789438815a9d235"),
-                                                       ("e2", 4, 40, "270f7fa8b70db662"),
-                                                       ("e3", 2, 80, "ee327fa805e68950")])
-def test_the_tables_are_fixed_by_the_format(name: str, bins: int, bands: int, digest: str) -> None:
+@pytest.mark.parametrize("name, grid, digest", [("e1", envelope.Grid(bins=8, bands=20), "b789438815a9d235"),
+                                                ("e2", envelope.Grid(bins=4, bands=40), "270f7fa8b70db662"),
+                                                ("e3", envelope.Grid(bins=2, bands=80), "ee327fa805e68950"),
+                                                ("e4", WIDER, "a939ce8a5c79f08e")])
+def test_the_tables_are_fixed_by_the_format(name: str, grid: envelope.Grid, digest: str) -> None:
     t = envelope.table(name)  # FORMAT.md §4.5: never change one
     assert t.dtype == np.float32 and t.shape == (15, 15, 15) and (t > 0).all()
     assert hashlib.sha256(t.tobytes()).hexdigest()[:16] == digest
-    assert envelope.table_grid(name) == envelope.Grid(bins=bins, bands=bands)  # a table brings its grid
+    assert envelope.table_grid(name) == grid  # a table brings its grid
 
 
 def _speechlike(seconds: float, groups: int = 1) -> torch.Tensor:
@@ -221,6 +251,20 @@ def test_a_file_with_corrections_decodes_closer_to_its_input(use_lm: bool) -> No
         assert err[1] < 0.5 * err[0], err
 
 
+def test_a_file_on_a_grid_of_wider_bands_carries_it_and_decodes_closer_to_its_input() -> None:
+    codec = tiny_codec24()
+    wav = _speechlike(2.3)
+    info, corrected = ecdc.decode_bytes(ecdc.encode_bytes(codec, wav, 3.0, segment_seconds=1.0,
+                                                          correct_envelope="e4"), codec)
+    assert info.envelope == {"table": "e4", "hop": 240, "bins": 2, "hops": 4, "bands": 60, "step_db": 6.0,
+                             "wider": [[80, 4]]}
+    _, uncorrected = ecdc.decode_bytes(ecdc.encode_bytes(codec, wav, 3.0, segment_seconds=1.0), codec)
+    want = envelope.levels(wav[0, 0].double().numpy(), WIDER)
+    err = [np.abs(envelope.levels(y[0, 0].double().numpy(), WIDER) - want)[:, :-1].mean()
+           for y in (uncorrected, corrected)]
+    assert err[1] < 0.5 * err[0], err
+
+
 def test_envelope_damage_and_unknown_tables_are_reported() -> None:
     codec = tiny_codec24()
     data = ecdc.encode_bytes(codec, _speechlike(1.0), 3.0, segment_seconds=0.5, correct_envelope=True)
@@ -229,6 +273,10 @@ def test_envelope_damage_and_unknown_tables_are_reported() -> None:
     body = data[prelude.size:]
     for changed, error, match in ((header, UnsupportedFormatVersion, "unknown envelope table 'e9'; upgrade"),
                                   (dict(header, envelope=dict(prelude.header["envelope"], hops=5)),
+                                   CorruptStream, "envelope tiles do not fit"),
+                                  (dict(header, envelope=dict(prelude.header["envelope"], wider=[[80, True]])),
+                                   CorruptStream, "envelope field 'wider' has a bad value"),
+                                  (dict(header, envelope=dict(prelude.header["envelope"], wider=[[0, 300]])),
                                    CorruptStream, "envelope tiles do not fit")):
         buf = io.BytesIO()
         container.ContainerWriter(buf, changed, 2)
@@ -246,14 +294,14 @@ def test_envelope_damage_and_unknown_tables_are_reported() -> None:
 
 
 def test_the_default_model_opts_in_and_others_only_when_asked() -> None:
-    assert load_codec().envelope_table == "e3"  # package key "envelope": what `neucodec encode` does by default
-    assert ecdc.use_envelope(load_codec(), None) == {"table": "e3", "hop": 240, "bins": 2, "hops": 4, "bands": 80,
-                                                     "step_db": 6.0}
+    assert load_codec().envelope_table == "e4"  # package key "envelope": what `neucodec encode` does by default
+    assert ecdc.use_envelope(load_codec(), None) == {"table": "e4", "hop": 240, "bins": 2, "hops": 4, "bands": 60,
+                                                     "step_db": 6.0, "wider": [[80, 4]]}
     assert ecdc.use_envelope(load_codec(), "e2")["table"] == "e2"  # any table, asked for by name
     codec = tiny_codec24()  # no package: it could take a correction, but gets one only when asked
     assert ecdc.use_envelope(codec, None) is None and ecdc.use_envelope(codec, True)["table"] == "e1"
     assert ecdc.use_envelope(codec, "e3")["bands"] == 80 and ecdc.use_envelope(codec, False) is None
-    with pytest.raises(UnsupportedAudio, match="no envelope table 'e0'; choose one of e1, e2, e3"):
+    with pytest.raises(UnsupportedAudio, match="no envelope table 'e0'; choose one of e1, e2, e3, e4"):
         ecdc.use_envelope(codec, "e0")
 
 

@@ -38,8 +38,8 @@ def _interpolation(grid: envelope.Grid, tiles: int) -> tuple[np.ndarray, np.ndar
     the band centres [window // 2 + 1, bands + extra bands held at 0 dB], and over time, frames
     from the tile centres [tiles, tiles * hops + 1]."""
     n_bins, frames = grid.window // 2 + 1, tiles * grid.hops + 1
-    n_full = -(-n_bins // grid.bins) + 1
-    band_centres = np.arange(n_full) * grid.bins + (grid.bins - 1) / 2
+    band_centres = envelope._band_centres(grid, n_bins)
+    n_full = len(band_centres)
     tile_centres = np.arange(tiles) * grid.hops + (grid.hops - 1) / 2
     over_freq = np.stack([np.interp(np.arange(n_bins), band_centres, row) for row in np.eye(n_full)], axis=1)
     over_time = np.stack([np.interp(np.arange(frames), tile_centres, row) for row in np.eye(tiles)])
@@ -59,7 +59,13 @@ def corrected(x_hat: Tensor, reference: Tensor, grid: envelope.Grid) -> Tensor:
                           return_complex=True)
 
     def levels(spec: Tensor) -> Tensor:  # [B, bands, tiles] in dB, as `envelope.levels`
-        power = spec[:, : grid.bands * grid.bins, :-1].abs() ** 2 / window.pow(2).sum()
+        power = spec[:, : grid.top, :-1].abs() ** 2 / window.pow(2).sum()
+        if grid.wider:  # bands of several widths: a matrix of each band's mean over its bins
+            edges = grid.edges
+            means = torch.zeros(grid.bands, grid.top, dtype=power.dtype, device=power.device)
+            for b in range(grid.bands):
+                means[b, edges[b]: edges[b + 1]] = 1 / (edges[b + 1] - edges[b])
+            return 10 * torch.log10(means @ power.reshape(len(spec), grid.top, tiles, grid.hops).mean(dim=3) + 1e-20)
         return 10 * torch.log10(power.reshape(len(spec), grid.bands, grid.bins, tiles, grid.hops).mean(dim=(2, 4))
                                 + 1e-20)
 

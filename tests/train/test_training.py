@@ -520,15 +520,15 @@ def test_corrected_is_the_envelope_correction_with_the_levels_its_own() -> None:
     from neucodec import envelope
     from neucodec.train.correction import corrected
 
-    grid = envelope.table_grid("e3")
     rng = np.random.default_rng(1)
-    for n in (6 * grid.tile, 6 * grid.tile + 333):
-        ref = rng.normal(size=n) * np.linspace(0.01, 0.3, n)
-        dec = ref * 10 ** (-2 * grid.step_db / 20)
-        steps = envelope.measure(ref, dec, grid)
-        assert (steps == 2).all()
-        got = corrected(torch.tensor(dec)[None, None], torch.tensor(ref)[None, None], grid)[0, 0].numpy()
-        np.testing.assert_allclose(got, envelope.apply(dec, steps, grid), atol=1e-9)
+    for grid in (envelope.table_grid("e4"), envelope.table_grid("e3")):  # wider bands higher up, and uniform
+        for n in (6 * grid.tile, 6 * grid.tile + 333):
+            ref = rng.normal(size=n) * np.linspace(0.01, 0.3, n)
+            dec = ref * 10 ** (-2 * grid.step_db / 20)
+            steps = envelope.measure(ref, dec, grid)
+            assert (steps == 2).all()
+            got = corrected(torch.tensor(dec)[None, None], torch.tensor(ref)[None, None], grid)[0, 0].numpy()
+            np.testing.assert_allclose(got, envelope.apply(dec, steps, grid), atol=1e-9)
 
     def lowpass(x: np.ndarray) -> np.ndarray:  # below the top of e3's bands (8 kHz)
         spectrum = np.fft.rfft(x)
