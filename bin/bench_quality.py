@@ -571,7 +571,8 @@ def _envelope_line(settings: dict[str, tp.Any] | None) -> str:
     if not settings:
         return "none (the model takes none)"
     tile_hz, tile_ms = settings["bins"] * 50, settings["hops"] * 10  # STFT bins of 50 Hz, hops of 10 ms
-    return (f"table `{settings['table']}`, {settings['bands']} bands of {tile_hz} Hz × {tile_ms} ms tiles, "
+    wider = "".join(f", {w * 50} Hz from {b * 50} Hz" for b, w in settings.get("wider") or ())
+    return (f"table `{settings['table']}`, {settings['bands']} bands of {tile_hz} Hz × {tile_ms} ms tiles{wider}, "
             f"{settings['step_db']:g} dB steps (rows *neucodec*)")
 
 

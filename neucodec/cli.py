@@ -309,8 +309,10 @@ def info(path: str, as_json: bool, verbose: bool) -> int:
         ("entropy coder", coder + (f", {data.get('lm_segments')} of {data.get('segments')} segments LM-coded"
                                    if data.get("lm_id") else "")),
         ("format version", data.get("format_version")),
-        ("envelope", "corrected ({table} table, {bands} bands of {bins} bins, {step_db:g} dB steps; {kbps:.2f} "
-                     "kbps)".format(**data["envelope"], kbps=data.get("envelope_kbps") or 0.0)
+        ("envelope", "corrected ({table} table, {bands} bands of {bins} bins{wider}, {step_db:g} dB steps; "
+                     "{kbps:.2f} kbps)".format(**dict(data["envelope"], wider="".join(
+                         f", {w} from bin {b}" for b, w in data["envelope"].get("wider") or ())),
+                                               kbps=data.get("envelope_kbps") or 0.0)
          if isinstance(data.get("envelope"), dict) else "none"),
         ("duration", f"{seconds:.3f} s ({data.get('length')} samples at {data['sample_rate']} Hz)"),
         ("original", f"{data.get('source_sample_rate')} Hz, {data.get('source_channels')} channel(s)"
