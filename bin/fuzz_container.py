@@ -4,7 +4,8 @@
 Anything other than a clean decode or a `NeucodecError` with a one-line message (a bare exception, a
 multi-line message, a hang past --max-seconds) counts as a failure; the exit code is the number of
 failures (capped at 100). Base files: packed and LM-coded (exact-v2 LM) 24 kHz-style streams, a
-version-2 stream with envelope corrections (LM-coded, two channel groups), a 48 kHz-style segmented
+version-2 stream with envelope corrections (LM-coded, two channel groups) and one on the wider bands
+of table e4 (plain), a 48 kHz-style segmented
 stream and a plain version-0 stream, all from tiny fixed-seed models; the golden files LM-coded by
 neucodec 0.1.0 (float32 LM) and 0.2.0 (exact-v1) (tests/golden); and, when the reference `encodec`
 package is installed, a version-0 file it LM-coded (random paper-size LM, 2 codebooks).
@@ -39,6 +40,7 @@ def base_files() -> list[tuple[str, bytes, object, object]]:
     lm4 = skewed_lm(n_q=4)
     corrected = ecdc.encode_bytes(c24, 0.1 * torch.randn(2, 1, 12000), 3.0, lm4, segment_seconds=0.2,
                                   correct_envelope=True)
+    wider = ecdc.encode_bytes(c24, 0.1 * torch.randn(1, 1, 12000), 3.0, segment_seconds=0.2, correct_envelope="e4")
     v0 = container.v0_header_bytes({"m": "encodec_24khz", "al": 3000, "nc": 2, "lm": False}) + \
         entropy.pack(torch.randint(0, 1024, (1, 2, 10)))
     from neucodec.config import encodec_24khz
@@ -50,7 +52,7 @@ def base_files() -> list[tuple[str, bytes, object, object]]:
 
     g_codec, g_lm = load_codec(golden / "golden_24khz.json"), load_lm(golden / "golden_24khz.json")
     bases = [("packed", packed, c24, None), ("lm", lm_file, c24, lm), ("envelope", corrected, c24, lm4),
-             ("segmented", seg48, c48, None),
+             ("envelope-e4", wider, c24, None), ("segmented", seg48, c48, None),
              ("v0", v0, big24, None), ("lm-float32", (golden / "lm_mono_24khz.ecdc").read_bytes(), g_codec, g_lm),
              ("lm-exact-v1", (golden / "lm_exact_24khz.ecdc").read_bytes(), g_codec, g_lm)]
     v0_lm = reference_v0_lm_file()

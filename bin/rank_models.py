@@ -16,7 +16,7 @@ of the clip-by-clip differences from it and the half-width of their 95 % interva
 [mean, ±]): two models scored on the same clips differ far less noisily than their means.
 
 With `--envelope [TABLE]`, each clip's decoded audio is scored with its envelope correction applied
-(`neucodec.envelope`, on the grid of TABLE, by default `e3`, the default model's), as a file of the
+(`neucodec.envelope`, on the grid of TABLE, by default `e4`, the default model's), as a file of the
 model carries it (a 10 s clip is one container segment): what a user of the default model hears;
 each category and bandwidth then also gets the correction's rate, coded with TABLE (`envelope_kbps`).
 """
@@ -44,8 +44,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--wide", type=int, metavar="N", help="N clips of 10 s per category from the whole dev split")
     p.add_argument("--paired", action="store_true", help="also print differences from the first model, clip by clip")
-    p.add_argument("--envelope", nargs="?", const="e3", default=None, metavar="TABLE",
-                   help="score the audio with its envelope correction applied on the grid of TABLE (default e3, "
+    p.add_argument("--envelope", nargs="?", const="e4", default=None, metavar="TABLE",
+                   help="score the audio with its envelope correction applied on the grid of TABLE (default e4, "
                         "the default model's), as the model's files carry it")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
