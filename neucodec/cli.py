@@ -132,8 +132,8 @@ def cli() -> None:
               help="Bandwidth of the codes per coded stream, one of the model's bandwidths (the envelope "
                    "correction comes on top) [default: the model's: 3 for the default model, else 6 if offered].")
 @click.option("--lm/--no-lm", "use_lm", default=False, show_default=True,
-              help="Entropy-code the codes with the model's language model: the codes ~40% smaller for speech, "
-                   "~10% for music (the envelope correction is not LM-coded); slower.")
+              help="Entropy-code the codes with the model's language model: the codes ~35% smaller for speech, "
+                   "~20% for music (the envelope correction is not LM-coded); slower.")
 @click.option("--envelope/--no-envelope", default=None,
               help="Store a correction of the decoded audio's spectral envelope: about 2.6 kbps more with the "
                    "default model's table, much clearer sound; the encoder runs the decoder too [default: on if "
