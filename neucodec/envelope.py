@@ -162,15 +162,15 @@ def _interpolate(values: np.ndarray, centres: np.ndarray, n: int) -> np.ndarray:
 def gains_db(steps: np.ndarray, grid: Grid, frames: int) -> np.ndarray:
     """Per STFT bin and frame, [window // 2 + 1, frames]: the tile corrections interpolated."""
     n_bins = grid.window // 2 + 1
-    band_centres = _band_centres(grid, n_bins)
-    full = np.zeros((len(band_centres), steps.shape[1]))
+    centres = band_centres(grid, n_bins)
+    full = np.zeros((len(centres), steps.shape[1]))
     full[: grid.bands] = steps * grid.step_db
     tile_centres = np.arange(steps.shape[1]) * grid.hops + (grid.hops - 1) / 2
     over_time = _interpolate(full, tile_centres, frames)  # [bands + ..., frames]
-    return _interpolate(over_time.T, band_centres, n_bins).T
+    return _interpolate(over_time.T, centres, n_bins).T
 
 
-def _band_centres(grid: Grid, n_bins: int) -> np.ndarray:
+def band_centres(grid: Grid, n_bins: int) -> np.ndarray:
     """Centre bins of the coded bands, then of bands as wide as the top one on past the last bin
     (their gains are 0 dB)."""
     if not grid.wider:

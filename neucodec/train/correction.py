@@ -38,7 +38,7 @@ def _interpolation(grid: envelope.Grid, tiles: int) -> tuple[np.ndarray, np.ndar
     the band centres [window // 2 + 1, bands + extra bands held at 0 dB], and over time, frames
     from the tile centres [tiles, tiles * hops + 1]."""
     n_bins, frames = grid.window // 2 + 1, tiles * grid.hops + 1
-    band_centres = envelope._band_centres(grid, n_bins)
+    band_centres = envelope.band_centres(grid, n_bins)
     n_full = len(band_centres)
     tile_centres = np.arange(tiles) * grid.hops + (grid.hops - 1) / 2
     over_freq = np.stack([np.interp(np.arange(n_bins), band_centres, row) for row in np.eye(n_full)], axis=1)
