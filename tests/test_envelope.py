@@ -55,23 +55,6 @@ def test_a_tile_is_three_code_frames_and_bands_reach_8_khz() -> None:
     assert GRID.bands * GRID.bins * 24000 / GRID.window == 8000
 
 
-def test_measure_and_apply_repair_a_moving_envelope() -> None:
-    reference = _noise(2.0, 2)
-    frames = envelope.stft(reference, GRID).shape[1]
-    bins = np.arange(GRID.window // 2 + 1)[:, None]
-    t = np.arange(frames)[None, :]
-    formant = 60 + 40 * np.sin(2 * np.pi * t / 37)  # a peak wandering between 1 and 5 kHz
-    reference = _shaped(reference, 18 * np.exp(-((bins - formant) / 12) ** 2) - 9)
-    decoded = _noise(2.0, 3) * 0.25  # another noise, flat and 12 dB low: the right fine structure is not the point
-    steps = envelope.measure(reference, decoded, GRID)
-    assert steps.dtype == np.int8 and steps.shape == (GRID.bands, GRID.tiles(len(reference)))
-    repaired = envelope.apply(decoded, steps, GRID)
-    want = envelope.levels(reference, GRID)
-    before = np.abs(envelope.levels(decoded, GRID) - want)[:, 1:-1].mean()
-    after = np.abs(envelope.levels(repaired, GRID) - want)[:, 1:-1].mean()
-    assert before > 5 and after < 0.3 * before
-
-
 WIDER = envelope.Grid(bands=60, bins=2, wider=((80, 4),))  # e4's grid: 100 Hz bands to 4 kHz, then 200 Hz
 
 
@@ -93,9 +76,12 @@ def test_measure_and_apply_repair_a_moving_envelope_on_any_grid(grid: envelope.G
     reference = _noise(2.0, 9)
     bins = np.arange(GRID.window // 2 + 1)[:, None]
     t = np.arange(envelope.stft(reference, GRID).shape[1])[None, :]
-    reference = _shaped(reference, 18 * np.exp(-((bins - 60 - 40 * np.sin(2 * np.pi * t / 37)) / 12) ** 2) - 9)
-    decoded = _noise(2.0, 10) * 0.25
-    repaired = envelope.apply(decoded, envelope.measure(reference, decoded, grid), grid)
+    formant = 60 + 40 * np.sin(2 * np.pi * t / 37)  # a peak wandering between 1 and 5 kHz
+    reference = _shaped(reference, 18 * np.exp(-((bins - formant) / 12) ** 2) - 9)
+    decoded = _noise(2.0, 10) * 0.25  # another noise, flat and 12 dB low: the right fine structure is not the point
+    steps = envelope.measure(reference, decoded, grid)
+    assert steps.dtype == np.int8 and steps.shape == (grid.bands, grid.tiles(len(reference)))
+    repaired = envelope.apply(decoded, steps, grid)
     want = envelope.levels(reference, grid)
     before = np.abs(envelope.levels(decoded, grid) - want)[:, 1:-1].mean()
     assert before > 5 and np.abs(envelope.levels(repaired, grid) - want)[:, 1:-1].mean() < 0.3 * before
