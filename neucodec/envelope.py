@@ -173,10 +173,9 @@ def gains_db(steps: np.ndarray, grid: Grid, frames: int) -> np.ndarray:
 def band_centres(grid: Grid, n_bins: int) -> np.ndarray:
     """Centre bins of the coded bands, then of bands as wide as the top one on past the last bin
     (their gains are 0 dB)."""
-    if not grid.wider:
-        return np.arange(-(-n_bins // grid.bins) + 1) * grid.bins + (grid.bins - 1) / 2
-    edges, width = grid.edges, int(grid.edges[-1] - grid.edges[-2])
-    above = grid.top + np.arange(max(0, -(-(n_bins - grid.top) // width)) + 1) * width
+    edges = grid.edges
+    top, width = int(edges[-1]), int(edges[-1] - edges[-2])
+    above = top + np.arange(max(0, -(-(n_bins - top) // width)) + 1) * width
     return np.concatenate([edges[:-1] + (np.diff(edges) - 1) / 2, above + (width - 1) / 2])
 
 
