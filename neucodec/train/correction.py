@@ -46,6 +46,16 @@ def _interpolation(grid: envelope.Grid, tiles: int) -> tuple[np.ndarray, np.ndar
     return over_freq, over_time
 
 
+@functools.lru_cache(maxsize=8)
+def _band_means(grid: envelope.Grid) -> np.ndarray:
+    """[bands, top]: each coded band's mean over its bins, as a matrix (bands of several widths)."""
+    edges = grid.edges
+    means = np.zeros((grid.bands, grid.top))
+    for b in range(grid.bands):
+        means[b, edges[b]: edges[b + 1]] = 1 / (edges[b + 1] - edges[b])
+    return means
+
+
 def corrected(x_hat: Tensor, reference: Tensor, grid: envelope.Grid) -> Tensor:
     """`x_hat` [B, 1, T] with every tile brought to `reference`'s [B, 1, T] level, as `envelope.apply`
     applies a correction (unrounded, and differentiable in `x_hat`'s levels; see the module)."""
@@ -60,11 +70,8 @@ def corrected(x_hat: Tensor, reference: Tensor, grid: envelope.Grid) -> Tensor:
 
     def levels(spec: Tensor) -> Tensor:  # [B, bands, tiles] in dB, as `envelope.levels`
         power = spec[:, : grid.top, :-1].abs() ** 2 / window.pow(2).sum()
-        if grid.wider:  # bands of several widths: a matrix of each band's mean over its bins
-            edges = grid.edges
-            means = torch.zeros(grid.bands, grid.top, dtype=power.dtype, device=power.device)
-            for b in range(grid.bands):
-                means[b, edges[b]: edges[b + 1]] = 1 / (edges[b + 1] - edges[b])
+        if grid.wider:  # bands of several widths
+            means = torch.from_numpy(_band_means(grid)).to(power)
             return 10 * torch.log10(means @ power.reshape(len(spec), grid.top, tiles, grid.hops).mean(dim=3) + 1e-20)
         return 10 * torch.log10(power.reshape(len(spec), grid.bands, grid.bins, tiles, grid.hops).mean(dim=(2, 4))
                                 + 1e-20)
