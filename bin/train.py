@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", help="release package to start from when no checkpoint exists")
     p.add_argument("--export", type=Path, help="write a release package here at every checkpoint")
+    p.add_argument("--latent-dim", type=int,
+                   help="the codec's latent dimension; wider than --init-from's widens it, function-preserving")
     p.add_argument("--max-hours", type=float, help="stop (after a checkpoint) after this long")
     args = p.parse_args()
 
@@ -48,6 +50,10 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         data[key] = json.loads(value)
+    if args.latent_dim:
+        codec = data.setdefault("codec", {})
+        for part in ("seanet", "quantizer"):
+            codec.setdefault(part, {})["dimension"] = args.latent_dim
     config = TrainConfig.from_dict(data)
     solver = build(config, args.run_dir, args.corpus, device)
     parent = load_weights(resolve(args.init_from)) if args.init_from else None

@@ -30,6 +30,8 @@ from ..model import Codec
 from ..weights import Weights, carried, complete_codebooks, load_weights, resolve, save_release
 from .correction import corrected
 from .data import Batches, MixConfig, Prefetched, load_corpus
+from .diagnostics import latent_report
+from .widen import latent_dim, widen_latent
 from .discriminators import MultiScaleSTFTDiscriminator
 from .losses import (Balancer, LogStftLoss, MultiScaleMelLoss, SpectralNsimLoss, frame_comb_loss,
                      hinge_discriminator_loss, hinge_generator_loss, mel_distance, relative_feature_loss, si_snr)
@@ -52,6 +54,7 @@ class TrainConfig:
     weights: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"l1": 0.1, "mel": 1.0, "adv": 3.0, "feat": 3.0})
     commit_weight: float = 1.0
+    commit_mean: bool = False  # the commitment loss averaged over the step's codebooks (the reference), not summed
     balancer: bool = True
     adversarial: bool = True
     adversarial_start: int = 0  # step from which the adversarial and feature losses are on
@@ -61,6 +64,9 @@ class TrainConfig:
     disc_lr: float | None = None  # the discriminator's learning rate (None: lr)
     quantizer_start: int = 0  # steps of plain autoencoder before the RVQ is switched on
     kmeans_batches: int = 16  # batches of latents for the k-means initialisation of the codebooks
+    bypass_prob: float = 0.0  # probability that a step bypasses the quantizer (the plain autoencoder)
+    reinit_codebooks: int = 0  # step at which the codebooks are k-means-initialised afresh (0: never)
+    diag_clips: int = 4  # dev speech clips for the latent diagnostics at each evaluation (0: none)
     seed: int = 0
     log_every: int = 50
     eval_every: int = 1000
@@ -200,7 +206,10 @@ class Solver:
     def init_from_release(self, release: str | Weights) -> None:
         """Start from released codec weights (a fresh machine without the training checkpoint)."""
         w = release if isinstance(release, Weights) else load_weights(resolve(release))
-        self.codec.load_state_dict(complete_codebooks(dict(w.state)))
+        state = complete_codebooks(dict(w.state))
+        if latent_dim(state) < self.cfg.codec.seanet.dimension:  # a wider latent: same function, new channels
+            state = widen_latent(state, self.cfg.codec.seanet.dimension, seed=self.cfg.seed)
+        self.codec.load_state_dict(state)
         self.step = int(w.metadata.get("steps", 0))
         self.seconds = float(w.metadata.get("train_hours", 0.0)) * 3600
 
@@ -241,8 +250,11 @@ class Solver:
     def train_step(self, wav: Tensor) -> dict[str, float]:
         c = self.cfg
         quantize = self.step >= c.quantizer_start
-        if quantize and not bool(self.codec.quantizer._codebook(0).inited.item()):
+        if quantize and (not bool(self.codec.quantizer._codebook(0).inited.item())
+                         or (c.reinit_codebooks and self.step == c.reinit_codebooks)):
             self.init_codebooks()
+        if quantize and c.bypass_prob and self.bw_rng.random() < c.bypass_prob:
+            quantize = False
         n_q = self.draw_n_q() if quantize else 0
         adversarial = c.adversarial and self.step >= c.adversarial_start
         warming = adversarial and self.step < c.adversarial_start + c.disc_warmup  # no adversary for the codec yet
@@ -275,7 +287,7 @@ class Solver:
             losses["feat"] = relative_feature_loss([[f.detach().float() for f in fr] for fr in fmap_real],
                                                    [[f.float() for f in ff] for ff in fmap_fake])
         self.opt.zero_grad(set_to_none=True)
-        commit = c.commit_weight * q.commit_loss
+        commit = c.commit_weight * (q.commit_loss / max(q.n_q, 1) if c.commit_mean else q.commit_loss)
         if self.balancer is not None:
             out_grad = self.balancer.gradient(losses, x_hat32)
             tensors, grads = [x_hat32], [out_grad]
@@ -325,9 +337,14 @@ class Solver:
     def evaluate(self, bandwidths: tp.Sequence[float] = (1.5, 6.0)) -> dict[str, float]:
         """Mean SI-SNR and mel distance on the dev clips, per category and bandwidth, and ViSQOL
         (speech mode, 16 kHz) on the first `visqol_clips` clips of each category when it is installed."""
-        return dev_scores(self.codec.eval(), self.dev_clips, bandwidths,
-                          self.visqol if self.cfg.visqol_clips else None,
-                          lambda category, index, bandwidth: index < self.cfg.visqol_clips)
+        scores = dev_scores(self.codec.eval(), self.dev_clips, bandwidths,
+                            self.visqol if self.cfg.visqol_clips else None,
+                            lambda category, index, bandwidth: index < self.cfg.visqol_clips)
+        speech = [p for p in self.dev_clips if p.stem.startswith("speech")][: self.cfg.diag_clips]
+        if speech:
+            clips = [sf.read(str(p), dtype="float32", always_2d=True)[0].mean(1) for p in speech]
+            scores.update(latent_report(self.codec, clips))
+        return scores
 
     # ------------------------------------------------------------------ loop
     def run(self, export_to: Path | None = None, max_seconds: float | None = None,
