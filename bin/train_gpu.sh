@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One time-boxed GPU lease of training (docs/training.md, "On a lent GPU"):
 #
-#   bin/train_gpu.sh PACKED_CORPUS INIT_RELEASE OUT_DIR SECONDS [decoder|full]
+#   bin/train_gpu.sh PACKED_CORPUS INIT_RELEASE OUT_DIR SECONDS [decoder|full|recipe]
 #
-# unpacks the corpus carried by bin/pack_corpus.py, then, bounded by the clock:
+# first runs the GPU tests (`pytest -m gpu`, log in OUT_DIR/gpu-tests.log), unpacks the corpus
+# carried by bin/pack_corpus.py, then, bounded by the clock:
 # decoder (the default): two fine-tunings of INIT_RELEASE's decoder side by side on the one GPU (a
 #   model this small leaves it mostly idle): `p` with the reconstruction losses only, `g`
 #   adversarially (discriminator warm-up first) in three resumed stretches. The encoder and
@@ -13,12 +14,21 @@
 #   the time, then its LM, from INIT_RELEASE's, on the new codes. Leaves the release package as
 #   OUT_DIR/full.json and OUT_DIR/full.safetensors.part-a* (split under the 16 MiB a returned file
 #   may have; `cat` them back together).
-# Both leave OUT_DIR/runs.tgz (release JSON files and logs).
+# recipe: the whole codec with configs/neucodec_24khz_v2.json (the paper's balancer weights and
+#   Adam, the MS-STFT discriminator, commitment averaged over codebooks, a latent of 128
+#   dimensions widened from INIT_RELEASE's), adversarially from the start (discriminator warm-up
+#   first), the quantizer bypassed for the first WARM steps (2000) and its codebooks k-means
+#   initialised afresh then. Extra `--set` overrides in the environment variable SET. Leaves OUT_DIR/recipe.json and
+#   OUT_DIR/recipe.safetensors.part-a* (`cat` them back together), and OUT_DIR/checkpoint.pt.part-a*
+#   (optimizer and discriminator state, to resume).
+# All leave OUT_DIR/runs.tgz (release JSON files and logs).
 set -u
 packed=$1 init=$2 out=$3 budget=$4 mode=${5:-decoder}
 end=$(($(date +%s) + budget - 20))  # 20 s to pack the results
 corpus=/tmp/neucodec-corpus work=/tmp/neucodec-gpu
 mkdir -p "$out" "$work"
+timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
+echo "gpu tests: exit $? ($(tail -n 1 "$out/gpu-tests.log"))"
 python3 bin/pack_corpus.py unpack "$packed" "$corpus" || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 step=$(python3 -c "import json; print(json.load(open('$init'))['training']['steps'])")
@@ -39,7 +49,17 @@ run() {  # UNTIL NAME EXPORT ARGS...: train, once more in float32 if bf16 autoca
     train "$@" || train "$@" bf16=false
 }
 
-if [ "$mode" = full ]; then
+if [ "$mode" = recipe ]; then
+    dim=$(python3 -c "import json; print(json.load(open('configs/neucodec_24khz_v2.json'))['codec']['seanet']['dimension'])")
+    # shellcheck disable=SC2086
+    run "$end" r r --config configs/neucodec_24khz_v2.json --latent-dim "$dim" \
+        --set "${gpu[@]}" adversarial_start="$step" disc_filters=32 \
+        quantizer_start="$((step + ${WARM:-2000}))" reinit_codebooks="$((step + ${WARM:-2000}))" ${SET:-} \
+        > "$work/r.log" 2>&1
+    cp "$work/r/neucodec_24khz.json" "$out/recipe.json"
+    split -b 15m "$work/r/neucodec_24khz.safetensors" "$out/recipe.safetensors.part-"
+    split -b 15m "$work/run-r/checkpoint.pt" "$out/checkpoint.pt.part-"
+elif [ "$mode" = full ]; then
     now=$(date +%s)
     run $((now + (end - now) * 7 / 10)) f f --config configs/neucodec_24khz.json --set "${gpu[@]}" lr=3e-4 \
         > "$work/f.log" 2>&1

@@ -11,7 +11,7 @@ ask for what a correction cannot give: the detail within a tile.
 Why not the rounded, constant gains a file carries: with them the gradient still moves a tile's
 level, the next step's rounding takes back what it moved, and a waveform loss that prefers a
 quieter output (unpredictable detail costs less when smaller) ratchets the decoder's levels down
-step after step while the gains rise to make up for it. Measured (session 24): 2,500 such steps
+step after step while the gains rise to make up for it. Measured (2026-12-06, docs/experiments.md): 2,500 such steps
 left the decoder 40 dB too quiet, the corrections at their ±42 dB limit and ViSQOL 1.6 lower. So
 the levels are the correction's alone here, and the plain output's losses hold them
 (`TrainConfig.envelope_share`).
