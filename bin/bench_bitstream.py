@@ -12,7 +12,7 @@ One run on real recordings (default: the corpus dev clips, resampled to 24 kHz a
    paper-size LM weights; neucodec with the writer's LM spans and with spans of the whole LM
    context, and with the trained LM too. neucodec runs its LM in exact arithmetic, as its writer
    does (`neucodec.exactlm`: exact-v2, int8 products); exact-v1 (float64 products, files of
-   neucodec 0.2.0) and the float32 LM of files written before it are timed for comparison.
+   neucodec 0.2.0) is timed for comparison.
 
     python bin/bench_bitstream.py --seconds 30 [--model neucodec_24khz] [--audio a.wav b.wav]
 """
@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from neucodec import config, container, entropy, exactlm  # noqa: E402
+from neucodec import config, container, entropy, exactlm, packing  # noqa: E402
 from neucodec.errors import NeucodecError  # noqa: E402
 from neucodec.lm import LanguageModel  # noqa: E402
 from neucodec.model import Codec  # noqa: E402
@@ -107,7 +107,7 @@ def main() -> None:
     for bw in codec.config.bandwidths:
         codes = codec.encode(wav, bw).codes
         items = list(codes.split(seg, -1))
-        packed_bits = sum(len(entropy.pack(c)) for c in items) * 8
+        packed_bits = sum(len(packing.pack(c)) for c in items) * 8
         lm_bits = sum(len(r) for r in entropy.lm_encode_many(engine, items, span=span)) * 8
         long_bits = sum(len(r) for r in entropy.lm_encode_many(engine, items, span=lm.cfg.past_context)) * 8
         n_lm = sum(c.flags in container.LM_FLAGS for c in entropy.encode_segments(items, engine, span=span))
@@ -124,16 +124,15 @@ def main() -> None:
     torch.manual_seed(0)
     rand_lm = LanguageModel(config.lm_for(codec.config)).eval()
 
-    def lm_path(model: tp.Any, span: int) -> float:
+    def lm_path(model: exactlm.ExactLM, span: int) -> float:
         """Encode (with the writer's check) + decode, every segment LM-coded; returns the RTF."""
         payloads = entropy.lm_encode_many(model, items, span=span)
-        exact = isinstance(model, exactlm.ExactLM)
-        flags = container.ARITHMETIC_FLAGS[model.arithmetic] if exact else container.SEGMENT_LM
+        flags = container.ARITHMETIC_FLAGS[model.arithmetic]
         records = [(flags, p, tuple(i.shape), "s") for p, i in zip(payloads, items)]
         t_enc = best(lambda: entropy.encode_segments(items, model, span=span), args.repeat)
         t_dec = best(lambda: entropy.decode_segments(records, model, span=span), args.repeat)
-        name = model.arithmetic if exact else "float32"
-        print(f"  {type(model).__name__} {name} dim {model.cfg.dim}, {span}-frame spans: encode+check {t_enc:.2f} s, "
+        print(f"  {type(model).__name__} {model.arithmetic} dim {model.cfg.dim}, {span}-frame spans: "
+              f"encode+check {t_enc:.2f} s, "
               f"decode {t_dec:.2f} s -> RTF {dur / (t_enc + t_dec):.1f}")
         return dur / (t_enc + t_dec)
 
@@ -142,8 +141,6 @@ def main() -> None:
     ours_long = lm_path(exactlm.exact(rand_lm), rand_lm.cfg.past_context)
     print("  (exact-v1, float64 products, as files of neucodec 0.2.0 were coded)")
     ours_v1 = lm_path(exactlm.exact(rand_lm, exactlm.V1), span)
-    print("  (float32 LM, as files before exact-v1 were coded: machine-bound, for comparison)")
-    ours_float = lm_path(rand_lm, span)
     if trained:
         print(f"  (trained LM {args.model})")
         lm_path(engine, span)
@@ -180,7 +177,7 @@ def main() -> None:
         ref_rtf = max(ref_rtf, rtf)
     print(f"speed-up: {ours / ref_rtf:.1f}x with {span}-frame spans, {ours_long / ref_rtf:.1f}x with "
           f"{rand_lm.cfg.past_context}-frame spans (target >= 10x; target RTF >= 30); exact-v1 "
-          f"{ours_v1 / ref_rtf:.1f}x; float32 LM {ours_float / ref_rtf:.1f}x")
+          f"{ours_v1 / ref_rtf:.1f}x")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -627,9 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     from neucodec import ecdc
 
-    settings = ecdc.use_envelope(codec, args.envelope_table)  # as `neucodec encode` decides
-    envelope: str | bool = settings["table"] if settings else False
-    model["envelope"] = settings
+    spec = ecdc.use_envelope(codec, args.envelope_table)  # as `neucodec encode` decides
+    envelope: str | bool = spec.table if spec else False
+    model["envelope"] = None if spec is None else spec.to_header()
     rtf = speed(codec, lm, clips, envelope)
     print("speed (x real time): " + ", ".join(f"{k} {v:.1f}" for k, v in rtf.items()), flush=True)
     metrics = Metrics()

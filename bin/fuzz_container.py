@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from _bitstream import lm_coded_file, skewed_lm, tiny_codec24, tiny_codec48  # noqa: E402
-from neucodec import container, ecdc, entropy  # noqa: E402
+from neucodec import container, ecdc, packing  # noqa: E402
 from neucodec.errors import NeucodecError  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def base_files() -> list[tuple[str, bytes, object, object]]:
                                   correct_envelope=True)
     wider = ecdc.encode_bytes(c24, 0.1 * torch.randn(1, 1, 12000), 3.0, segment_seconds=0.2, correct_envelope="e4")
     v0 = container.v0_header_bytes({"m": "encodec_24khz", "al": 3000, "nc": 2, "lm": False}) + \
-        entropy.pack(torch.randint(0, 1024, (1, 2, 10)))
+        packing.pack(torch.randint(0, 1024, (1, 2, 10)))
     from neucodec.config import encodec_24khz
     from neucodec.model import Codec
 

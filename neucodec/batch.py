@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from . import audio_io, container, lockstep, pipeline
+from . import audio_io, lockstep, pipeline
 from .atomic import TMP_MARK, Terminated, raise_on_sigterm
 from .errors import NeucodecError
+from .reader import read_header
 
 Mode = tp.Literal["encode", "decode"]
 #: Files batched together on a GPU when `-j` is not given.
@@ -190,16 +191,13 @@ def _run_shared(mode: Mode, job: Job, options: dict[str, tp.Any], codecs: dict[s
     shared = None
     model = options.get("model")
     try:
-        named = model is None and mode == "decode"
-        if named:  # the model the file names
+        if model is None and mode == "decode":  # the model the file names
             with open(job.source, "rb") as f:
-                header = container.read_prelude(f).header
-            model = header.get("model_id", header.get("m"))
-        if not named or isinstance(model, str):
-            if str(model) not in codecs:
-                device = pipeline.pick_device(options.get("device"))
-                codecs[str(model)] = lockstep.SharedCodec(pipeline.get_codec(model, device))
-            shared = codecs[str(model)]
+                model = read_header(f).model_id
+        if str(model) not in codecs:
+            device = pipeline.pick_device(options.get("device"))
+            codecs[str(model)] = lockstep.SharedCodec(pipeline.get_codec(model, device))
+        shared = codecs[str(model)]
     except (NeucodecError, OSError):
         pass  # left to the pipeline, which meets the same problem and reports it for this file
     options = dict(options, segments_coder=coder)

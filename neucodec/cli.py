@@ -227,7 +227,7 @@ def _file_target(src: str, dst: str, ext: str) -> str:
 
 def _folder(mode: tp.Literal["encode", "decode"], src: Path, dst: Path, options: dict[str, tp.Any],
             force: bool, jobs: int | None, quiet: bool, verbose: bool, audio_ext: str = ".wav") -> int:
-    from . import batch, ecdc, pipeline
+    from . import batch, pipeline, streamspec
 
     if str(dst) == audio_io.STDIO:
         raise OutputError("a folder cannot be written to stdout; give an output folder")
@@ -235,16 +235,15 @@ def _folder(mode: tp.Literal["encode", "decode"], src: Path, dst: Path, options:
         raise OutputError(f"{dst} is a file; a folder IN needs a folder OUT")
     device = pipeline.pick_device(options.get("device"))
     options = dict(options, device=str(device))
-    # fail once, up front, for a bad model or bandwidth instead of once per file
+    # fail once, up front, for a bad model or setting instead of once per file
     if mode == "encode" or options.get("model"):
         codec = pipeline.get_codec(options.get("model"), device)
         if mode == "encode":
             bw = options.get("bandwidth") or pipeline.default_bandwidth(codec)
-            codec.n_q_for_bandwidth(bw)
+            options["settings"] = streamspec.encode_settings(codec, bw, options.get("envelope"))
             options["bandwidth"] = bw
             if options.get("use_lm"):
                 pipeline.get_lm(options.get("model"))
-            ecdc.use_envelope(codec, options.get("envelope"))
     jobs_list = batch.plan(src, dst, mode, audio_ext)
     if not jobs_list:
         kind = "audio files" if mode == "encode" else ".ecdc files"
@@ -282,16 +281,16 @@ def _folder(mode: tp.Literal["encode", "decode"], src: Path, dst: Path, options:
 @_guarded
 def info(path: str, as_json: bool, verbose: bool) -> int:
     """Describe an .ecdc file: model, bitrate, duration, original format."""
-    from . import ecdc
+    from .reader import read_info
 
     if path != audio_io.STDIO and not Path(path).is_file():
         raise NeucodecError(f"{path} does not exist; check the path" if not Path(path).exists()
                             else f"{path} is not a file; give an .ecdc file")
     if path == audio_io.STDIO:
-        stream_info = ecdc.read_info(sys.stdin.buffer)
+        stream_info = read_info(sys.stdin.buffer)
     else:
         with open(path, "rb") as f:
-            stream_info = ecdc.read_info(f)
+            stream_info = read_info(f)
     data = stream_info.to_dict()
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
@@ -380,11 +379,11 @@ def model_table() -> list[dict[str, tp.Any]]:
                     lm_path = ""
         else:
             assert path is not None
-            meta = json.loads(Path(path).read_text())
-            config = cfg.codec_from_dict(meta["codec"])
-            has_lm = bool(meta.get("lm"))
+            package = w.package_info(path)
+            config = package.codec_config
+            has_lm = package.lm_config is not None
             lm_path = str(path) if has_lm else None
-            envelope, default_bandwidth = meta.get("envelope"), meta.get("default_bandwidth")
+            envelope, default_bandwidth = package.envelope, package.default_bandwidth
         rows.append(dict(name=name, sample_rate=config.sample_rate, channels=config.channels,
                          causal=config.seanet.causal, bandwidths=list(config.bandwidths),
                          weights=str(path) if path else None, lm=lm_path if has_lm else None,

@@ -12,7 +12,7 @@ Every length is covered by a CRC before it is trusted and capped by a fixed boun
 hostile input raises `CorruptStream` naming the segment and byte offset, never a huge allocation.
 A writer needs no seeking: the total length travels in the end record and the index holds offsets
 counted while writing. Version-0 files of the reference tool (magic b"ECDC") are recognised here;
-their payload is read by `neucodec.ecdc`.
+their payload is read by `neucodec.v0reader`.
 """
 from __future__ import annotations
 
@@ -74,6 +74,17 @@ Json = dict[str, tp.Any]
 
 def crc32(data: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def stream_bytes(end_offset: int, segments: int) -> int:
+    """Size of a whole container whose end record starts at byte `end_offset`: the end record, the
+    index record (8 bytes per segment) and the trailer follow it."""
+    return end_offset + RECORD_HEAD_BYTES + _END.size + RECORD_HEAD_BYTES + 8 * segments + TRAILER_BYTES
+
+
+def end_offset(stream_bytes: int, segments: int) -> int:
+    """Inverse of `stream_bytes`: where the end record of a whole container starts."""
+    return stream_bytes - (RECORD_HEAD_BYTES + _END.size + RECORD_HEAD_BYTES + 8 * segments + TRAILER_BYTES)
 
 
 @dataclasses.dataclass

@@ -1,23 +1,17 @@
-"""Codes of one segment [B, K, F] <-> payload bytes: fixed-width bit packing or LM range coding.
+"""Codes of segments [B, K, F] <-> payload bytes: LM range coding, or fixed-width packing (`neucodec.packing`).
 
-Two coders:
+`lm_encode`/`lm_decode`: the entropy-coding LM predicts the K codes of frame t from frame t-1;
+constriction's queue `RangeEncoder` codes the B*K symbols of a frame in one call with
+`Categorical(perfect=False)` on C-contiguous float32 probabilities, stored as little-endian
+uint32 words. Encoder and decoder get probabilities from the same object (`_FrameModel`),
+which runs the LM on the CPU with a fixed thread count (`LM_THREADS`): the decoder steps it one
+frame at a time, the encoder, which knows every frame, computes several steps at once with the
+same results (`ExactLM.run_known`). Segments are coded with an `exactlm.ExactLM` (the same bits
+on every machine); a float32 `LanguageModel` decodes the segments of neucodec 0.1.0 (flags 1),
+whose probabilities depend on the CPU and torch build. Many segments can be coded in one batch
+(`lm_encode_many`/`lm_decode_many`); each keeps its own coder and its own LM state.
 
-* `pack`/`unpack`: each code in `bits` bits (10 for 1024-entry codebooks), LSB-first, in
-  time-major order per sequence (for b, for t, for k) -- for B = 1 exactly the reference's
-  `BitPacker` stream, so version-0 files use the same function.
-* `lm_encode`/`lm_decode`: the entropy-coding LM predicts the K codes of frame t from frame t-1;
-  constriction's queue `RangeEncoder` codes the B*K symbols of a frame in one call with
-  `Categorical(perfect=False)` on C-contiguous float32 probabilities, stored as little-endian
-  uint32 words. Encoder and decoder get probabilities from the same object (`_FrameModel`),
-  which runs the LM on the CPU with a fixed thread count (`LM_THREADS`): the decoder steps it one
-  frame at a time, the encoder, which knows every frame, computes several steps at once with the
-  same results (`run_known`). The writer's LM is an `exactlm.ExactLM` (the same bits on every
-  machine); a float32 `LanguageModel` still codes and decodes the segments of neucodec 0.1.0
-  (flags 1), whose probabilities depend on the CPU and torch build.
-  Many segments can be coded in one batch (`lm_encode_many`/`lm_decode_many`); each keeps its
-  own coder and its own LM state.
-
-`encode_segment` picks the coder for a segment and, for the LM, decodes its own payload before
+`encode_segments` picks the coder for each segment and, for the LM, decodes its own payload before
 returning it; if that does not give back the codes it falls back to packing, so it never
 produces a payload that does not decode on the machine that wrote it.
 """
@@ -33,15 +27,18 @@ import constriction
 import numpy as np
 import torch
 
+from .container import ARITHMETIC_FLAGS, FLAG_ARITHMETIC, LM_FLAGS, SEGMENT_PACKED
 from .errors import CorruptStream
 from .exactlm import ExactLM, exact
 from .lm import LanguageModel, LMState
+from .packing import codes_array, pack, unpack
 
 Tensor = torch.Tensor
 
 LM_THREADS = 1  # torch threads while the LM runs; part of the format (recorded in the header)
 PROB_GRID = 2.0 ** -20  # probabilities are floored to this grid (narrows cross-machine float noise)
 LM_SPAN_SECONDS = 1.0  # writer's choice of LM sequence length (see lm_span); readers follow the header
+LM_BATCH = 8  # segments a stream's writer or reader codes in one call (one batched LM run)
 LM_ROWS = 32  # LM sequences stepped together at most (each holds ~4 MB of keys/values for the paper's LM)
 VERIFY_TABLE_BYTES = 128 << 20  # encoder's check: probability tables kept up to this size (see encode_segments)
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
@@ -52,50 +49,6 @@ def codes_crc32(codes: Tensor | np.ndarray) -> int:
     """CRC32 of codes [B, K, F] written as little-endian uint16 in C order (stored per segment)."""
     arr = codes.detach().cpu().numpy() if isinstance(codes, Tensor) else np.asarray(codes)
     return zlib.crc32(np.ascontiguousarray(arr, dtype="<u2").tobytes()) & 0xFFFFFFFF
-
-
-def _as_numpy(codes: Tensor | np.ndarray) -> np.ndarray:
-    arr = codes.detach().cpu().numpy() if isinstance(codes, Tensor) else np.asarray(codes)
-    if arr.ndim != 3:
-        raise ValueError(f"codes must be [B, K, F], got shape {arr.shape}")
-    return arr.astype(np.int64, copy=False)
-
-
-# ---------------------------------------------------------------- packing
-def packed_size(B: int, K: int, F: int, bits: int = 10) -> int:
-    return (B * K * F * bits + 7) // 8
-
-
-def pack(codes: Tensor | np.ndarray, bits: int = 10) -> bytes:
-    """Codes [B, K, F] -> ceil(B*K*F*bits/8) bytes, `bits` per code, LSB-first, time-major per item.
-
-    Args:
-        codes: integers in [0, 2**bits).
-        bits: width of each code.
-    Returns:
-        the packed bytes; the last byte is zero-padded at the top.
-    """
-    arr = _as_numpy(codes)
-    if arr.size and (arr.min() < 0 or arr.max() >= 1 << bits):
-        raise ValueError(f"codes outside [0, {1 << bits})")
-    flat = arr.transpose(0, 2, 1).reshape(-1)  # for b, for t, for k
-    bitarr = ((flat[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
-    return np.packbits(bitarr.reshape(-1), bitorder="little").tobytes()
-
-
-def unpack(payload: bytes, B: int, K: int, F: int, bits: int = 10, where: str = "segment") -> Tensor:
-    """Inverse of `pack`: payload -> codes [B, K, F] int64. The size must be exact, padding zero."""
-    n = B * K * F
-    expected = packed_size(B, K, F, bits)
-    if len(payload) != expected:
-        raise CorruptStream(f"{where}: packed payload has {len(payload)} bytes, expected {expected} "
-                            f"for {B}x{K}x{F} codes (file damaged)")
-    bitarr = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), bitorder="little")
-    if bitarr[n * bits:].any():
-        raise CorruptStream(f"{where}: non-zero padding bits (file damaged)")
-    values = bitarr[: n * bits].reshape(n, bits).astype(np.int64) << np.arange(bits)
-    flat = values.sum(axis=1)
-    return torch.from_numpy(np.ascontiguousarray(flat.reshape(B, F, K).transpose(0, 2, 1)))
 
 
 # ---------------------------------------------------------------- LM plumbing
@@ -118,14 +71,8 @@ def _coder_failure(e: BaseException) -> bool:
     return isinstance(e, (AssertionError, ValueError, RuntimeError, KeyError)) or type(e).__name__ == "PanicException"
 
 
-def quantize_probs(probs: Tensor) -> np.ndarray:
-    """LM probabilities [..., card] -> C-contiguous float32 rows [N, card] floored to `PROB_GRID`."""
-    p = torch.mul(probs.float(), 1.0 / PROB_GRID).floor_().mul_(PROB_GRID)  # one new tensor, not three
-    return np.ascontiguousarray(p.reshape(-1, p.shape[-1]).numpy(), dtype=np.float32)
-
-
 def _quantize_probs_(probs: Tensor) -> None:
-    """`quantize_probs` in place on float32 probabilities (the same operations, the same bits)."""
+    """Floor float32 LM probabilities [..., card] to `PROB_GRID`, in place."""
     probs.mul_(1.0 / PROB_GRID).floor_().mul_(PROB_GRID)
 
 
@@ -141,14 +88,14 @@ class _FrameModel:
     """Steps the LM for a batch of sequences; the single source of probabilities for both sides.
 
     The decoder steps it one frame at a time (`probs`); the encoder, which knows every frame in
-    advance, has it compute several steps at once (`known`, `LanguageModel.run_known`: the same
+    advance, has it compute several steps at once (`known`, `ExactLM.run_known`: the same
     probabilities, bit for bit). Probabilities go to one reused array, or with `tables` to
     consecutive slices of one array for the whole run (large numpy arrays get transparent huge
     pages: far fewer page faults than a fresh megabyte per step).
     """
 
-    def __init__(self, lm: LanguageModel, batch: int, K: int, steps: int, tables: list[np.ndarray] | None = None,
-                 chunk: int = 1) -> None:
+    def __init__(self, lm: LanguageModel | ExactLM, batch: int, K: int, steps: int,
+                 tables: list[np.ndarray] | None = None, chunk: int = 1) -> None:
         if K > lm.cfg.n_q:
             raise CorruptStream(f"{K} codebooks but the LM models only {lm.cfg.n_q}")
         self.lm = lm
@@ -188,18 +135,15 @@ class _FrameModel:
 
     def known(self, previous: np.ndarray) -> np.ndarray:
         """The next n steps at once: previous codes [n, B, K] (-1: none) -> probabilities [n, B*K, card].
+        Only an `ExactLM` computes steps at once (`run_known`).
 
         The array returned is overwritten by the next call unless the model keeps `tables`.
         """
+        if not isinstance(self.lm, ExactLM):
+            raise TypeError("segments are LM-coded with exact arithmetic only: pass exactlm.exact(lm)")
         rows = self._out(len(previous))
         out = torch.from_numpy(rows).view(len(previous), self.state.batch, self.K, -1)
-        prev = torch.from_numpy(previous).to(self.device)
-        if self.device.type != "cpu":
-            probs = torch.empty(out.shape, device=self.device)
-            self.state = self.lm.run_known(prev, self.state, self.K, probs)
-            out.copy_(probs)
-        else:
-            self.state = self.lm.run_known(prev, self.state, self.K, out)
+        self.state = self.lm.run_known(torch.from_numpy(previous), self.state, self.K, out)
         self._done(rows)
         return rows
 
@@ -293,7 +237,7 @@ def _known_previous(rows_arr: list[np.ndarray], batch: _Batch, K: int) -> np.nda
     return previous
 
 
-def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray], threads: int = LM_THREADS,
+def lm_encode_many(lm: ExactLM, items: tp.Sequence[Tensor | np.ndarray], threads: int = LM_THREADS,
                    span: int | None = None, tables: list[np.ndarray] | None = None) -> list[bytes]:
     """LM-code several segments in one batched LM run.
 
@@ -304,17 +248,16 @@ def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray], t
     codebook).
 
     Args:
-        lm: the entropy-coding LM (CPU float32).
+        lm: the entropy-coding LM in exact arithmetic (`exactlm.exact`).
         items: codes of each segment [B_i, K, F_i] (same K).
-        threads: torch threads for the LM (must match the decoder's for the float32 LM; an
-            `ExactLM` gives the same bits with any count).
+        threads: torch threads for the LM (an `ExactLM` gives the same bits with any count).
         span: frames per LM sequence (part of the format: recorded in the header).
         tables: if given, receives the probabilities of every step ([rows*K, card] float32), for
             `lm_decode_many` to check the payloads without running the LM again.
     Returns:
         one payload per segment: its range coder's uint32 words, little-endian.
     """
-    arrs = [_as_numpy(c) for c in items]
+    arrs = [codes_array(c) for c in items]
     if not arrs:
         return []
     K = _check_same_K([a.shape for a in arrs])
@@ -343,7 +286,7 @@ def lm_encode_many(lm: LanguageModel, items: tp.Sequence[Tensor | np.ndarray], t
     return [enc.get_compressed().astype("<u4").tobytes() for enc in encoders]
 
 
-def lm_decode_many(lm: LanguageModel, payloads: tp.Sequence[bytes], shapes: tp.Sequence[tuple[int, int, int]],
+def lm_decode_many(lm: LanguageModel | ExactLM, payloads: tp.Sequence[bytes], shapes: tp.Sequence[tuple[int, int, int]],
                    threads: int = LM_THREADS, where: tp.Sequence[str] | None = None,
                    span: int | None = None, tables: tp.Sequence[np.ndarray] | None = None) -> list[Tensor]:
     """Inverse of `lm_encode_many`: payloads + shapes [(B_i, K, F_i)] -> codes [B_i, K, F_i] int64.
@@ -383,22 +326,22 @@ def lm_decode_many(lm: LanguageModel, payloads: tp.Sequence[bytes], shapes: tp.S
             for rows, (B, _, F) in zip(rows_arr, shapes)]
 
 
-def lm_encode(lm: LanguageModel, codes: Tensor | np.ndarray, n_q: int | None = None,
+def lm_encode(lm: ExactLM, codes: Tensor | np.ndarray, n_q: int | None = None,
               threads: int = LM_THREADS, span: int | None = None) -> bytes:
     """LM-code one segment: codes [B, K, F] -> payload (B independent sequences, one coder).
 
     Args:
-        lm: the entropy-coding LM.
+        lm: the entropy-coding LM in exact arithmetic.
         codes: [B, K, F] with K = `n_q` (checked when given).
         threads: torch threads for the LM.
     """
-    arr = _as_numpy(codes)
+    arr = codes_array(codes)
     if n_q is not None and arr.shape[1] != n_q:
         raise ValueError(f"codes have {arr.shape[1]} codebooks, n_q says {n_q}")
     return lm_encode_many(lm, [arr], threads, span)[0]
 
 
-def lm_decode(lm: LanguageModel, payload: bytes, B: int, K: int, F: int, threads: int = LM_THREADS,
+def lm_decode(lm: LanguageModel | ExactLM, payload: bytes, B: int, K: int, F: int, threads: int = LM_THREADS,
               where: str = "segment", span: int | None = None) -> Tensor:
     """Inverse of `lm_encode`: payload -> codes [B, K, F] int64."""
     return lm_decode_many(lm, [payload], [(B, K, F)], threads, [where], span)[0]
@@ -414,16 +357,15 @@ class CodedSegment:
     codes_crc: int
 
 
-def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel | ExactLM | None, bits: int = 10,
+def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: ExactLM | None, bits: int = 10,
                     threads: int = LM_THREADS, span: int | None = None) -> list[CodedSegment]:
     """Code segments [B_i, K, F_i]: with the LM when given (verified by decoding), else packed.
 
     A segment whose LM payload does not decode back to its codes, or that is not smaller than
-    its packed form, is packed instead. An `ExactLM` gives the flags of its arithmetic
-    (`container.ARITHMETIC_FLAGS`; the writer's: exact-v2, flags 3), a float32 `LanguageModel`
-    the machine-bound `SEGMENT_LM` of neucodec 0.1.0.
-    With an `ExactLM`, groups of segments run in parallel on up to `torch.get_num_threads()`
-    Python threads, each running the LM with `threads` torch threads (see `_workers`).
+    its packed form, is packed instead. LM-coded segments get the flags of the LM's arithmetic
+    (`container.ARITHMETIC_FLAGS`; the writer's: exact-v2, flags 3). Groups of segments run in
+    parallel on up to `torch.get_num_threads()` Python threads, each running the LM with
+    `threads` torch threads (see `_workers`).
 
     The check range-decodes every payload with `lm_decode_many` -- the decoder's own loop, row
     layout and constriction calls -- fed with the probability tables the encoding pass recorded
@@ -435,14 +377,14 @@ def encode_segments(items: tp.Sequence[Tensor | np.ndarray], lm: LanguageModel |
     constriction cannot model, a symbol it cannot code, a payload that decodes to other codes --
     and the check decodes exactly that.
     """
-    from .container import ARITHMETIC_FLAGS, SEGMENT_LM, SEGMENT_PACKED
-
-    arrs = [_as_numpy(c) for c in items]
+    arrs = [codes_array(c) for c in items]
     packed = [pack(a, bits) for a in arrs]
     out = [CodedSegment(SEGMENT_PACKED, p, codes_crc32(a)) for a, p in zip(arrs, packed)]
     if lm is None or not arrs:
         return out
-    flags = ARITHMETIC_FLAGS[lm.arithmetic] if isinstance(lm, ExactLM) else SEGMENT_LM
+    if not isinstance(lm, ExactLM):
+        raise TypeError("segments are LM-coded with exact arithmetic only: pass exactlm.exact(lm)")
+    flags = ARITHMETIC_FLAGS[lm.arithmetic]
     workers = _workers(lm)
 
     def code(group: list[int]) -> list[bytes | None]:
@@ -468,8 +410,8 @@ def _workers(lm: LanguageModel | ExactLM) -> int:
     """Python threads for LM groups: the exact LM's results do not depend on how segments are
     grouped, so its groups run in parallel, one per torch thread the caller allows (measured: two
     threads of 15 rows each take 0.58 of the time of one run of 30 rows on 2 idle cores, where a
-    2-thread matrix product inside one run gains nothing). The float32 LM keeps one run at a
-    time: its grouping is part of the files it wrote."""
+    2-thread matrix product inside one run gains nothing). The float32 LM (decoding files of
+    neucodec 0.1.0) keeps one run at a time: its grouping is part of the files it wrote."""
     return max(1, torch.get_num_threads()) if isinstance(lm, ExactLM) else 1
 
 
@@ -519,8 +461,6 @@ def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int],
                     span: int | None = None) -> list[Tensor]:
     """Decode segments given as (flags, payload, (B, K, F), where); LM ones in batches, each with the
     LM arithmetic its flags name (`container.ARITHMETIC_FLAGS`: `exactlm`; `SEGMENT_LM`: the float32 LM)."""
-    from .container import FLAG_ARITHMETIC, LM_FLAGS
-
     out: list[Tensor | None] = [None] * len(records)
     for i, (flags, payload, (B, K, F), where) in enumerate(records):
         if flags not in LM_FLAGS:

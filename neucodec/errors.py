@@ -18,6 +18,10 @@ class UnsupportedAudio(NeucodecError):
     """Audio that cannot be read, or whose shape, rate or channel count does not fit the model."""
 
 
+class UnsupportedSetting(NeucodecError, ValueError):
+    """A setting the model or this neucodec does not offer: a bandwidth, an envelope table, an LM too small."""
+
+
 class CorruptStream(NeucodecError):
     """An .ecdc file that is truncated, damaged or inconsistent."""
 

@@ -19,8 +19,6 @@ from .config import LMConfig
 Tensor = torch.Tensor
 
 ROW_BLOCK = 8  # streaming matmuls run on at least this many rows, so results do not depend on B (see step)
-KNOWN_ROWS = 512  # run_known: matrix rows per chunk of steps an encoder should aim at (see known_chunk)
-KNOWN_LOGITS_BYTES = 32 << 20  # run_known: and logits of a chunk at most this large
 
 
 def sin_embedding(positions: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -102,14 +100,7 @@ class LMState:
     end: int = 1
     weights: _StepWeights | None = None  # parameters gathered by the first `step`
     scratch: _Scratch | None = None  # buffers `step` writes into, made by the first `step`
-    known: _Scratch | None = None  # buffers of `run_known`, for as many rows as its largest chunk
     steps: int | None = None  # steps the buffers were sized for (`init_state`), None: any number
-
-
-def _copy_state(state: LMState) -> LMState:
-    """An independent copy of a streaming state (its caches copied to buffers of the same shape)."""
-    return LMState([k.clone() for k in state.keys], [v.clone() for v in state.values], state.offset, state.batch,
-                   state.start, state.end, state.weights, steps=state.steps)
 
 
 def _check_steps(state: LMState, n: int) -> None:
@@ -278,7 +269,7 @@ class LanguageModel(nn.Module):
         w = state.weights
         if w is None or w.K != n_q:
             w = state.weights = self._step_weights(n_q)
-            state.scratch = state.known = None
+            state.scratch = None
         return w
 
     def _scratch(self, w: _StepWeights, rows: int) -> _Scratch:
@@ -351,115 +342,3 @@ class LanguageModel(nn.Module):
         probs = torch.softmax(logits, -1) if out is None else torch.softmax(logits, -1, out=out)
         state.offset, state.start, state.end = state.offset + 1, start, end
         return probs, state
-
-    # ------------------------------------------------------------- steps with known inputs
-    def _known_rows(self, batch: int) -> int:
-        """Rows per step in `run_known`: max(ROW_BLOCK, B), rounded up so that every step's block of
-        in-projections starts on a 64-byte boundary, as the one of `step` does (the attention
-        kernel's results depend on the alignment of its inputs, see `init_state`)."""
-        rows = max(ROW_BLOCK, batch)
-        while (rows * 3 * self.cfg.dim) % 16:
-            rows += 1
-        return rows
-
-    def known_chunk(self, batch: int, n_q: int) -> int:
-        """How many steps an encoder should hand to one `run_known` call for `batch` sequences:
-        about `KNOWN_ROWS` matrix rows, logits within `KNOWN_LOGITS_BYTES`."""
-        rows = self._known_rows(batch)
-        return max(1, min(KNOWN_ROWS // rows, KNOWN_LOGITS_BYTES // (4 * rows * n_q * self.cfg.card)))
-
-    @torch.no_grad()
-    def run_known(self, previous: Tensor, state: LMState, n_q: int, out: Tensor) -> LMState:
-        """T calls of `step` whose inputs are all known in advance (the encoder's case), computed
-        layer by layer over all T steps at once: the same probabilities, bit for bit.
-
-        `step` streams every weight from memory at every step for a few rows; here each matrix
-        product runs on T x B rows (the encoder's LM work takes about half the time on a CPU).
-        Each sequence gets what `step` gives it because the kernels do: the matrix products give
-        a row the same result whatever the number of rows (from `ROW_BLOCK` on, as `step` relies
-        on), the attention still runs one step at a time on the same key/value buffers with its
-        queries at the same memory alignment, and the rest works row by row. That is checked
-        against `step` itself: the first chunk of each shape (sequences, steps, K, threads) that
-        a process meets is computed both ways, keeping `step`'s result; only if the two agree bit
-        for bit do later chunks of that shape skip `step` (else they keep calling it).
-
-        Args:
-            previous: [T, B, K] the codes each step receives, -1 for "no previous frame" (what
-                `step(None)` means at position 0).
-            state: from `init_state` or the previous call (updated in place).
-            n_q: K, the number of codebooks coded.
-            out: float32 [T, B, K, card], C-contiguous: receives the probabilities.
-        Returns:
-            the new state.
-        """
-        T = previous.shape[0]
-        capacity = state.keys[0].shape[2]
-        _check_steps(state, T)
-        verdicts = self.__dict__.setdefault("_known_matches_step", {})
-        t = 0
-        while t < T:  # chunks never run past the end of the buffers: `step` moves the window there
-            end = state.end if state.end < capacity else state.end - state.start
-            n = min(T - t, capacity - end)
-            chunk, into = previous[t: t + n], out[t: t + n]
-            key = (state.batch, n, n_q, torch.get_num_threads(), previous.device)
-            verdict = verdicts.get(key)
-            if verdict:
-                self._known_chunk(chunk, state, n_q, into)
-            else:
-                trial = None
-                if verdict is None:  # first time for this shape: both ways, `step`'s result is kept
-                    trial = torch.empty_like(into)
-                    self._known_chunk(chunk, _copy_state(state), n_q, trial)
-                for i in range(n):
-                    self.step(chunk[i], state, n_q, out=into[i])
-                if trial is not None:
-                    verdicts[key] = torch.equal(trial, into)
-            t += n
-        return state
-
-    def _known_chunk(self, previous: Tensor, state: LMState, n_q: int, out: Tensor) -> None:
-        """n steps at once, within the buffers: the body of `step`, each operation on n x rows."""
-        n, B = previous.shape[0], state.batch
-        _, H, capacity, Dh = state.keys[0].shape
-        D, card = H * Dh, self.cfg.card
-        w = self._weights_of(state, n_q)
-        rows = self._known_rows(B)
-        m = n * rows
-        s = state.known
-        if s is None or s.qkv.shape[0] < m:
-            s = state.known = self._scratch(w, m)
-        index = s.index[:m].view(n, rows, n_q)
-        index[:, :B] = previous
-        index[:, :B] += w.offsets + 1
-        torch.index_select(w.emb, 0, s.index[:m].view(-1), out=s.gathered[:m].view(-1, D))
-        x = F.layer_norm(torch.sum(s.gathered[:m], 1, out=s.summed[:m]), (D,), w.norm_w, w.norm_b, w.eps)
-        by_step = x.view(n, rows, D)
-        for i in range(n):
-            by_step[i] += self._position(state.offset + i)
-        start, end = state.start, state.end
-        if end == capacity:  # move the window to the front of the buffers, as `step` does
-            for buf in state.keys + state.values:
-                buf[:, :, : end - start] = buf[:, :, start:end].clone()
-            start, end = 0, end - start
-        windows = []  # (start, end) of each step, as `step` computes them
-        for _ in range(n):
-            windows.append((start, end))
-            end += 1
-            start = max(start, end - self.cfg.past_context)
-        first = windows[0][1]
-        sdpa, addmm, layer_norm, gelu_ = F.scaled_dot_product_attention, torch.addmm, F.layer_norm, torch._C._nn.gelu_
-        qkv = s.qkv[:m].view(n, rows, 3, H, 1, Dh)
-        attended = s.attended[:m].view(n, rows, H, 1, Dh)
-        for (in_w, in_b, out_w, out_b, n1_w, n1_b, l1_w, l1_b, l2_w, l2_b, n2_w, n2_b), k_buf, v_buf in zip(
-                w.layers, state.keys, state.values):
-            addmm(in_b, x, in_w, out=s.qkv[:m])
-            k_buf[:, :, first: first + n] = qkv[:, :B, 1, :, 0].permute(1, 2, 0, 3)
-            v_buf[:, :, first: first + n] = qkv[:, :B, 2, :, 0].permute(1, 2, 0, 3)
-            for i, (a, b) in enumerate(windows):
-                attended[i, :B].copy_(sdpa(qkv[i, :B, 0], k_buf[:, :, a: b + 1], v_buf[:, :, a: b + 1]))
-            x = layer_norm(addmm(out_b, s.attended[:m], out_w, out=s.projected[:m]).add_(x), (D,), n1_w, n1_b, w.eps)
-            gelu_(addmm(l1_b, x, l1_w, out=s.hidden[:m]))
-            x = layer_norm(addmm(l2_b, s.hidden[:m], l2_w, out=s.ff[:m]).add_(x), (D,), n2_w, n2_b, w.eps)
-        addmm(w.head_b, x, w.head_w, out=s.logits[:m])
-        torch.softmax(s.logits[:m].view(n, rows, n_q, card)[:, :B], -1, out=out)
-        state.offset, state.start, state.end = state.offset + n, start, end

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import CodecConfig
-from .errors import UnsupportedAudio
+from .errors import UnsupportedAudio, UnsupportedSetting
 from .layers import fold_weight_norm, num_frames
 from .quantization import QuantizedResult, ResidualVectorQuantizer
 from .seanet import SEANetDecoder, SEANetEncoder, SEANetState
@@ -49,6 +49,21 @@ class Segment:
     offset: int  # first sample
     length: int  # samples
     frames: int  # code frames: ceil(length / hop)
+
+
+def segment_layout(length: int, hop_length: int, segment_length: int | None,
+                   segment_stride: int | None) -> list[Segment]:
+    """The segments of a signal of `length` samples: one for a streaming model (`segment_length`
+    None), else one starting every `segment_stride` samples, each `segment_length` long or cut at
+    the end (so the last ones may be shorter). The encoder, the decoder and the .ecdc readers all
+    take their segments from here."""
+    if segment_length is None or segment_stride is None:
+        return [Segment(0, length, num_frames(length, hop_length))]
+    out = []
+    for offset in range(0, max(length, 1), segment_stride):
+        n = min(length - offset, segment_length)
+        out.append(Segment(offset, n, num_frames(n, hop_length)))
+    return out
 
 
 class Codec(nn.Module):
@@ -89,7 +104,7 @@ class Codec(nn.Module):
     def n_q_for_bandwidth(self, bandwidth: float | None) -> int:
         if bandwidth is not None and bandwidth not in self.config.bandwidths:
             supported = ", ".join(f"{b:g}" for b in self.config.bandwidths)
-            raise UnsupportedAudio(f"{self.config.name} does not support {bandwidth:g} kbps; use one of {supported}")
+            raise UnsupportedSetting(f"{self.config.name} does not support {bandwidth:g} kbps; use one of {supported}")
         return self.config.n_q_for_bandwidth(bandwidth)
 
     def prepare_for_inference(self) -> "Codec":
@@ -103,14 +118,7 @@ class Codec(nn.Module):
     # ------------------------------------------------------------- segments
     def segments(self, length: int) -> list[Segment]:
         """Segment layout of a signal: one segment, or fixed segments with 1 % overlap."""
-        seg_len, stride = self.config.segment_length, self.config.segment_stride
-        if seg_len is None or stride is None:
-            return [Segment(0, length, num_frames(length, self.hop_length))]
-        out = []
-        for offset in range(0, max(length, 1), stride):
-            n = min(length - offset, seg_len)
-            out.append(Segment(offset, n, num_frames(n, self.hop_length)))
-        return out
+        return segment_layout(length, self.hop_length, self.config.segment_length, self.config.segment_stride)
 
     def check_audio(self, wav: Tensor) -> None:
         if not isinstance(wav, Tensor) or wav.dim() != 3:
@@ -310,15 +318,45 @@ def overlap_add(frames: list[Tensor], stride: int) -> Tensor:
         seg 0: /‾‾‾‾‾‾‾‾\\
         seg 1:          /‾‾‾‾‾‾‾‾\\
     """
-    first = frames[0]
-    total = stride * (len(frames) - 1) + frames[-1].shape[-1]
-    t = torch.linspace(0, 1, first.shape[-1] + 2, device=first.device, dtype=first.dtype)[1:-1]
-    weight = 0.5 - (t - 0.5).abs()
-    out = first.new_zeros(*first.shape[:-1], total)
-    sum_weight = first.new_zeros(total)
-    for i, frame in enumerate(frames):
+    ola = OverlapAdd(stride)
+    return torch.cat([ola.add(frame, last=i == len(frames) - 1) for i, frame in enumerate(frames)], -1)
+
+
+class OverlapAdd:
+    """`overlap_add` one segment at a time: `add` returns the samples that no later segment
+    overlaps, the ones before the next segment's start (with `last`: all that are left). The pieces
+    joined are `overlap_add` of all the segments, bit for bit; memory holds one segment."""
+
+    def __init__(self, stride: int) -> None:
+        self.stride = stride
+        self.index = 0  # segments added
+        self.base = 0  # absolute position of out[..., 0]
+        self.ramp: Tensor | None = None
+        self.out: Tensor | None = None  # weighted sums of the samples not yet returned
+        self.weight: Tensor | None = None  # their summed weights
+
+    def add(self, frame: Tensor, last: bool = False) -> Tensor:
+        """Add the next segment [..., n]; the samples now final [..., t]."""
         n = frame.shape[-1]
-        offset = i * stride
-        out[..., offset: offset + n] += weight[:n] * frame
-        sum_weight[offset: offset + n] += weight[:n]
-    return out / sum_weight
+        if self.ramp is None:
+            t = torch.linspace(0, 1, n + 2, device=frame.device, dtype=frame.dtype)[1:-1]
+            self.ramp = 0.5 - (t - 0.5).abs()
+        offset = self.index * self.stride - self.base
+        if self.out is None or self.weight is None:
+            self.out, self.weight = frame.new_zeros(*frame.shape[:-1], n), frame.new_zeros(n)
+        need = offset + n
+        if need > self.out.shape[-1]:
+            self.out = torch.cat([self.out, self.out.new_zeros(*self.out.shape[:-1], need - self.out.shape[-1])], -1)
+            self.weight = torch.cat([self.weight, self.weight.new_zeros(need - self.weight.shape[-1])])
+        self.out[..., offset: offset + n] += self.ramp[:n] * frame
+        self.weight[offset: offset + n] += self.ramp[:n]
+        self.index += 1
+        if last:
+            done = self.out / self.weight
+            self.out = self.weight = None
+            return done
+        end = self.index * self.stride - self.base  # samples before the next segment's start are final
+        done = self.out[..., :end] / self.weight[:end]
+        self.out, self.weight = self.out[..., end:].clone(), self.weight[end:].clone()
+        self.base += end
+        return done

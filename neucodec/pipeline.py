@@ -1,7 +1,7 @@
 """File to file: `encode_file` (audio -> .ecdc) and `decode_file` (.ecdc -> audio), the whole data path.
 
-Encode: `audio_io.open_audio` -> blocks -> resample/regroup for the codec -> `ecdc.encode_stream`
--> atomic write. Decode: `ecdc.decode_stream` -> regroup -> resample back to the source rate ->
+Encode: `audio_io.open_audio` -> blocks -> resample/regroup for the codec -> `writer.encode_stream`
+-> atomic write. Decode: `reader.decode_stream` -> regroup -> resample back to the source rate ->
 `audio_io.AudioWriter` -> atomic write. Both stream in blocks, so `-` (stdin/stdout) works with bounded
 memory and a causal model produces output before its input ends. The codec runs on the chosen device;
 the entropy-coding LM always runs on the CPU so files decode the same everywhere.
@@ -27,8 +27,9 @@ from .model import Codec
 from .weights import DEFAULT_MODEL, known_names
 
 if tp.TYPE_CHECKING:
-    from .ecdc import StreamInfo
     from .lm import LanguageModel
+    from .lockstep import SharedCoder
+    from .streamspec import EncodeSettings, StreamInfo
 
 PathLike = tp.Union[str, "os.PathLike[str]"]
 Notify = tp.Callable[[str], None]
@@ -113,11 +114,11 @@ def _binary_stdout() -> tp.BinaryIO:
     return sys.stdout.buffer
 
 
-def _check_paths(src: PathLike, dst: PathLike, force: bool, what: str = "audio") -> None:
-    """Input first (a missing input is the more useful message), then the output rules."""
+def _check_paths(src: PathLike, dst: PathLike, force: bool, what: str,
+                 error: type[NeucodecError] = NeucodecError) -> None:
+    """Input first (a missing input is the more useful message, an `error`), then the output rules."""
     if not _is_stdio(src):
         p = Path(src)
-        error = UnsupportedAudio if what == "an audio" else NeucodecError
         if not p.exists():
             raise error(f"{p} does not exist; check the path")
         if not p.is_file():
@@ -162,7 +163,8 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
                 use_lm: bool = False, device: str | torch.device = "auto", force: bool = False,
                 progress: bool = False, notify: Notify | None = None, codec: Codec | None = None,
                 lm: LanguageModel | None = None, segment_seconds: float | None = None,
-                segments_coder: tp.Any = None, envelope: bool | str | None = None) -> FileResult:
+                segments_coder: SharedCoder | None = None, envelope: bool | str | None = None,
+                settings: EncodeSettings | None = None) -> FileResult:
     """Compress an audio file (or `-` for stdin) into an .ecdc file (or `-` for stdout).
 
     Args:
@@ -170,9 +172,12 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         bandwidth: kbps, one of the model's bandwidths; None uses `default_bandwidth` (the package's,
             else 6 kbps where offered).
         use_lm: entropy-code with the model's LM (smaller, slower; runs on the CPU).
-        envelope: store the envelope correction (`ecdc.use_envelope`: about 2.6 kbps with the default
-            model's table e4, far clearer audio); None: if the model's package opts in (the default
-            model does); a table name (e1, e2, e3, e4): with that table's tiles.
+        envelope: store the envelope correction (`streamspec.use_envelope`: about 2.6 kbps with the
+            default model's table e4, far clearer audio); None: if the model's package opts in (the
+            default model does); a table name (e1, e2, e3, e4): with that table's tiles.
+        settings: `bandwidth` and `envelope` already checked for this model by
+            `streamspec.encode_settings` (a folder run checks them once for all its files); then
+            those two arguments are not used.
         force: replace an existing `dst`.
         progress: show a bar for long files on stderr.
         notify: called with one-line notes (resampling, per-channel bitrate).
@@ -180,39 +185,38 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
     Returns:
         FileResult with the stream's StreamInfo, the audio duration and the stream size.
     """
-    from . import ecdc
+    from .streamspec import encode_settings
+    from .writer import encode_stream
 
     t0 = time.perf_counter()
     src, dst = str(src), str(dst)
-    _check_paths(src, dst, force, what="an audio")
+    _check_paths(src, dst, force, "an audio", UnsupportedAudio)
     codec = codec or get_codec(model, pick_device(device))
-    if bandwidth is None:
-        bandwidth = default_bandwidth(codec)
-    codec.n_q_for_bandwidth(bandwidth)  # unsupported bandwidth: fail before reading audio
+    if settings is None:  # settings the model does not offer: fail before reading audio
+        settings = encode_settings(codec, default_bandwidth(codec) if bandwidth is None else bandwidth, envelope)
     if use_lm and lm is None:
         lm = get_lm(model)
-    ecdc.use_envelope(codec, envelope)  # a model that cannot take it: fail before reading audio
     notes: list[str] = []
     with audio_io.open_audio(src) as reader:
-        notes += _encode_notes(reader, codec, bandwidth)
+        notes += _encode_notes(reader, codec, settings.bandwidth)
         for n in notes:
             if notify:
                 notify(n)
         bar = _Bar(progress, reader.seconds, Path(src).name if not _is_stdio(src) else "stdin")
         chunks = _codec_chunks(reader, codec, bar)
-        kwargs: dict[str, tp.Any] = dict(bandwidth=bandwidth, lm=lm, source_sample_rate=reader.sample_rate,
+        kwargs: dict[str, tp.Any] = dict(settings=settings, lm=lm, source_sample_rate=reader.sample_rate,
                                          source_channels=reader.channels, segments_coder=segments_coder,
-                                         source_length=lambda: reader.frames_read, correct_envelope=envelope)
+                                         source_length=lambda: reader.frames_read)
         if segment_seconds is not None:
             kwargs["segment_seconds"] = segment_seconds
         try:
             if _is_stdio(dst):
                 out = _binary_stdout()
-                info = ecdc.encode_stream(out, codec, chunks, **kwargs)
+                info = encode_stream(out, codec, chunks, **kwargs)
                 out.flush()
             else:
                 with atomic_output(Path(dst), force) as tmp, open(tmp, "wb") as fo:
-                    info = ecdc.encode_stream(fo, codec, chunks, **kwargs)
+                    info = encode_stream(fo, codec, chunks, **kwargs)
         except (RuntimeError, OSError) as e:
             err = _translate(e, dst)
             if err is None:
@@ -231,7 +235,7 @@ def default_bandwidth(codec: Codec) -> float:
     return getattr(codec, "default_bandwidth", None) or (6.0 if 6.0 in bws else min(bws))
 
 
-def _encode_notes(reader: audio_io.AudioReader, codec: Codec, bandwidth: float) -> list[str]:
+def _encode_notes(reader: audio_io.AudioReader, codec: Codec, bandwidth: float | None) -> list[str]:
     notes = []
     if reader.sample_rate != codec.sample_rate:
         notes.append(f"{reader.name}: resampling {reader.sample_rate} Hz -> {codec.sample_rate} Hz for the model "
@@ -239,8 +243,9 @@ def _encode_notes(reader: audio_io.AudioReader, codec: Codec, bandwidth: float) 
     groups = audio_io.groups_for(reader.channels, codec.channels)
     if groups > 1:
         unit = "mono" if codec.channels == 1 else f"{codec.channels}-channel"
-        notes.append(f"{reader.name}: {reader.channels} channels coded as {groups} {unit} streams: "
-                     f"{bandwidth:g} kbps of codes each, {groups * bandwidth:g} kbps of codes in total")
+        rates = "all codebooks each" if bandwidth is None else \
+            f"{bandwidth:g} kbps of codes each, {groups * bandwidth:g} kbps of codes in total"
+        notes.append(f"{reader.name}: {reader.channels} channels coded as {groups} {unit} streams: {rates}")
     elif reader.channels < codec.channels:
         notes.append(f"{reader.name}: mono input duplicated to {codec.channels} channels for the model "
                      "(decoding restores mono)")
@@ -270,33 +275,33 @@ def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
                 device: str | torch.device = "auto", force: bool = False, subtype: str | None = None,
                 sample_rate: int | None = None, progress: bool = False, notify: Notify | None = None,
                 codec: Codec | None = None, lm: LanguageModel | None = None,
-                segments_coder: tp.Any = None) -> FileResult:
+                segments_coder: SharedCoder | None = None) -> FileResult:
     """Decompress an .ecdc file (or `-` for stdin) into WAV/FLAC (or WAV on stdout for `-`).
 
     The output has the source's sample rate and channel count unless `sample_rate` is given.
     `model` overrides the weights named in the file (a path to the same weights, e.g.); the LM, if the
     file was coded with one, is loaded on the CPU.
     """
-    from . import ecdc
+    from .reader import decode_stream, read_info
 
     t0 = time.perf_counter()
     src, dst = str(src), str(dst)
     fmt, subtype = audio_io.output_format(dst, subtype)
-    _check_paths(src, dst, force, what="an .ecdc")
+    _check_paths(src, dst, force, "an .ecdc")
     notes: list[str] = []
     stdin = _is_stdio(src)
     fi = sys.stdin.buffer if stdin else open(src, "rb")
     try:
         known: StreamInfo | None = None
         if not stdin:  # a file: read the totals first (CRCs only, no decoding) for exact lengths
-            known = ecdc.read_info(fi)
+            known = read_info(fi)
             fi.seek(0)
         if codec is None and model is not None:
             codec = get_codec(model, pick_device(device))
         if lm is None and model is not None and (known is None or known.lm_id):
             lm = _optional_lm(model)
         try:
-            info, chunks = ecdc.decode_stream(fi, codec=codec, lm=lm, segments_coder=segments_coder)
+            info, chunks = decode_stream(fi, codec=codec, lm=lm, segments_coder=segments_coder)
         except (UnknownModel, WeightsUnavailable) as e:
             if model is not None:
                 raise

@@ -202,21 +202,27 @@ def load_weights(path: Path) -> Weights:
     return Weights(name, state, digest[:16], path, codec_config=config)
 
 
-def _load_release(path: Path) -> Weights:
-    from safetensors.torch import load_file
+@dataclasses.dataclass
+class Package:
+    """What a release package's JSON says (its tensors are not read): see `package_info`."""
 
+    name: str
+    codec_config: cfg.CodecConfig
+    lm_config: cfg.LMConfig | None
+    weights: Path  # the safetensors file beside the JSON
+    training: dict[str, tp.Any]
+    compatible: dict[str, list[str]]
+    earlier: dict[str, dict[str, str]]
+    envelope: str | None
+    default_bandwidth: float | None
+
+
+def package_info(path: Path) -> Package:
+    """Read and check the JSON of a release package (WeightsUnavailable when it is not one)."""
+    path = Path(path)
     meta = json.loads(path.read_text())
     if meta.get("format") != "neucodec-release":
         raise WeightsUnavailable(f"{path} is not a neucodec release package")
-    tensors_path = path.with_name(meta.get("weights", path.with_suffix(".safetensors").name))
-    if not tensors_path.is_file():
-        raise WeightsUnavailable(f"{tensors_path} is missing next to {path}; reinstall neucodec or re-export")
-    digest = sha256(tensors_path)
-    tensors = load_file(str(tensors_path))
-    codec_state = complete_codebooks(
-        {k[len("codec."):]: v.float() for k, v in tensors.items() if k.startswith("codec.")})
-    lm_state = {k[len("lm."):]: v.float() for k, v in tensors.items() if k.startswith("lm.")}
-    lm_config = cfg.lm_from_dict(meta["lm"]) if meta.get("lm") else None
     compatible = meta.get("compatible") or {}
     if not (isinstance(compatible, dict) and all(isinstance(v, list) and all(isinstance(f, str) for f in v)
                                                  for v in compatible.values())):
@@ -233,9 +239,26 @@ def _load_release(path: Path) -> Weights:
     if bandwidth is not None and (isinstance(bandwidth, bool) or bandwidth not in codec_config.bandwidths):
         raise WeightsUnavailable(f"{path}: 'default_bandwidth' must be one of the codec's bandwidths "
                                  f"{list(codec_config.bandwidths)}")
-    return Weights(meta["name"], codec_state, digest[:16], path, codec_config, lm_config, lm_state or None,
+    return Package(meta["name"], codec_config, cfg.lm_from_dict(meta["lm"]) if meta.get("lm") else None,
+                   path.with_name(meta.get("weights", path.with_suffix(".safetensors").name)),
                    meta.get("training", {}), compatible, earlier, envelope,
                    None if bandwidth is None else float(bandwidth))
+
+
+def _load_release(path: Path) -> Weights:
+    from safetensors.torch import load_file
+
+    package = package_info(path)
+    if not package.weights.is_file():
+        raise WeightsUnavailable(f"{package.weights} is missing next to {path}; reinstall neucodec or re-export")
+    digest = sha256(package.weights)
+    tensors = load_file(str(package.weights))
+    codec_state = complete_codebooks(
+        {k[len("codec."):]: v.float() for k, v in tensors.items() if k.startswith("codec.")})
+    lm_state = {k[len("lm."):]: v.float() for k, v in tensors.items() if k.startswith("lm.")}
+    return Weights(package.name, codec_state, digest[:16], path, package.codec_config, package.lm_config,
+                   lm_state or None, package.training, package.compatible, package.earlier, package.envelope,
+                   package.default_bandwidth)
 
 
 def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.CodecConfig,

@@ -1,55 +1,19 @@
-"""Entropy coding: packing, LM range coding (batched, thread- and batch-independent), fallback."""
+"""Entropy coding: LM range coding (batched, thread- and batch-independent), fallback to packing,
+and the segments of the float32 LM (files of neucodec 0.1.0)."""
 from __future__ import annotations
 
-import io
-
+import constriction
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from _bitstream import skewed_codes, skewed_lm
-from neucodec import container, entropy
+from neucodec import container, entropy, exactlm, packing
 from neucodec.errors import CorruptStream
 
 
-@settings(max_examples=50, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 9), st.integers(0, 30), st.integers(1, 12), st.integers(0, 2**31 - 1))
-def test_pack_round_trip(B: int, K: int, F: int, bits: int, seed: int) -> None:
-    codes = torch.randint(0, 1 << bits, (B, K, F), generator=torch.Generator().manual_seed(seed))
-    data = entropy.pack(codes, bits)
-    assert len(data) == entropy.packed_size(B, K, F, bits)
-    assert torch.equal(entropy.unpack(data, B, K, F, bits), codes)
-
-
-def test_pack_matches_reference_bitpacker() -> None:
-    import sys
-    import types
-
-    sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
-    from encodec.binary import BitPacker
-
-    codes = torch.randint(0, 1024, (1, 3, 17))
-    buf = io.BytesIO()
-    packer = BitPacker(10, buf)
-    for t in range(17):
-        for k in range(3):
-            packer.push(int(codes[0, k, t]))
-    packer.flush()
-    assert entropy.pack(codes) == buf.getvalue()
-
-
-def test_unpack_rejects_wrong_size_and_padding() -> None:
-    data = entropy.pack(torch.zeros(1, 1, 3, dtype=torch.long))  # 30 bits -> 4 bytes, 2 padding bits
-    with pytest.raises(CorruptStream, match="expected 4"):
-        entropy.unpack(data + b"\0", 1, 1, 3)
-    with pytest.raises(CorruptStream, match="padding"):
-        entropy.unpack(data[:3] + b"\xff", 1, 1, 3)
-
-
 def test_lm_round_trip_threads_and_batching() -> None:
-    lm = skewed_lm()
+    lm = exactlm.exact(skewed_lm())
     codes = skewed_codes(2, 8, 60)
     other = skewed_codes(1, 8, 25, seed=1)
     old = torch.get_num_threads()
@@ -66,42 +30,22 @@ def test_lm_round_trip_threads_and_batching() -> None:
     finally:
         torch.set_num_threads(old)
     assert torch.get_num_threads() == old
-    assert len(payloads[0]) < len(entropy.pack(codes)) / 2
-
-
-def test_encoder_computes_the_steps_of_the_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The encoder's batched LM steps (`run_known`) give the payloads of stepping frame by frame;
-    segments of unequal lengths, so that rows end before others."""
-    from neucodec.lm import LanguageModel
-
-    lm = skewed_lm()
-    items = [skewed_codes(2, 8, 30), skewed_codes(1, 8, 13, seed=1), skewed_codes(1, 8, 4, seed=2)]
-    fast = entropy.lm_encode_many(lm, items, span=7)
-
-    def stepping(self: LanguageModel, previous: torch.Tensor, state: object, n_q: int, out: torch.Tensor) -> object:
-        for i in range(len(previous)):
-            state = self.step(previous[i], state, n_q, out=out[i])[1]  # type: ignore[arg-type]
-        return state
-
-    monkeypatch.setattr(LanguageModel, "run_known", stepping)
-    assert entropy.lm_encode_many(lm, items, span=7) == fast
-    decoded = entropy.lm_decode_many(lm, fast, [tuple(c.shape) for c in items], span=7)
-    assert all(torch.equal(d, c) for d, c in zip(decoded, items))
+    assert len(payloads[0]) < len(packing.pack(codes)) / 2
 
 
 def test_encode_segments_chooses_and_falls_back() -> None:
-    lm = skewed_lm()
+    lm = exactlm.exact(skewed_lm())
     good = skewed_codes(1, 8, 40)
     uniform = torch.randint(0, 1024, (1, 8, 40))
     coded = entropy.encode_segments([good, uniform], lm)
-    assert coded[0].flags == container.SEGMENT_LM
+    assert coded[0].flags == container.ARITHMETIC_FLAGS[exactlm.NAME]
     assert coded[1].flags == container.SEGMENT_PACKED  # LM would not beat packing
     back = entropy.decode_segments([(c.flags, c.payload, (1, 8, 40), "s") for c in coded], lm)
     assert torch.equal(back[0], good) and torch.equal(back[1], uniform)
 
 
 def test_encode_segments_falls_back_when_verification_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    lm = skewed_lm()
+    lm = exactlm.exact(skewed_lm())
     good = skewed_codes(1, 8, 40)
     real = entropy.lm_decode_many
 
@@ -113,7 +57,7 @@ def test_encode_segments_falls_back_when_verification_fails(monkeypatch: pytest.
 
 
 def test_verify_decodes_with_the_encoders_tables(monkeypatch: pytest.MonkeyPatch) -> None:
-    lm = skewed_lm()
+    lm = exactlm.exact(skewed_lm())
     items = [skewed_codes(2, 8, 30, seed=s) for s in range(3)]
     tables: list[np.ndarray] = []
     payloads = entropy.lm_encode_many(lm, items, span=7, tables=tables)
@@ -133,7 +77,8 @@ def test_verify_decodes_with_the_encoders_tables(monkeypatch: pytest.MonkeyPatch
     assert entropy.encode_segments(items, lm, span=7) == grouped
     monkeypatch.setattr(entropy, "VERIFY_TABLE_BYTES", 0)  # every segment alone, checked by running the LM
     assert entropy.encode_segments(items, lm, span=7) == grouped
-    assert all(c.flags == container.SEGMENT_LM and c.payload == p for c, p in zip(grouped, payloads))
+    flags = container.ARITHMETIC_FLAGS[exactlm.NAME]
+    assert all(c.flags == flags and c.payload == p for c, p in zip(grouped, payloads))
     monkeypatch.setattr(entropy, "LM_ROWS", 20)  # decoding in LM runs of at most 20 rows
     assert entropy._groups(shapes, 7) == [[0, 1], [2]]
     records = [(c.flags, c.payload, s, "s") for c, s in zip(grouped, shapes)]
@@ -162,10 +107,10 @@ def test_lm_decode_garbage_is_corrupt_stream() -> None:
 
 
 def test_range_coder_panic_falls_back_to_packing() -> None:
-    """Codes (a 10 s effects clip at 12 kbps, shipped model of session 2) on which constriction's
-    leaky Categorical panicked inside the shipped LM's coding (a Rust PanicException, not an
-    Exception). The writer must store the segment packed, never crash. With a later shipped LM the
-    panic may no longer occur; the segment must then still round-trip."""
+    """Codes (a 10 s effects clip at 12 kbps, model of neucodec 0.1.0, 2026-11-25) on which
+    constriction's leaky Categorical panicked inside that LM's coding (a Rust PanicException, not an
+    Exception). The writer must store such a segment packed, never crash; with the shipped LM in
+    exact arithmetic the panic may not occur, and the segment must then round-trip."""
     from pathlib import Path
 
     from neucodec.hub import load_lm
@@ -173,7 +118,33 @@ def test_range_coder_panic_falls_back_to_packing() -> None:
     codes = torch.from_numpy(np.load(Path(__file__).parent / "data/codes_panic_12kbps.npz")["codes"].astype(np.int64))
     lm = load_lm("neucodec_24khz")
     span = entropy.lm_span(codes.shape[-1], lm.cfg.past_context, 75)
-    out = entropy.encode_segments([codes], lm, span=span)
+    out = entropy.encode_segments([codes], exactlm.exact(lm), span=span)
     records = [(o.flags, o.payload, tuple(codes.shape), "segment 0") for o in out]
     back = entropy.decode_segments(records, lm, span=span)
     assert torch.equal(back[0], codes)
+
+
+def test_only_the_exact_lm_codes_segments() -> None:
+    with pytest.raises(TypeError, match="exact arithmetic"):
+        entropy.encode_segments([skewed_codes(1, 8, 10)], skewed_lm())  # type: ignore[arg-type]
+
+
+def test_segments_of_the_float32_lm_still_decode() -> None:
+    """Flags 1 (files of neucodec 0.1.0): the float32 LM stepped frame by frame, probabilities
+    floored to the grid, one range coder per segment. Coded here by hand, as that writer did."""
+    lm = skewed_lm()
+    codes = skewed_codes(1, 8, 30)
+    encoder = constriction.stream.queue.RangeEncoder()
+    family = constriction.stream.model.Categorical(perfect=False)
+    with entropy.lm_threads(1):
+        state = lm.init_state(1, 30)
+        for t in range(30):
+            probs, state = lm.step(None if t == 0 else codes[:, :, t - 1], state, 8)
+            probs = (probs.float() / entropy.PROB_GRID).floor() * entropy.PROB_GRID
+            encoder.encode(codes[0, :, t].numpy().astype(np.int32), family,
+                           np.ascontiguousarray(probs.reshape(8, -1).numpy(), dtype=np.float32))
+    payload = encoder.get_compressed().astype("<u4").tobytes()
+    records = [(container.SEGMENT_LM, payload, (1, 8, 30), "segment 0")]
+    assert torch.equal(entropy.decode_segments(records, lm)[0], codes)
+    with pytest.raises(CorruptStream, match="segment 0: LM-coded but no LM"):
+        entropy.decode_segments(records, None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _bitstream import lm_coded_file, skewed_codes, skewed_lm, tiny_codec24
-from neucodec import container, ecdc, entropy, exactkernels as kernels, exactlm
+from neucodec import container, ecdc, entropy, exactkernels as kernels, exactlm, packing
 from neucodec.config import LMConfig
 from neucodec.lm import LanguageModel, sin_embedding
 
@@ -115,7 +115,7 @@ def test_the_coder_round_trips_with_the_exact_lm(arithmetic: str) -> None:
     ex = exactlm.exact(skewed_lm(n_q=4), arithmetic)
     codes = skewed_codes(3, 4, 30)
     payload = entropy.lm_encode(ex, codes, span=12)
-    assert len(payload) < len(entropy.pack(codes))
+    assert len(payload) < len(packing.pack(codes))
     assert torch.equal(entropy.lm_decode(ex, payload, 3, 4, 30, span=12), codes)
     assert exactlm.exact(ex_lm := skewed_lm(n_q=4), arithmetic) is exactlm.exact(ex_lm, arithmetic)  # once per LM
     flags = container.ARITHMETIC_FLAGS[arithmetic]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from neucodec import config as cfg
-from neucodec.errors import UnsupportedAudio
-from neucodec.model import Codec
+from neucodec.errors import UnsupportedAudio, UnsupportedSetting
+from neucodec.model import Codec, OverlapAdd, Segment, overlap_add, segment_layout
 
 from reference import randomize
 
@@ -36,7 +36,7 @@ def test_bandwidth_rule_and_prefix_property() -> None:
         codes = codec.encode(wav, bw).codes
         assert codes.shape[1] == k
         assert torch.equal(codes, full[:, :k])  # residual quantization is a prefix code
-    with pytest.raises(UnsupportedAudio, match="does not support 5 kbps"):
+    with pytest.raises(UnsupportedSetting, match="does not support 5 kbps"):
         codec.encode(wav, 5.0)
 
 
@@ -103,3 +103,24 @@ def test_forward_under_bf16_autocast_matches_float32() -> None:
             y16 = codec.decoder(codec.encoder(x))
     assert y16.dtype == torch.bfloat16
     assert torch.allclose(y16.float(), y32, atol=0.05 * float(y32.abs().max()))
+
+
+def test_segment_layout() -> None:
+    assert segment_layout(1000, 320, None, None) == [Segment(0, 1000, 4)]
+    assert segment_layout(0, 320, 48000, 47520) == [Segment(0, 0, 0)]
+    # the segment before the last is cut short where the length ends in their overlap
+    assert segment_layout(95140, 320, 48000, 47520) == [Segment(0, 48000, 150), Segment(47520, 47620, 149),
+                                                        Segment(95040, 100, 1)]
+
+
+@pytest.mark.parametrize("lengths", [[100, 100, 100], [100, 100, 37], [100, 63], [100]])
+def test_overlap_add_one_segment_at_a_time_is_overlap_add(lengths: list[int]) -> None:
+    g = torch.Generator().manual_seed(len(lengths))
+    frames = [torch.randn(2, 3, n, generator=g) for n in lengths]
+    whole = overlap_add(frames, 90)
+    ola = OverlapAdd(90)
+    pieces = [ola.add(f, last=i == len(frames) - 1) for i, f in enumerate(frames)]
+    assert [p.shape[-1] for p in pieces[:-1]] == [90] * (len(frames) - 1)
+    assert torch.equal(torch.cat(pieces, -1), whole) and whole.shape[-1] == 90 * (len(frames) - 1) + lengths[-1]
+    if len(frames) > 1:
+        assert torch.allclose(whole[..., :80], frames[0][..., :80], atol=1e-6)  # one segment alone: unchanged

@@ -13,7 +13,8 @@ import soundfile as sf
 import torch
 
 from neucodec import audio_io, decode_file, encode_file, pipeline
-from neucodec.errors import DeviceUnavailable, NeucodecError, OutputError, UnsupportedAudio, WeightsUnavailable
+from neucodec.errors import (DeviceUnavailable, NeucodecError, OutputError, UnsupportedAudio, UnsupportedSetting,
+                             WeightsUnavailable)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,12 +119,12 @@ def test_disk_full_is_reported(recordings: dict[str, Path], tiny_model: Path, tm
                                monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from neucodec import ecdc
+    from neucodec import writer
 
     def full(fo, *a, **k):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ecdc, "encode_stream", full)
+    monkeypatch.setattr(writer, "encode_stream", full)
     with pytest.raises(OutputError, match="disk full"):
         encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=tiny_model)
     assert list(tmp_path.iterdir()) == []
@@ -148,7 +149,7 @@ def test_gpu_encode_decodes_on_cpu(recordings: dict[str, Path], tiny_model: Path
 
 
 def test_unknown_bandwidth_fails_before_writing(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedAudio, match="kbps"):
+    with pytest.raises(UnsupportedSetting, match="kbps"):
         encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=tiny_model, bandwidth=7)
     assert not (tmp_path / "a.ecdc").exists()
 

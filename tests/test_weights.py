@@ -122,3 +122,18 @@ def test_download_from_local_server(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("NEUCODEC_URL_ROOT", "http://127.0.0.1:9/")
     with pytest.raises(WeightsUnavailable, match="copy it into"):
         weights.download("encodec_lm_24khz")
+
+
+def test_package_info_reads_the_json_alone() -> None:
+    info = weights.package_info(weights.PACKAGED_DIR / "neucodec_24khz.json")
+    assert info.name == "neucodec_24khz" and info.lm_config is not None and info.envelope == "e4"
+    assert info.default_bandwidth == 3.0 and info.weights == weights.PACKAGED_DIR / "neucodec_24khz.safetensors"
+    loaded = weights.load_weights(weights.PACKAGED_DIR / "neucodec_24khz.json")
+    assert (loaded.codec_config, loaded.envelope, loaded.default_bandwidth) == \
+        (info.codec_config, info.envelope, info.default_bandwidth)
+
+
+def test_a_json_that_is_not_a_package_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text('{"format": "something else"}')
+    with pytest.raises(WeightsUnavailable, match="not a neucodec release package"):
+        weights.package_info(tmp_path / "x.json")

@@ -1,0 +1,118 @@
+"""A stream's audio from its segments' codes: streaming decode or overlap-add, envelope correction, exact length.
+
+Both readers (`neucodec.reader`, `neucodec.v0reader`) hand the codes of consecutive segments to
+`audio`, which yields audio chunks [G, C, t] as soon as they are final: a causal codec decodes the
+segments as one stream (`Codec.decode_stream`), a segmented codec's segments are decoded one at a
+time and overlap-added (`model.OverlapAdd`). The last chunk is cut to the stream's length.
+"""
+from __future__ import annotations
+
+import struct
+import typing as tp
+
+import numpy as np
+import torch
+
+from . import envelope, streamspec
+from .errors import CorruptStream, NeucodecError
+from .model import Codec, OverlapAdd
+
+if tp.TYPE_CHECKING:
+    from .streamspec import StreamInfo
+
+Tensor = torch.Tensor
+
+
+class SegmentCodes(tp.NamedTuple):
+    """One segment as a reader decoded it."""
+
+    codes: Tensor  # [G, K, F]
+    scales: Tensor | None  # [G] volume scales of a normalising codec
+    corrections: np.ndarray | None  # envelope corrections [G * C, bands, tiles]
+
+
+def audio(segments: tp.Iterator[SegmentCodes], codec: Codec, info: StreamInfo,
+          finish: tp.Callable[[], int]) -> tp.Iterator[Tensor]:
+    """Codes of consecutive segments -> audio chunks [G, C, t], the envelope corrections applied
+    when the segments have them. `finish` is called once the segments are consumed (or there are
+    none): it checks the end of the stream and returns its length, to which the audio is cut."""
+    trim = _Trim(finish)
+    with torch.inference_mode():
+        if info.layout == streamspec.OVERLAP:
+            yield from _overlap_audio(segments, codec, info, trim)
+        elif info.envelope is None:
+            yield from _stream_audio((s.codes for s in segments), codec, trim)
+        else:
+            yield from _corrected_audio(segments, codec, info, trim)
+
+
+class _Trim:
+    """Cuts the last chunk of a stream's audio to the stream's length (`finish()`)."""
+
+    def __init__(self, finish: tp.Callable[[], int]) -> None:
+        self.finish = finish
+        self.emitted = 0  # samples per channel yielded so far
+
+    def __call__(self, chunk: Tensor, final: bool) -> Tensor:
+        if final:
+            chunk = chunk[..., : max(0, self.finish() - self.emitted)]
+        self.emitted += chunk.shape[-1]
+        return chunk
+
+
+def _stream_audio(codes: tp.Iterator[Tensor], codec: Codec, trim: _Trim) -> tp.Iterator[Tensor]:
+    """A causal codec's audio of consecutive code pieces, trimmed."""
+    stream = codec.decode_stream(c.to(codec.device) for c in codes)
+    prev = next(stream, None)
+    if prev is None:
+        trim.finish()
+    while prev is not None:
+        following = next(stream, None)
+        yield trim(prev.float().cpu(), following is None)
+        prev = following
+
+
+def _corrected_audio(segments: tp.Iterator[SegmentCodes], codec: Codec, info: StreamInfo,
+                     trim: _Trim) -> tp.Iterator[Tensor]:
+    """`_stream_audio` with each segment's envelope corrections applied (`envelope.Corrector`)."""
+    spec = tp.cast(streamspec.EnvelopeSpec, info.envelope)
+    corrector = envelope.Corrector(spec.grid, info.groups * info.channels)
+
+    def pieces() -> tp.Iterator[Tensor]:
+        for s in segments:
+            corrector.add(tp.cast(np.ndarray, s.corrections))  # before the audio they correct
+            yield s.codes
+
+    shape = (info.groups, info.channels, -1)
+    for chunk in _stream_audio(pieces(), codec, trim):
+        out = corrector.push(chunk.reshape(-1, chunk.shape[-1]).double().numpy())
+        if out.shape[-1]:
+            yield torch.from_numpy(out.astype(np.float32)).reshape(shape)
+    out = corrector.finish()
+    if out.shape[-1]:
+        yield torch.from_numpy(out.astype(np.float32)).reshape(shape)
+
+
+def _overlap_audio(segments: tp.Iterator[SegmentCodes], codec: Codec, info: StreamInfo,
+                   trim: _Trim) -> tp.Iterator[Tensor]:
+    """A segmented codec's segments, decoded one at a time and overlap-added."""
+    ola = OverlapAdd(tp.cast(int, info.segment_stride))
+    pending = next(segments, None)
+    if pending is None:
+        trim.finish()
+    while pending is not None:
+        following = next(segments, None)
+        scales = None if pending.scales is None else pending.scales.to(codec.device)
+        frame = codec._decode_segments(pending.codes.to(codec.device), scales).float().cpu()
+        yield trim(ola.add(frame, last=following is None), following is None)
+        pending = following
+
+
+def guard(it: tp.Iterator[Tensor]) -> tp.Iterator[Tensor]:
+    """Turn low-level failures on hostile input into CorruptStream (never a bare traceback)."""
+    try:
+        yield from it
+    except NeucodecError:
+        raise
+    except (ValueError, RuntimeError, IndexError, OverflowError, struct.error) as e:
+        raise CorruptStream(f"undecodable stream ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
