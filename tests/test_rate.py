@@ -1,0 +1,52 @@
+"""Rate control (`neucodec.rate`): which operating point fits a file's target bitrate."""
+from __future__ import annotations
+
+import pytest
+
+from neucodec.errors import UnsupportedSetting
+from neucodec.rate import OperatingPoint, budget_kbps, choose, minimum_kbps, natural_points, within_target
+
+POINTS = [
+    OperatingPoint(2, None, False, 1.6, 1.6, 1.3),
+    OperatingPoint(2, "e4", False, 4.2, 4.6, 2.9),
+    OperatingPoint(4, None, False, 3.1, 3.1, 1.8),
+    OperatingPoint(4, "e4", False, 5.6, 6.0, 3.2),
+    OperatingPoint(4, "e4", True, 4.6, 5.1, 3.2),
+    OperatingPoint(8, "e4", False, 8.6, 9.0, 3.4),
+]
+
+
+def test_the_best_point_within_the_target_wins() -> None:
+    assert choose(POINTS, 6.0).describe() == "4 codebooks + e4 correction"
+    assert choose(POINTS, 5.0) == POINTS[1]  # 2 codebooks + correction beat 4 codebooks without it
+    assert choose(POINTS, 5.2, lm=True) == POINTS[4]  # the LM makes room for more codebooks
+    assert choose(POINTS, 3.5) == POINTS[2]
+    assert choose(POINTS, 100) == POINTS[-1]
+
+
+def test_channels_and_a_short_file_share_the_target() -> None:
+    assert budget_kbps(12.0, 2, None) == 6.0
+    assert choose(POINTS, 12.0, channels=2) == POINTS[3]
+    assert budget_kbps(3.0, 1, 5.0) == pytest.approx(3.0 - 8 * 160 / 5 / 1000)
+    assert choose(POINTS, 6.2, seconds=2.0) == POINTS[1]  # the header leaves 5.56 kbps of a 2 s file
+
+
+def test_a_target_below_every_point_names_the_minimum() -> None:
+    with pytest.raises(UnsupportedSetting, match=r"-b 1 is below .* use -b 1.6 or more"):
+        choose(POINTS, 1.0)
+    assert minimum_kbps(POINTS, channels=2) == 3.2
+    with pytest.raises(UnsupportedSetting, match="no operating point below"):
+        choose(POINTS, 9.0, below=POINTS[0])
+    assert choose(POINTS, 9.0, below=POINTS[5]) == POINTS[3]
+
+
+def test_natural_points_of_a_checkpoint_are_its_bandwidths() -> None:
+    points = natural_points([1.5, 3.0, 6.0, 12.0, 24.0], 750, lm=True)
+    assert [p.codebooks for p in points if not p.lm] == [2, 4, 8, 16, 32]
+    assert choose(points, 7.0).codebooks == 8 and not choose(points, 7.0).lm
+    assert choose(points, 7.0, lm=True).codebooks == 8 and choose(points, 7.0, lm=True).lm
+
+
+def test_within_target_allows_five_percent_and_a_tenth_of_a_kbps() -> None:
+    assert within_target(int(3.25 * 1000 * 10 / 8), 10.0, 3.0)
+    assert not within_target(int(3.3 * 1000 * 10 / 8), 10.0, 3.0)
