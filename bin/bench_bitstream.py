@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import os
 import sys
 import time
 import types
-import typing as tp
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +79,7 @@ def main() -> None:
     wav = load_audio(paths, args.seconds)
     dur = wav.shape[-1] / 24000
     print(f"audio: {len(paths)} file(s), {dur:.1f} s at 24 kHz; torch threads 2 (the exact LM: groups of segments "
-          f"side by side on {torch.get_num_threads()} Python threads, {entropy.LM_THREADS} torch thread each; "
-          f"the float32 LM: one group at a time, {entropy.LM_THREADS} thread)")
+          f"side by side on {torch.get_num_threads()} Python threads, {entropy.LM_THREADS} torch thread each)")
 
     trained = True
     try:
@@ -98,7 +95,7 @@ def main() -> None:
         print(f"model: encodec_24khz architecture with RANDOM weights ({str(e)[:80]}...)")
 
     seg = round(args.segment_seconds * codec.frame_rate)
-    span = entropy.lm_span(seg, lm.cfg.past_context, codec.frame_rate)  # what ecdc.encode_stream writes
+    span = entropy.lm_span(seg, lm.cfg.past_context, codec.frame_rate)  # what writer.encode_stream writes
     engine = exactlm.exact(lm)  # the writer's LM arithmetic
     print(f"\nLM spans: {span} frames (writer's choice; LM context {lm.cfg.past_context} frames)")
     print(f"\n| bandwidth | K | packed kbps | LM kbps | saved | saved, {lm.cfg.past_context}-frame spans "
@@ -169,8 +166,8 @@ def main() -> None:
         t_c = best(lambda: ref_compress.compress(ref, rwav, use_lm=False), 1)
         blob_lm = ref_compress.compress(ref, rwav, use_lm=True)
         blob = ref_compress.compress(ref, rwav, use_lm=False)
-        t_d_lm = best(lambda: ref_compress.decompress(blob_lm), 1)
-        t_d = best(lambda: ref_compress.decompress(blob), 1)
+        t_d_lm = best(lambda blob_lm=blob_lm: ref_compress.decompress(blob_lm), 1)
+        t_d = best(lambda blob=blob: ref_compress.decompress(blob), 1)
         rtf = rdur / max(1e-9, (t_c_lm - t_c) + (t_d_lm - t_d))
         print(f"reference LM path, 6 kbps, {rdur:.0f} s, {threads} torch thread(s): compress +{t_c_lm - t_c:.2f} s, "
               f"decompress +{t_d_lm - t_d:.2f} s over no-LM -> RTF {rtf:.2f}")

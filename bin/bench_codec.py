@@ -132,7 +132,8 @@ def main() -> None:
     lines = [f"Command: `python bin/bench_codec.py --seconds {args.seconds:g} --threads {args.threads} "
              f"--rounds {args.rounds} --rss-minutes {' '.join(f'{m:g}' for m in args.rss_minutes)}`", "",
              f"Real-time factor (audio seconds per compute second, best of {args.rounds} interleaved rounds), "
-             f"{args.seconds:g} s of real speech, {args.bandwidth:g} kbps, {args.threads} threads, identical random weights:", "",
+             f"{args.seconds:g} s of real speech, {args.bandwidth:g} kbps, {args.threads} threads, "
+             "identical random weights:", "",
              "| model | reference enc | neucodec enc | enc ratio | reference dec | neucodec dec | dec ratio |",
              "|---|---|---|---|---|---|---|"]
     for name in ("encodec_24khz", "encodec_48khz") if args.seconds > 0 else ():

@@ -666,7 +666,7 @@ def plan_split(items: list[dict[str, Any]], fraction: float) -> dict[str, Assign
     for item in items:
         by_source[item["source"]][group_key(item)].append(item)
     plan: dict[str, Assignment] = {}
-    for source, groups in sorted(by_source.items()):
+    for _source, groups in sorted(by_source.items()):
         forced = {k: Assignment("dev") for k in groups if k in FORCED_DEV}
         rest = {k: v for k, v in groups.items() if k not in forced}
         total_s = sum(i["seconds"] for g in groups.values() for i in g)
@@ -783,7 +783,7 @@ def pieces_for(assignment: Assignment, n: int) -> list[tuple[str, int, int]]:
 
 def npy_header(length: int) -> bytes:
     """A version 1.0 .npy header for a 1-D little-endian int16 array, padded to NPY_HEADER_BYTES."""
-    body = "{'descr': '<i2', 'fortran_order': False, 'shape': (%d,), }" % length
+    body = f"{{'descr': '<i2', 'fortran_order': False, 'shape': ({length},), }}"
     body_len = NPY_HEADER_BYTES - 10
     header = b"\x93NUMPY\x01\x00" + struct.pack("<H", body_len) + (body.ljust(body_len - 1) + "\n").encode("latin1")
     assert len(header) == NPY_HEADER_BYTES
@@ -980,8 +980,8 @@ def step_convert(
     if any(j.decoder == "g722" for j in jobs) and not wait_for_ffmpeg():
         log("[convert] WARNING: ffmpeg never appeared; the G.722 files will be dropped")
     plan = plan_split(index["items"], fraction)  # a stem mix follows its song folder's group
-    log(f"[convert] {len(jobs)} jobs, {sum(j.seconds for j in jobs) / 3600:.2f} h of source audio (stem mixes included), "
-        f"{sum(a.split != 'train' for a in plan.values())} groups held out, {n_workers} workers")
+    log(f"[convert] {len(jobs)} jobs, {sum(j.seconds for j in jobs) / 3600:.2f} h of source audio "
+        f"(stem mixes included), {sum(a.split != 'train' for a in plan.values())} groups held out, {n_workers} workers")
     layout.manifest.unlink(missing_ok=True)
     start = time.monotonic()
     state = run_conversion(layout, jobs, plan, n_workers)

@@ -59,8 +59,8 @@ def pack(corpus: Path, out: Path, split: str, minutes: list[float], kbps: float,
         with tempfile.TemporaryDirectory() as tmp:
             wav = Path(tmp) / f"{cat}.wav"
             sf.write(wav, audio, SAMPLE_RATE, subtype="PCM_16")
-            subprocess.run(["opusenc", "--quiet", "--vbr", "--bitrate", f"{kbps:g}", str(wav), str(out / f"{cat}.opus")],
-                           check=True)
+            subprocess.run(["opusenc", "--quiet", "--vbr", "--bitrate", f"{kbps:g}", str(wav),
+                            str(out / f"{cat}.opus")], check=True)
         (out / f"{cat}.json").write_text(json.dumps({"samples": total, "entries": entries}))
         mb = (out / f"{cat}.opus").stat().st_size / 1e6
         print(f"{split}/{cat}: {total / SAMPLE_RATE / 60:.1f} min in {len(entries)} pieces, {mb:.1f} MB", flush=True)

@@ -53,7 +53,8 @@ def cross_entropy_kbps(corrections: list[np.ndarray], seconds: float, span: int)
     bits = 0.0
     for fit, test in ((corrections[0::2], corrections[1::2]), (corrections[1::2], corrections[0::2])):
         if fit and test:
-            bits -= float(np.sum(envelope.transition_counts(test, span) * np.log2(envelope.transition_table(fit, span))))
+            counts = envelope.transition_counts(test, span)
+            bits -= float(np.sum(counts * np.log2(envelope.transition_table(fit, span))))
     return bits / seconds / 1000
 
 
@@ -119,7 +120,8 @@ def main() -> None:
                     rows.append({"clip": path.name, "category": cat, "system": name, "codes_kbps": n_q * 0.75,
                                  "visqol": visqol(ref, signal, codec.sample_rate), "mel": mel,
                                  "si_snr": float(si_snr(torch.from_numpy(signal).view(1, 1, -1),
-                                                        torch.from_numpy(ref).view(1, 1, -1))[0]), **(speech_scores(x, signal) if cat == "speech" else {})})
+                                                        torch.from_numpy(ref).view(1, 1, -1))[0]),
+                                 **(speech_scores(x, signal) if cat == "speech" else {})})
             print(f"{path.name} done", flush=True)
     print(f"\nmodel {args.model}; clips {args.clips}; grid "
           f"{envelope.Grid(bands=args.bands, bins=args.bins, hops=args.hops)} (step varied)\n")
@@ -136,7 +138,8 @@ def main() -> None:
             print(f"| {cat} | {name} | {sel[0]['codes_kbps']:.2f} | {side_kbps} | {side_coded} | "
                   f"{np.mean([r['visqol'] for r in sel]):.3f} | {np.mean([r['mel'] for r in sel]):.3f} | "
                   f"{np.mean([r['si_snr'] for r in sel]):.2f} | "
-                  + " | ".join(f"{np.nanmean([r[k] for r in sel]):.3f}" if k in sel[0] else "—" for k in ("pesq", "stoi"))
+                  + " | ".join(f"{np.nanmean([r[k] for r in sel]):.3f}" if k in sel[0] else "—"
+                               for k in ("pesq", "stoi"))
                   + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

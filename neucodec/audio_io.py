@@ -132,7 +132,8 @@ def open_audio(path: str | os.PathLike[str]) -> AudioReader:
         f.close()
         raise UnsupportedAudio(f"{name} has an invalid header ({f.samplerate} Hz, {f.channels} channels)")
     # Header frame counts are unreliable for pipes and compressed formats (evaluation.md §6).
-    frames: int | None = f.frames if f.seekable() and f.format in ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64") else None
+    exact_frames = f.seekable() and f.format in ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64")
+    frames: int | None = f.frames if exact_frames else None
     if frames == 0:
         f.close()
         for fn in cleanup:
@@ -216,7 +217,8 @@ def groups_for(source_channels: int, codec_channels: int) -> int:
 
 
 def to_groups(x: np.ndarray, codec_channels: int) -> np.ndarray:
-    """`[C, t]` -> `[G, codec_channels, t]`: per channel for mono codecs; mono duplicated, odd channel repeated for stereo."""
+    """`[C, t]` -> `[G, codec_channels, t]`: per channel for mono codecs; for stereo codecs mono
+    duplicated and an odd channel repeated."""
     C, t = x.shape
     if codec_channels == 1:
         return x[:, None, :]

@@ -476,7 +476,8 @@ def decode_segments(records: tp.Sequence[tuple[int, bytes, tuple[int, int, int],
         runner = exact(base, arithmetic) if arithmetic else base
         workers = _workers(runner)
 
-        def decode(group: list[int]) -> list[Tensor]:
+        def decode(group: list[int], runner: LanguageModel | ExactLM = runner, lm_idx: list[int] = lm_idx
+                   ) -> list[Tensor]:
             idx = [lm_idx[j] for j in group]
             return lm_decode_many(runner, [records[i][1] for i in idx], [records[i][2] for i in idx],
                                   threads, [records[i][3] for i in idx], span)

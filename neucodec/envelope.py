@@ -22,7 +22,7 @@ grid). The tables are float32, so the same bits everywhere; `transition_table` f
 (`bin/fit_envelope.py`: on the train split), and files name theirs (`table`, `TABLE_FILE`; part of
 the .ecdc format, docs/FORMAT.md §4.5).
 
-In an .ecdc file (`neucodec.ecdc`), each segment carries the corrections of its own tiles, and the
+In an .ecdc file (`neucodec.writer`, `neucodec.reader`), each segment carries the corrections of its own tiles, and the
 decoder applies them as it streams (`Corrector`): within a segment the gains are interpolated
 between its tiles' centres and held from its first centre back to its start and from its last one
 on to its end, so segments stay independent. `apply` is one segment, all at once.

@@ -8,7 +8,6 @@ inputs every step) and runs a batch of independent sequences in one call per ste
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F

@@ -107,7 +107,7 @@ class Codec(nn.Module):
             raise UnsupportedSetting(f"{self.config.name} does not support {bandwidth:g} kbps; use one of {supported}")
         return self.config.n_q_for_bandwidth(bandwidth)
 
-    def prepare_for_inference(self) -> "Codec":
+    def prepare_for_inference(self) -> Codec:
         """eval(), no gradients, weight norm folded into plain weights (faster; keys change)."""
         self.eval()
         fold_weight_norm(self)
@@ -131,7 +131,8 @@ class Codec(nn.Module):
         if wav.shape[-1] == 0:
             raise UnsupportedAudio("audio is empty (0 samples)")
         if not wav.is_floating_point():
-            raise UnsupportedAudio(f"expected float audio in [-1, 1], got {wav.dtype}; convert with wav.float() / 32768")
+            raise UnsupportedAudio(f"expected float audio in [-1, 1], got {wav.dtype}; "
+                                   "convert with wav.float() / 32768")
 
     # ------------------------------------------------------------- one segment
     def _normalize(self, x: Tensor) -> tuple[Tensor, Tensor | None]:

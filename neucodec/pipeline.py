@@ -20,8 +20,7 @@ import torch
 
 from . import audio_io
 from .atomic import atomic_output, check_target, disk_error
-from .errors import (DeviceUnavailable, NeucodecError, OutputError, UnknownModel, UnsupportedAudio,
-                     WeightsUnavailable)
+from .errors import DeviceUnavailable, NeucodecError, OutputError, UnknownModel, UnsupportedAudio, WeightsUnavailable
 from .hub import load_codec, load_lm
 from .model import Codec
 from .weights import DEFAULT_MODEL, known_names
@@ -127,6 +126,9 @@ def _check_paths(src: PathLike, dst: PathLike, force: bool, what: str,
         check_target(Path(dst), force, None if _is_stdio(src) else Path(src))
 
 
+_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]"
+
+
 class _Bar:
     """A tqdm bar in seconds of audio, or nothing."""
 
@@ -137,8 +139,7 @@ class _Bar:
 
             self._bar = tqdm(total=None if total is None else round(total, 1), unit="s", desc=desc,
                              leave=False, file=sys.stderr, dynamic_ncols=True,
-                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]"
-                             if total else "{desc}: {n:.0f} s [{elapsed}]")
+                             bar_format=_BAR_FORMAT if total else "{desc}: {n:.0f} s [{elapsed}]")
 
     def update(self, seconds: float) -> None:
         if self._bar is not None:

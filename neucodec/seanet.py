@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import SEANetConfig
-from .layers import ConvState, ConvTrState, LSTMState, SConv1d, SConvTranspose1d, SLSTM
+from .layers import SLSTM, ConvState, ConvTrState, LSTMState, SConv1d, SConvTranspose1d
 
 Tensor = torch.Tensor
 LayerState = tp.Union[ConvState, ConvTrState, LSTMState, "ResBlockState", None]

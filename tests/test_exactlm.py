@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from _bitstream import lm_coded_file, skewed_codes, skewed_lm, tiny_codec24
-from neucodec import container, ecdc, entropy, exactkernels as kernels, exactlm, packing
+from neucodec import container, ecdc, entropy, exactlm, packing
+from neucodec import exactkernels as kernels
 from neucodec.config import LMConfig
 from neucodec.lm import LanguageModel, sin_embedding
 
@@ -241,7 +242,8 @@ def test_probs_kernel() -> None:
     rng = np.random.default_rng(7)
     R, K, card = 3, 2, 1024
     acc = np.round(rng.normal(size=(R, K * card)) * 2 ** 20)
-    s, scale, bias = np.abs(rng.normal(size=R)) * 1e-5, np.abs(rng.normal(size=K * card)) * 1e-3, rng.normal(size=K * card)
+    s, scale = np.abs(rng.normal(size=R)) * 1e-5, np.abs(rng.normal(size=K * card)) * 1e-3
+    bias = rng.normal(size=K * card)
     bias[:5] = 40.0  # rows dominated by a few symbols: many weights floored to one unit
     logits = (acc * (s[:, None] * scale) + bias).reshape(R, K, card)
     w = exactlm.exp_weights(logits, 24)
@@ -266,7 +268,8 @@ def test_attend_kernel() -> None:
     kernels.attend(qkv, keys, scales, values, old_end, lo, past, 1 / np.sqrt(Dh), exactlm._exp_ints(20),
                    exactlm._LOG2E_UNITS, exactlm._MAX_UNITS, 2.0 ** 12, float(exactlm.VALUE_MAX), 2.0 ** -12, out)
     kq, ks = exactlm.quantize_rows(qkv[:, :, 1].transpose(0, 2, 1, 3))  # [B, H, T, Dh]
-    assert np.array_equal(keys[..., old_end:], kq.swapaxes(-1, -2)) and np.array_equal(scales[..., old_end:], ks[..., 0])
+    assert np.array_equal(keys[..., old_end:], kq.swapaxes(-1, -2))
+    assert np.array_equal(scales[..., old_end:], ks[..., 0])
     v = np.clip(np.round(qkv[:, :, 2].transpose(0, 2, 1, 3) * 2.0 ** 12), -exactlm.VALUE_MAX, exactlm.VALUE_MAX)
     assert np.array_equal(values[..., old_end:], v.swapaxes(-1, -2))
     qq, qs = exactlm.quantize_rows(qkv[:, :, 0].transpose(0, 2, 1, 3))

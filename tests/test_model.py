@@ -7,7 +7,6 @@ import torch
 from neucodec import config as cfg
 from neucodec.errors import UnsupportedAudio, UnsupportedSetting
 from neucodec.model import Codec, OverlapAdd, Segment, overlap_add, segment_layout
-
 from reference import randomize
 
 

@@ -13,8 +13,14 @@ import soundfile as sf
 import torch
 
 from neucodec import audio_io, decode_file, encode_file, pipeline
-from neucodec.errors import (DeviceUnavailable, NeucodecError, OutputError, UnsupportedAudio, UnsupportedSetting,
-                             WeightsUnavailable)
+from neucodec.errors import (
+    DeviceUnavailable,
+    NeucodecError,
+    OutputError,
+    UnsupportedAudio,
+    UnsupportedSetting,
+    WeightsUnavailable,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +88,8 @@ def test_a_package_names_the_bandwidth_used_when_none_is_asked_for(recordings: d
         return path
 
     for value, kbps in ((3.0, 3.0), (None, 6.0)):  # without the key: 6 kbps, where offered
-        assert encode_file(recordings["wav_mono"], tmp_path / f"{value}.ecdc", model=package(value)).info.bandwidth == kbps
+        result = encode_file(recordings["wav_mono"], tmp_path / f"{value}.ecdc", model=package(value))
+        assert result.info.bandwidth == kbps
     for bad in (4.5, True, "3"):  # not one of the codec's bandwidths (1.5, 3, 6)
         with pytest.raises(WeightsUnavailable, match="'default_bandwidth' must be one of the codec's bandwidths"):
             encode_file(recordings["wav_mono"], tmp_path / "bad.ecdc", model=package(bad))

@@ -6,8 +6,7 @@ import torch
 
 from neucodec import config as cfg
 from neucodec.lm import LanguageModel
-from neucodec.model import Codec, EncodedAudio
-
+from neucodec.model import Codec
 from reference import import_encodec, randomize, reference_codec
 
 # 53,760 samples makes 0.1.1's float frame count wrong (encodec#35); 1 and 100 are sub-frame

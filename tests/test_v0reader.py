@@ -1,4 +1,4 @@
-"""Version-0 files written by the reference encodec package (with and without its LM) decode to the reference's codes/audio."""
+"""Version-0 files of the reference encodec package (with and without its LM) decode to the reference's codes/audio."""
 from __future__ import annotations
 
 import io
@@ -6,12 +6,11 @@ import sys
 import types
 import typing as tp
 
-import numpy as np
 import pytest
 import torch
 
 from _bitstream import skewed_lm, tiny_codec24, tiny_codec48
-from neucodec import config, ecdc, v0lm
+from neucodec import config, ecdc
 from neucodec.container import v0_header_bytes
 from neucodec.errors import CorruptStream, ModelMismatch, NeucodecError, WeightsUnavailable
 from neucodec.lm import LanguageModel

@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from neucodec import load_codec, load_lm
 from neucodec import config as cfg
-from neucodec import weights
+from neucodec import load_codec, load_lm, weights
 from neucodec.errors import UnknownModel, WeightsUnavailable
 from neucodec.lm import LanguageModel
 from neucodec.model import Codec
-
 from reference import randomize
 
 
