@@ -21,10 +21,10 @@ import torch
 
 from neucodec import config as cfg
 from neucodec.hub import load_codec
+from neucodec.model import Codec
 from neucodec.train.data import Batches, load_corpus
 from neucodec.train.lm_solver import LMSolver, code_dataset
 from neucodec.weights import carried, load_weights, resolve, save_release
-from neucodec.model import Codec
 
 
 def codes_fingerprint(state: dict[str, torch.Tensor]) -> str:

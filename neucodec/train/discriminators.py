@@ -49,7 +49,8 @@ class STFTDiscriminator(nn.Module):
 class MultiScaleSTFTDiscriminator(nn.Module):
     """Five STFT discriminators with windows 2048, 1024, 512, 256, 128 (doubled at 48 kHz)."""
 
-    def __init__(self, channels: int = 1, filters: int = 32, n_ffts: tp.Sequence[int] = (2048, 1024, 512, 256, 128)) -> None:
+    def __init__(self, channels: int = 1, filters: int = 32,
+                 n_ffts: tp.Sequence[int] = (2048, 1024, 512, 256, 128)) -> None:
         super().__init__()
         self.discriminators = nn.ModuleList([STFTDiscriminator(channels, n, filters) for n in n_ffts])
 

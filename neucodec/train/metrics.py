@@ -46,7 +46,7 @@ class VisqolSpeech:
             return float(self.api.measure_from_arrays(np.asarray(ref, np.float64), np.asarray(deg, np.float64),
                                                       VISQOL_RATE).moslqo)
         except Exception as e:  # noqa: BLE001 - a failed score is reported as nan, not fatal
-            warnings.warn(f"ViSQOL failed: {type(e).__name__}: {e}")
+            warnings.warn(f"ViSQOL failed: {type(e).__name__}: {e}", stacklevel=2)
             return float("nan")
         finally:
             if torch.get_num_threads() != threads:

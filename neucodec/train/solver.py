@@ -31,12 +31,22 @@ from ..weights import Weights, carried, complete_codebooks, load_weights, resolv
 from .correction import corrected
 from .data import Batches, MixConfig, Prefetched, load_corpus
 from .diagnostics import latent_report
-from .widen import latent_dim, widen_latent
 from .discriminators import MultiScaleSTFTDiscriminator
-from .losses import (Balancer, LogStftLoss, MultiScaleMelLoss, SpectralNsimLoss, frame_comb_loss,
-                     hinge_discriminator_loss, hinge_generator_loss, mel_distance, relative_feature_loss, si_snr)
+from .losses import (
+    Balancer,
+    LogStftLoss,
+    MultiScaleMelLoss,
+    SpectralNsimLoss,
+    frame_comb_loss,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    mel_distance,
+    relative_feature_loss,
+    si_snr,
+)
 from .metrics import VisqolSpeech, load_visqol
 from .progress import bar, log_line
+from .widen import latent_dim, widen_latent
 
 Tensor = torch.Tensor
 
@@ -81,7 +91,7 @@ class TrainConfig:
     decay_steps: int = 0  # ... reached this many steps later (0: constant learning rates)
     bandwidth_weights: tuple[float, ...] | None = None  # how often each of codec.bandwidths is drawn (None: equally)
     mix: dict[str, float] = dataclasses.field(default_factory=dict)  # MixConfig fields to change (none: the paper's)
-    envelope: str | None = None  # an envelope table: the losses also score the output with its correction on that grid ...
+    envelope: str | None = None  # an envelope table: the losses also score the output corrected on its grid ...
     envelope_share: float = 0.5  # ... with this weight, the plain output 1 - it (`correction.corrected`)
 
     def __post_init__(self) -> None:
@@ -89,8 +99,8 @@ class TrainConfig:
             self.bandwidth_weights = tuple(float(w) for w in self.bandwidth_weights)
             if len(self.bandwidth_weights) != len(self.codec.bandwidths) or min(self.bandwidth_weights) < 0 \
                     or not sum(self.bandwidth_weights):
-                raise ValueError(f"bandwidth_weights needs one weight >= 0 per bandwidth {list(self.codec.bandwidths)}, "
-                                 f"not all 0; got {list(self.bandwidth_weights)}")
+                raise ValueError(f"bandwidth_weights needs one weight >= 0 per bandwidth "
+                                 f"{list(self.codec.bandwidths)}, not all 0; got {list(self.bandwidth_weights)}")
         if self.envelope is not None and self.envelope not in envelope.table_names():
             raise ValueError(f"no envelope table {self.envelope!r}; choose one of {', '.join(envelope.table_names())}")
         fields = [f.name for f in dataclasses.fields(MixConfig)]
@@ -107,7 +117,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, tp.Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, tp.Any]) -> TrainConfig:
         data = dict(data)
         codec = cfg.codec_from_dict(data.pop("codec")) if "codec" in data else cls.codec
         if "betas" in data:

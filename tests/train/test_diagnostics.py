@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from neucodec import config as cfg
 from neucodec.model import Codec
 from neucodec.train.diagnostics import band_correlation, latent_report, pca_rank
 from neucodec.train.solver import Solver, TrainConfig

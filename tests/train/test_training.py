@@ -351,7 +351,9 @@ def test_eval_without_visqol_says_so_once(tmp_path: Path, monkeypatch: pytest.Mo
     s = _solver(tmp_path)
     s.dev_clips = _dev_clips(tmp_path / "clips")
     first, second = s.evaluate(), s.evaluate()
-    assert set(first) == set(second) and len(first) == 8  # 2 categories x 2 bandwidths x (si_snr, mel)
+    scores = [k for k in first if not k.startswith(("rank", "corr_"))]  # the rest: latent diagnostics
+    assert set(first) == set(second) and len(scores) == 8  # 2 categories x 2 bandwidths x (si_snr, mel)
+    assert {"rank90", "rank99", "corr_none_0-0.5k", "corr_2_6-8k"} <= set(first)  # on the speech clips
     assert not any(k.endswith("visqol") for k in first)
     assert capsys.readouterr().out.count("visqol-python is not installed") == 1
     off = _solver(tmp_path, visqol_clips=0)
@@ -424,7 +426,8 @@ def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
                            eval_every=0), tmp, _batches(seed=rank, batch=2))
     for _ in range(2):
         s.train_step(s.batches.next())
-    flat = torch.cat([p.detach().flatten() for p in s.codec.parameters()] + [s.codec.quantizer._codebook(0).embed.flatten()])
+    flat = torch.cat([p.detach().flatten() for p in s.codec.parameters()]
+                     + [s.codec.quantizer._codebook(0).embed.flatten()])
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     torch.distributed.all_gather(gathered, flat)
     if rank == 0:
@@ -491,9 +494,8 @@ def test_visqol_leaves_the_callers_torch_thread_count_alone() -> None:
 def test_dev_scores_with_the_envelope_correction_score_what_files_carry(tmp_path: Path) -> None:
     """`rank_models.py --envelope`: the corrected audio of a tiny random codec is far closer to its
     input's envelope, so its mel distance drops; the keys and clip order are those of the plain scores."""
-    from neucodec.train.solver import dev_scores_per_clip
-
     from _bitstream import tiny_codec24
+    from neucodec.train.solver import dev_scores_per_clip
 
     codec = tiny_codec24()
     t = np.arange(24000) / 24000
