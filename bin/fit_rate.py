@@ -27,13 +27,13 @@ import torch
 
 import neucodec
 from neucodec import container, envelope
+from neucodec.streamspec import encode_settings
 from neucodec.train.metrics import load_visqol
 
 DEFAULT_CLIPS = Path.home() / ".cache/neucodec-train/corpus/dev/clips"
 
 
-def measure(package: Path, clips: list[Path], n_qs: list[int], tables: list[str | None], lm: bool,
-            frame_bits: float) -> list[dict]:
+def measure(package: Path, clips: list[Path], n_qs: list[int], tables: list[str | None], lm: bool) -> list[dict]:
     visqol = load_visqol()
     if visqol is None:
         raise SystemExit("ViSQOL is needed: pip install -e '.[eval]'")
@@ -43,22 +43,22 @@ def measure(package: Path, clips: list[Path], n_qs: list[int], tables: list[str 
     with tempfile.TemporaryDirectory() as tmp:
         for table in tables:
             for n_q in n_qs:
-                bandwidth = n_q * frame_bits / 1000
+                bandwidth = next(b for b in codec.config.bandwidths if codec.n_q_for_bandwidth(b) == n_q)
                 row = {"codebooks": n_q, "envelope": table, "lm": False, "kbps": [], "score": []}
                 lm_row = {**row, "lm": True, "kbps": []}
                 t0 = time.time()
                 for clip in clips:
                     out, wav = Path(tmp) / "c.ecdc", Path(tmp) / "c.wav"
-                    res = neucodec.encode_file(clip, out, bandwidth=bandwidth, codec=codec, force=True,
-                                               envelope=table if table else False)
+                    res = neucodec.encode_file(clip, out, codec=codec, force=True,
+                                               settings=encode_settings(codec, bandwidth, table or False))
                     row["kbps"].append(payload_kbps(out, res.seconds))
                     neucodec.decode_file(out, wav, codec=codec, force=True)
                     ref, sr = sf.read(str(clip), dtype="float32", always_2d=True)
                     dec, _ = sf.read(str(wav), dtype="float32", always_2d=True)
                     row["score"].append(visqol(ref.mean(1), dec.mean(1), sr))
                     if lm_model is not None:
-                        res = neucodec.encode_file(clip, out, bandwidth=bandwidth, codec=codec, lm=lm_model,
-                                                   use_lm=True, force=True, envelope=table if table else False)
+                        res = neucodec.encode_file(clip, out, codec=codec, lm=lm_model, force=True,
+                                                   settings=encode_settings(codec, bandwidth, table or False, lm_model))
                         lm_row["kbps"].append(payload_kbps(out, res.seconds))
                 print(f"{n_q:2d} codebooks, envelope {table or 'none':4s}: {np.mean(row['kbps']):6.2f} kbps, "
                       f"ViSQOL {np.mean(row['score']):.3f} ({time.time() - t0:.0f} s)", flush=True)
@@ -108,14 +108,13 @@ def main() -> None:
     if not clips:
         p.error(f"no clips in {args.clips}; build the corpus (bin/build_corpus.py) or pass --clips")
     codec = neucodec.load_codec(args.package)
-    frame_bits = codec.frame_rate * np.log2(codec.config.quantizer.bins)
     n_qs = sorted({codec.n_q_for_bandwidth(b) for b in codec.config.bandwidths})
     tables = [None if t == "none" else t for t in args.tables]
     unknown = [t for t in tables if t is not None and t not in envelope.table_names()]
     if unknown:
         p.error(f"unknown envelope tables {unknown}; choose from {envelope.table_names()}")
     has_lm = bool(json.loads(args.package.read_text()).get("lm"))
-    rows = measure(args.package, clips, n_qs, tables, has_lm and not args.no_lm, frame_bits)
+    rows = measure(args.package, clips, n_qs, tables, has_lm and not args.no_lm)
     points = summary(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -1,13 +1,18 @@
 """The `neucodec` command: encode, decode, info, models, download; options in, exit codes out.
 
 Exit codes: 0 success; 1 failure (bad input, missing weights, corrupt file, any file of a folder that
-failed); 2 usage error (unknown option, missing argument); 130 interrupted (Ctrl-C), 143 terminated.
-Every error is one line on stderr that says what to do; `-v` adds the traceback.
+failed); 2 usage error (unknown option, missing argument, a setting the model does not offer, binary
+output to a terminal, an .ecdc file named as audio); 130 interrupted (Ctrl-C), 141 stdout closed by
+its reader (`| head`), 143 terminated. Every error is one line on stderr that says what to do; `-v`
+adds the traceback. Heavy modules (torch, the codec) are imported inside the commands that need them,
+so `--help`, `--version`, `info` and `models` start quickly.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import traceback
@@ -18,9 +23,9 @@ import click
 
 from . import __version__, audio_io
 from .atomic import Terminated, raise_on_sigterm
-from .errors import NeucodecError, OutputError
+from .errors import NeucodecError, OutputError, UsageError, command_line
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 0, 1, 2, 130, 141, 143
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 
@@ -42,7 +47,8 @@ def _guarded(fn: tp.Callable[..., int | None]) -> tp.Callable[..., None]:
     def wrapper(*args: tp.Any, **kwargs: tp.Any) -> None:
         verbose = bool(kwargs.get("verbose"))
         try:
-            code = fn(*args, **kwargs)
+            with command_line():  # messages name -f/--force, not force=True
+                code = fn(*args, **kwargs)
         except click.exceptions.Exit:
             raise
         except click.ClickException:
@@ -54,12 +60,11 @@ def _guarded(fn: tp.Callable[..., int | None]) -> tp.Callable[..., None]:
             _err("terminated; no partial output was left behind")
             raise click.exceptions.Exit(EXIT_TERMINATED) from None
         except BrokenPipeError:
-            # the reader of stdout went away (e.g. `| head`): nothing useful to say
-            try:
-                sys.stdout = open(os.devnull, "w")
-            except OSError:
-                pass
-            raise click.exceptions.Exit(EXIT_FAILURE) from None
+            # the reader of stdout went away (e.g. `| head`): say nothing and exit as if killed by SIGPIPE
+            _silence_stdout()
+            raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
+        except UsageError as e:
+            _fatal(str(e), verbose, EXIT_USAGE)
         except NeucodecError as e:
             _fatal(str(e), verbose)
         except MemoryError:
@@ -74,8 +79,40 @@ def _guarded(fn: tp.Callable[..., int | None]) -> tp.Callable[..., None]:
     return wrapper
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the flush at exit cannot fail on a closed pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (CliRunner)
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except OSError:
+        pass
+
+
+def _formats_in_doc(fn: tp.Callable[..., tp.Any]) -> tp.Callable[..., tp.Any]:
+    """Fill a command's help with the formats `audio_io` reads ({formats}) and writes ({outputs})."""
+    fn.__doc__ = (fn.__doc__ or "").format(formats=audio_io.one_of(audio_io.INPUT_FORMATS),
+                                           outputs="/".join(audio_io.OUTPUT_FORMATS))
+    return fn
+
+
+def _progress(quiet: bool) -> bool:
+    """Progress bars: on stderr, and only when it is a terminal (a log file gets the result lines alone)."""
+    return not quiet and sys.stderr.isatty()
+
+
 def _say(quiet: bool) -> tp.Callable[[str], None]:
-    return (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    """Notes to stderr unless `quiet`; warnings (lines starting "warning: ") always, as errors are."""
+    def say(msg: str) -> None:
+        if msg.startswith("warning: "):
+            _err(msg)
+        elif not quiet:
+            click.echo(msg, err=True)
+    return say
 
 
 # ----------------------------------------------------------------------------------------- options
@@ -129,29 +166,31 @@ def cli() -> None:
 @click.argument("dst", metavar="OUT", type=click.Path(allow_dash=True, path_type=str),
                 callback=_given)
 @click.option("-b", "--bandwidth", type=float, default=None, metavar="KBPS",
-              help="Bandwidth of the codes per coded stream, one of the model's bandwidths (the envelope "
-                   "correction comes on top) [default: the model's: 3 for the default model, else 6 if offered].")
+              help="Target bitrate of the whole file: all channels, header and envelope correction included. "
+                   "Any value from the model's lowest operating point up (`neucodec models` lists them); the "
+                   "encoder picks the codebooks and correction that score best within it [default: the model's].")
 @click.option("--lm/--no-lm", "use_lm", default=False, show_default=True,
-              help="Entropy-code the codes with the model's language model: the codes ~35% smaller for speech, "
-                   "~20% for music (the envelope correction is not LM-coded); slower.")
+              help="Entropy-code the codes with the model's language model: smaller codes, so more of them fit "
+                   "the target (the envelope correction is not LM-coded); slower.")
 @click.option("--envelope/--no-envelope", default=None,
-              help="Store a correction of the decoded audio's spectral envelope: about 2.6 kbps more with the "
-                   "default model's table, much clearer sound; the encoder runs the decoder too [default: on if "
-                   "the model's package opts in, as the default model does].")
+              help="Only operating points with (or, --no-envelope, without) a correction of the decoded audio's "
+                   "spectral envelope, which the encoder measures by running the decoder [default: whichever "
+                   "scores best at the target].")
 @click.option("--envelope-table", metavar="NAME", default=None,
-              help="Code the envelope correction on this table's tiles (implies --envelope): e1 400 Hz x 40 ms "
-                   "(~0.8 kbps), e2 200 Hz x 40 ms (~1.5 kbps), e3 100 Hz x 40 ms (~3.4 kbps, clearer still), "
-                   "e4 as e3 to 4 kHz, then 200 Hz (~2.6 kbps, as clear) [default: the model's].")
+              help="Only operating points whose envelope correction uses this table's tiles (implies "
+                   "--envelope): e1 400 Hz x 40 ms, e2 200 Hz x 40 ms, e3 100 Hz x 40 ms, e4 as e3 to 4 kHz, "
+                   "then 200 Hz; their rates: `neucodec models`.")
 @_model_options
 @_verbosity
 @_guarded
+@_formats_in_doc
 def encode(src: str, dst: str, bandwidth: float | None, use_lm: bool, envelope: bool | None,
            envelope_table: str | None, model: str | None, device: str, force: bool, jobs: int | None, quiet: bool,
            verbose: bool) -> int:
     """Compress audio IN (file, folder or - for stdin) into OUT (.ecdc file, folder or - for stdout).
 
-    Reads WAV, FLAC, OGG/Opus and MP3 at any sample rate and channel count: audio is resampled for the
-    model and a mono model codes each channel separately (the bitrate is per channel).
+    Reads {formats} at any sample rate and channel count: audio is resampled for the model and a mono
+    model codes each channel separately.
     """
     from . import pipeline
 
@@ -164,14 +203,14 @@ def encode(src: str, dst: str, bandwidth: float | None, use_lm: bool, envelope: 
         return _folder("encode", Path(src), Path(dst), options, force, jobs, quiet, verbose)
     dst = _file_target(src, dst, ".ecdc")
     if dst != audio_io.STDIO and Path(dst).suffix.lower() != ".ecdc" and not quiet:
-        _err(f"note: {dst} does not end in .ecdc")
-    result = pipeline.encode_file(src, dst, force=force, progress=not quiet, notify=_say(quiet), **options)
+        _err(f"note: {dst} does not end in .ecdc")  # an audio extension is refused by encode_file
+    result = pipeline.encode_file(src, dst, force=force, progress=_progress(quiet), notify=_say(quiet),
+                                  **options)
     if not quiet:
         info = result.info
-        lm = (", LM" if info.lm_id else "") + (", envelope" if info.envelope else "")
-        bw = f"{info.bandwidth:g} kbps" if info.bandwidth else "all codebooks"
+        how = f"{result.point.describe()} x {info.groups}" if result.point else f"{info.n_q} codebooks x {info.groups}"
         _err(f"{audio_io.describe(src)} -> {audio_io.describe(dst, output=True)}: {result.seconds:.2f} s, "
-             f"{bw} x {info.groups}{lm}, {result.bytes:,} bytes "
+             f"target {result.target_kbps:g} kbps: {how}, {result.bytes:,} bytes "
              f"({result.kbps:.2f} kbps) in {result.elapsed:.1f} s")
     return EXIT_OK
 
@@ -183,32 +222,36 @@ def encode(src: str, dst: str, bandwidth: float | None, use_lm: bool, envelope: 
                 callback=_given)
 @click.option("--subtype", type=click.Choice(audio_io.SUBTYPES, case_sensitive=False), default=None,
               help="Sample format [default: PCM_16].")
-@click.option("--format", "audio_format", type=click.Choice(["wav", "flac"], case_sensitive=False), default="wav",
+@click.option("--format", "audio_format", type=click.Choice([e[1:] for e in audio_io.OUTPUT_FORMATS],
+                                                            case_sensitive=False), default="wav",
               show_default=True, help="Output format for folders (files take it from OUT's extension; stdout is WAV).")
 @click.option("--sample-rate", type=click.IntRange(min=1000), default=None,
               help="Output sample rate [default: the original file's].")
+@click.option("--salvage", is_flag=True,
+              help="Decode a damaged file through the damage: each lost span becomes silence of its length "
+                   "(named on stderr), every intact segment decodes as in the undamaged file.")
 @_model_options
 @_verbosity
 @_guarded
-def decode(src: str, dst: str, subtype: str | None, audio_format: str, sample_rate: int | None,
+@_formats_in_doc
+def decode(src: str, dst: str, subtype: str | None, audio_format: str, sample_rate: int | None, salvage: bool,
            model: str | None, device: str, force: bool, jobs: int | None, quiet: bool, verbose: bool) -> int:
-    """Decompress IN (.ecdc file, folder or - for stdin) into OUT (.wav/.flac, folder or - for WAV on stdout).
+    """Decompress IN (.ecdc file, folder or - for stdin) into OUT ({outputs} file, folder or - for WAV on stdout).
 
     The original sample rate and channel count are restored.
     """
     from . import pipeline
 
-    options = dict(model=model, device=device, subtype=subtype, sample_rate=sample_rate)
+    options = dict(model=model, device=device, subtype=subtype, sample_rate=sample_rate, salvage=salvage)
     ext = "." + audio_format.lower()
     if _is_folder(src):
         return _folder("decode", Path(src), Path(dst), options, force, jobs, quiet, verbose, audio_ext=ext)
     dst = _file_target(src, dst, ext)
-    result = pipeline.decode_file(src, dst, force=force, progress=not quiet, notify=_say(quiet), **options)
+    result = pipeline.decode_file(src, dst, force=force, progress=_progress(quiet), notify=_say(quiet),
+                                  **options)
     if not quiet:
-        info = result.info
         _err(f"{audio_io.describe(src)} -> {audio_io.describe(dst, output=True)}: {result.seconds:.2f} s, "
-             f"{info.source_sample_rate or info.sample_rate} Hz, {info.source_channels or info.channels} ch "
-             f"in {result.elapsed:.1f} s")
+             f"{result.sample_rate} Hz, {result.channels} ch in {result.elapsed:.1f} s")
     return EXIT_OK
 
 
@@ -227,7 +270,7 @@ def _file_target(src: str, dst: str, ext: str) -> str:
 
 def _folder(mode: tp.Literal["encode", "decode"], src: Path, dst: Path, options: dict[str, tp.Any],
             force: bool, jobs: int | None, quiet: bool, verbose: bool, audio_ext: str = ".wav") -> int:
-    from . import batch, pipeline, streamspec
+    from . import batch, pipeline, rate
 
     if str(dst) == audio_io.STDIO:
         raise OutputError("a folder cannot be written to stdout; give an output folder")
@@ -239,9 +282,11 @@ def _folder(mode: tp.Literal["encode", "decode"], src: Path, dst: Path, options:
     if mode == "encode" or options.get("model"):
         codec = pipeline.get_codec(options.get("model"), device)
         if mode == "encode":
-            bw = options.get("bandwidth") or pipeline.default_bandwidth(codec)
-            options["settings"] = streamspec.encode_settings(codec, bw, options.get("envelope"))
-            options["bandwidth"] = bw
+            target = options.get("bandwidth") or pipeline.default_kbps(codec)
+            points, _ = rate.model_points(codec, options.get("envelope"))
+            if target < rate.minimum_kbps(points, lm=bool(options.get("use_lm"))):
+                rate.choose(points, target, lm=bool(options.get("use_lm")))  # names the minimum
+            options["bandwidth"] = target
             if options.get("use_lm"):
                 pipeline.get_lm(options.get("model"))
     jobs_list = batch.plan(src, dst, mode, audio_ext)
@@ -259,11 +304,14 @@ def _folder(mode: tp.Literal["encode", "decode"], src: Path, dst: Path, options:
                 click.echo(o.detail, err=True)
         elif verbose:
             say(f"{o.status}: {o.job.source} -> {o.job.target}")
+        for n in o.damage:
+            say(f"warning: {n}")
         for n in o.notes if verbose else []:
             say(n)
 
     n_jobs = jobs or (_default_jobs() if device.type == "cpu" else batch.GPU_FILES)
-    summary = batch.run(jobs_list, mode, options, force=force, n_jobs=n_jobs, progress=not quiet, report=report)
+    summary = batch.run(jobs_list, mode, options, force=force, n_jobs=n_jobs, progress=_progress(quiet),
+                        report=report)
     line = summary.line(mode)
     if summary.failed:
         _err(line)
@@ -281,7 +329,7 @@ def _folder(mode: tp.Literal["encode", "decode"], src: Path, dst: Path, options:
 @_guarded
 def info(path: str, as_json: bool, verbose: bool) -> int:
     """Describe an .ecdc file: model, bitrate, duration, original format."""
-    from .reader import read_info
+    from .probe import read_info  # no torch: the header and totals only
 
     if path != audio_io.STDIO and not Path(path).is_file():
         raise NeucodecError(f"{path} does not exist; check the path" if not Path(path).exists()
@@ -320,11 +368,23 @@ def info(path: str, as_json: bool, verbose: bool) -> int:
                   f"{data.get('n_q')} codebooks, {data.get('frame_rate')} frames/s"),
         ("segments", f"{data.get('segments')} ({data.get('layout')})"),
         ("size", f"{data.get('bytes'):,} bytes" + (f" ({data['kbps']:.2f} kbps)" if data.get("kbps") else "")),
+        *([("bits", _bits_split(data))] if data.get("header_bytes") else []),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
     return EXIT_OK
+
+
+def _bits_split(data: dict[str, tp.Any]) -> str:
+    """Where a file's bytes go: codes (with volume scales), envelope correction, header, framing."""
+    seconds = data.get("duration") or 0.0
+    envelope = data.get("envelope_bytes") or 0
+    framing = data["bytes"] - data["header_bytes"] - data["payload_bytes"]
+    parts = [("codes", data["payload_bytes"] - envelope), ("envelope correction", envelope),
+             ("header", data["header_bytes"]), ("framing", framing)]
+    return ", ".join(f"{name} {n:,} B" + (f" ({8 * n / 1000 / seconds:.2f} kbps)" if seconds else "")
+                     for name, n in parts if n or name == "codes")
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -333,7 +393,7 @@ def info(path: str, as_json: bool, verbose: bool) -> int:
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")
 @_guarded
 def models(as_json: bool, verbose: bool) -> int:
-    """List the models, their bandwidths and where their weights are."""
+    """List the models, their operating points (file kbps -> codebooks + correction) and where their weights are."""
     rows = model_table()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -343,10 +403,14 @@ def models(as_json: bool, verbose: bool) -> int:
     for r in rows:
         mark = " (default)" if r["name"] == DEFAULT_MODEL else ""
         bws = ", ".join(f"{b:g}" for b in r["bandwidths"])
-        default = f" (default {r['default_bandwidth']:g})" if r.get("default_bandwidth") else ""
-        envelope = f"; envelope correction ({r['envelope']}) by default" if r.get("envelope") else ""
         click.echo(f"{r['name']}{mark}: {r['sample_rate'] // 1000} kHz, {r['channels']} ch, "
-                   f"{'streaming' if r['causal'] else 'segmented'}; bandwidths {bws} kbps{default}{envelope}")
+                   f"{'streaming' if r['causal'] else 'segmented'}; codes at {bws} kbps; "
+                   f"-b {r['default_kbps']:g} by default")
+        how = "rates measured on the dev split" if r["measured"] else \
+            "the codes' rates; the correction's comes on top" if r.get("envelope") else "the codes' rates"
+        click.echo(f"    operating points, for a long mono file ({how}):")
+        for p in r["operating_points"]:
+            click.echo(f"      -b {p['from_kbps']:<5g} -> {p['describe']} (about {p['kbps']:.2f} kbps)")
         click.echo(f"    weights: {r['weights'] or 'not downloaded (run: neucodec download ' + r['name'] + ')'}")
         if r.get("lm") is not None:
             click.echo(f"    LM: {r['lm'] or 'not downloaded (run: neucodec download ' + r['name'] + ')'}")
@@ -358,13 +422,15 @@ def model_table() -> list[dict[str, tp.Any]]:
     """One row per known model: name, sample rate, channels, causal, bandwidths, weights path or None,
     envelope-correction table its package opts in to or None, its package's default bandwidth or None."""
     from . import config as cfg
+    from . import rate
     from . import weights as w
 
     rows = []
     for name in w.known_names():
         lm_path: str | None = None
         has_lm = False
-        envelope = default_bandwidth = None
+        envelope = default_bandwidth = default_kbps = None
+        entries: list[dict[str, tp.Any]] = []
         try:
             path = w.resolve(name, allow_download=False)
         except NeucodecError:
@@ -384,10 +450,17 @@ def model_table() -> list[dict[str, tp.Any]]:
             has_lm = package.lm_config is not None
             lm_path = str(path) if has_lm else None
             envelope, default_bandwidth = package.envelope, package.default_bandwidth
+            entries, default_kbps = package.operating_points, package.default_kbps
+        points, _ = rate.config_points(entries, config, envelope)
+        bandwidth = default_bandwidth or (6.0 if 6.0 in config.bandwidths else min(config.bandwidths))
         rows.append(dict(name=name, sample_rate=config.sample_rate, channels=config.channels,
                          causal=config.seanet.causal, bandwidths=list(config.bandwidths),
                          weights=str(path) if path else None, lm=lm_path if has_lm else None,
-                         envelope=envelope, default_bandwidth=default_bandwidth))
+                         envelope=envelope, default_bandwidth=default_bandwidth,
+                         default_kbps=default_kbps or bandwidth, measured=bool(entries),
+                         operating_points=[dict(dataclasses.asdict(p), describe=p.describe(),
+                                                from_kbps=math.ceil(rate.needs_kbps(p) * 10 - 1e-9) / 10)
+                                           for p in rate.frontier(points)]))
     return rows
 
 

@@ -30,8 +30,9 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
     and `.fingerprint` identifying its weights, and `.compatible`, the fingerprints of earlier weights
     whose files it also decodes (`weights.lineage`), `.earlier`, the releases of earlier default
     models by fingerprint (for the advice when a file is not readable), `.envelope_table`, the
-    envelope correction its package opts in to (or None), and `.default_bandwidth`, the bandwidth its
-    package asks for when none is given (or None). None loads the packaged default model.
+    envelope correction its package opts in to (or None), `.default_bandwidth`, the bandwidth its
+    package asks for when none is given (or None), and the package's rate control settings
+    `.operating_points` and `.default_kbps` (`neucodec.rate`). None loads the packaged default model.
     """
     weights = _load(name_or_path)
     if weights.codec_config is None:
@@ -45,6 +46,8 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
     codec.earlier = weights.earlier  # type: ignore[assignment]
     codec.envelope_table = weights.envelope  # type: ignore[assignment]
     codec.default_bandwidth = weights.default_bandwidth  # type: ignore[assignment]
+    codec.operating_points = weights.operating_points  # type: ignore[assignment]
+    codec.default_kbps = weights.default_kbps  # type: ignore[assignment]
     return codec
 
 

@@ -9,6 +9,7 @@ the entropy-coding LM always runs on the CPU so files decode the same everywhere
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import sys
 import time
@@ -18,9 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import audio_io
+from . import audio_io, rate
 from .atomic import atomic_output, check_target, disk_error
-from .errors import DeviceUnavailable, NeucodecError, OutputError, UnknownModel, UnsupportedAudio, WeightsUnavailable
+from .errors import (
+    DeviceUnavailable,
+    NeucodecError,
+    UnknownModel,
+    UnsupportedAudio,
+    UnsupportedSetting,
+    UsageError,
+    WeightsUnavailable,
+    option,
+)
 from .hub import load_codec, load_lm
 from .model import Codec
 from .weights import DEFAULT_MODEL, known_names
@@ -47,6 +57,11 @@ class FileResult:
     bytes: int  # size of the .ecdc stream
     elapsed: float  # wall-clock seconds
     notes: list[str] = dataclasses.field(default_factory=list)
+    point: rate.OperatingPoint | None = None  # encoding: the operating point rate control chose
+    target_kbps: float | None = None  # encoding: the file bitrate asked for
+    sample_rate: int | None = None  # decoding: the sample rate of the audio written
+    channels: int | None = None  # decoding: the channels of the audio written
+    damage: list[str] = dataclasses.field(default_factory=list)  # decoding with salvage: each lost span, a line
 
     @property
     def kbps(self) -> float:
@@ -56,7 +71,11 @@ class FileResult:
 
 # ------------------------------------------------------------------------------------------ devices
 def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`; DeviceUnavailable otherwise."""
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.
+
+    Raises UnsupportedSetting for a name that is none of these, DeviceUnavailable for a GPU this
+    machine does not have.
+    """
     if isinstance(spec, torch.device):
         return spec
     spec = (spec or "auto").strip().lower()
@@ -64,19 +83,20 @@ def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
+    given, cpu, auto = option("--device", spec), option("--device", "cpu"), option("--device", "auto")
     if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DeviceUnavailable(f"--device {spec}: CUDA is not available here (no GPU, or torch built "
-                                    "without CUDA); use --device cpu or --device auto")
         try:
             device = torch.device(spec)
         except RuntimeError:
-            raise DeviceUnavailable(f"--device {spec} is not a device name; use cuda or cuda:N") from None
+            raise UnsupportedSetting(f"{given} is not a device name; use cuda or cuda:N") from None
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"{given}: CUDA is not available here (no GPU, or torch built without CUDA); "
+                                    f"use {cpu} or {auto}")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceUnavailable(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s), "
+            raise DeviceUnavailable(f"{given}: this machine has {torch.cuda.device_count()} GPU(s), "
                                     f"numbered 0 to {torch.cuda.device_count() - 1}")
         return device
-    raise DeviceUnavailable(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+    raise UnsupportedSetting(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
 
 
 _CODECS: dict[tuple[str, str], Codec] = {}
@@ -87,8 +107,8 @@ def get_codec(model: PathLike | None, device: torch.device) -> Codec:
     """The codec for a model name or path on `device`, loaded once per process."""
     key = (str(model or DEFAULT_MODEL), str(device))
     if model is None and DEFAULT_MODEL not in known_names():
-        raise WeightsUnavailable(f"the default model {DEFAULT_MODEL} is not installed; pass -m/--model with a "
-                                 "model name from `neucodec models` or a weights path")
+        raise WeightsUnavailable(f"the default model {DEFAULT_MODEL} is not installed; pass {option('-m/--model')} "
+                                 "with a model name from `neucodec models` or a weights path")
     if key not in _CODECS:
         _CODECS[key] = load_codec(key[0], device=device)
     return _CODECS[key]
@@ -109,7 +129,7 @@ def _is_stdio(path: PathLike) -> bool:
 
 def _binary_stdout() -> tp.BinaryIO:
     if sys.stdout.isatty():
-        raise OutputError("refusing to write binary data to a terminal; redirect stdout (> file) or give OUT")
+        raise UsageError("refusing to write binary data to a terminal; redirect stdout (> file) or give OUT")
     return sys.stdout.buffer
 
 
@@ -170,15 +190,16 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
 
     Args:
         model: model name or weights path; None is the default model. Ignored when `codec` is given.
-        bandwidth: kbps, one of the model's bandwidths; None uses `default_bandwidth` (the package's,
-            else 6 kbps where offered).
+        bandwidth: the target bitrate of the whole file in kbps (all channels, header and envelope
+            correction included), any value from the model's lowest operating point up; None: the
+            package's `default_kbps` (`default_kbps`). Rate control (`neucodec.rate`) picks the
+            codebooks, the correction and the LM (when `use_lm`) that score best within it, checks the
+            file it wrote and steps down a point if a file came out too large.
         use_lm: entropy-code with the model's LM (smaller, slower; runs on the CPU).
-        envelope: store the envelope correction (`streamspec.use_envelope`: about 2.6 kbps with the
-            default model's table e4, far clearer audio); None: if the model's package opts in (the
-            default model does); a table name (e1, e2, e3, e4): with that table's tiles.
-        settings: `bandwidth` and `envelope` already checked for this model by
-            `streamspec.encode_settings` (a folder run checks them once for all its files); then
-            those two arguments are not used.
+        envelope: restrict rate control to points with the envelope correction (True), without it
+            (False) or with that table (e1, e2, e3, e4); None: whichever scores best.
+        settings: the codes and correction chosen by the caller (`streamspec.encode_settings`):
+            no rate control, and `bandwidth` and `envelope` are not used.
         force: replace an existing `dst`.
         progress: show a bar for long files on stderr.
         notify: called with one-line notes (resampling, per-channel bitrate).
@@ -186,20 +207,83 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
     Returns:
         FileResult with the stream's StreamInfo, the audio duration and the stream size.
     """
-    from .streamspec import encode_settings
-    from .writer import encode_stream
+    from . import rate
 
     t0 = time.perf_counter()
     src, dst = str(src), str(dst)
     _check_paths(src, dst, force, "an audio", UnsupportedAudio)
+    if not _is_stdio(dst) and Path(dst).suffix.lower() in audio_io.AUDIO_EXTENSIONS:
+        raise UsageError(f"{dst} is named as audio, but encoding writes an .ecdc file; name it "
+                         f"{Path(dst).with_suffix('.ecdc')}")
     codec = codec or get_codec(model, pick_device(device))
-    if settings is None:  # settings the model does not offer: fail before reading audio
-        settings = encode_settings(codec, default_bandwidth(codec) if bandwidth is None else bandwidth, envelope)
+    target = default_kbps(codec) if bandwidth is None else float(bandwidth)
+    if settings is not None:  # the caller chose the codes and correction: no rate control
+        fixed = settings
+        return _encode_once(src, dst, codec, lambda reader: (fixed, lm, None, []), force, progress, notify,
+                            segment_seconds, segments_coder, t0)
+    points, measured = rate.model_points(codec, envelope)
+    if target < rate.minimum_kbps(points, lm=use_lm):  # below every point, whatever the file: fail before reading
+        rate.choose(points, target, lm=use_lm)
+    _point_settings(codec, points[0], None)  # a correction the model cannot take: fail before reading
     if use_lm and lm is None:
         lm = get_lm(model)
-    notes: list[str] = []
+    tried: list[rate.OperatingPoint] = []
+
+    def pick(reader: audio_io.AudioReader) -> tuple[EncodeSettings, LanguageModel | None, rate.OperatingPoint,
+                                                   list[str]]:
+        channels = reader.channels if codec.channels == 1 else 1
+        wanted, notes = target, []
+        if bandwidth is None and target < rate.minimum_kbps(points, channels, lm=use_lm):  # many channels
+            wanted = rate.minimum_kbps(points, channels, lm=use_lm)
+            notes.append(f"{reader.name}: {reader.channels} channels need at least {wanted:g} kbps; coded at that")
+        try:
+            point = rate.choose(points, wanted, channels=channels, seconds=reader.seconds, lm=use_lm,
+                                below=tried[-1] if tried else None)
+        except UnsupportedSetting:
+            if tried or not reader.seconds:
+                raise
+            # a short file: its header alone leaves too little of the target; code it as a long one
+            point = rate.choose(points, wanted, channels=channels, lm=use_lm)
+            notes.append(f"{reader.name}: {reader.seconds:.2f} s is too short for {wanted:g} kbps with its header; "
+                         "coded as a long file")
+        tried.append(point)
+        return _point_settings(codec, point, lm), lm if point.lm else None, point, notes
+
+    result = _encode_once(src, dst, codec, pick, force, progress, notify, segment_seconds, segments_coder, t0)
+    # a file harder than the dev split: step down while a lower point fits (a pipe cannot be reread)
+    while measured and not _is_stdio(src) and not rate.within_target(result.bytes, result.seconds, target):
+        try:
+            result = _encode_once(src, dst, codec, pick, True, progress, notify, segment_seconds, segments_coder, t0)
+        except UnsupportedSetting:  # no lower point: keep the lowest
+            result.notes.append(f"{src}: {result.kbps:.2f} kbps, above the target of {target:g} kbps (the lowest "
+                                "operating point that fits it was not low enough for this file)")
+            break
+    result.target_kbps = target
+    return result
+
+
+def _point_settings(codec: Codec, point: rate.OperatingPoint, lm: LanguageModel | None) -> EncodeSettings:
+    from .streamspec import encode_settings
+
+    bandwidths = [b for b in codec.config.bandwidths if codec.n_q_for_bandwidth(b) == point.codebooks]
+    if not bandwidths:
+        raise UnsupportedSetting(f"operating point of {point.codebooks} codebooks: not a bandwidth of the model; "
+                                 "measure its points again (bin/fit_rate.py)")
+    return encode_settings(codec, bandwidths[0], point.envelope or False, lm if point.lm else None)
+
+
+Pick = tp.Callable[[audio_io.AudioReader],
+                   tuple["EncodeSettings", "LanguageModel | None", "rate.OperatingPoint | None", list[str]]]
+
+
+def _encode_once(src: str, dst: str, codec: Codec, pick: Pick, force: bool, progress: bool, notify: Notify | None,
+                 segment_seconds: float | None, segments_coder: SharedCoder | None, t0: float) -> FileResult:
+    """Encode once, with the settings `pick` chooses for the opened input."""
+    from .writer import encode_stream
+
     with audio_io.open_audio(src) as reader:
-        notes += _encode_notes(reader, codec, settings.bandwidth)
+        settings, lm, point, notes = pick(reader)
+        notes = _encode_notes(reader, codec, settings.bandwidth) + notes
         for n in notes:
             if notify:
                 notify(n)
@@ -226,14 +310,19 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         finally:
             bar.close()
     seconds = (info.length or 0) / info.sample_rate
-    return FileResult(src, dst, info, seconds, int(info.bytes), time.perf_counter() - t0, notes)
+    return FileResult(src, dst, info, seconds, int(info.bytes), time.perf_counter() - t0, notes, point)
+
+
+def default_kbps(codec: Codec) -> float:
+    """The file bitrate a file gets when none is asked for: the package's `default_kbps`, else the
+    default bandwidth of its codes (`default_bandwidth`)."""
+    return getattr(codec, "default_kbps", None) or default_bandwidth(codec)
 
 
 def default_bandwidth(codec: Codec) -> float:
-    """The bandwidth used when none is given: the package's (`load_codec`'s `.default_bandwidth`),
-    else 6 kbps where offered, else the lowest."""
-    bws = codec.config.bandwidths
-    return getattr(codec, "default_bandwidth", None) or (6.0 if 6.0 in bws else min(bws))
+    """The codes' bandwidth used when none is given: `Codec.default_bandwidth` (the package's, else 6 kbps
+    where offered, else the lowest), the same as `Codec.encode` uses."""
+    return codec.default_bandwidth
 
 
 def _encode_notes(reader: audio_io.AudioReader, codec: Codec, bandwidth: float | None) -> list[str]:
@@ -276,39 +365,59 @@ def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
                 device: str | torch.device = "auto", force: bool = False, subtype: str | None = None,
                 sample_rate: int | None = None, progress: bool = False, notify: Notify | None = None,
                 codec: Codec | None = None, lm: LanguageModel | None = None,
-                segments_coder: SharedCoder | None = None) -> FileResult:
+                segments_coder: SharedCoder | None = None, salvage: bool = False) -> FileResult:
     """Decompress an .ecdc file (or `-` for stdin) into WAV/FLAC (or WAV on stdout for `-`).
 
     The output has the source's sample rate and channel count unless `sample_rate` is given.
     `model` overrides the weights named in the file (a path to the same weights, e.g.); the LM, if the
-    file was coded with one, is loaded on the CPU.
+    file was coded with one, is loaded on the CPU. A damaged file raises `DamagedStream` naming the
+    damaged span, and nothing is written; with `salvage` it is decoded through the damage: each lost
+    span becomes silence of its length (every intact segment decodes as in the undamaged file) and is
+    named in a line to `notify` and in the result's `damage`.
     """
-    from .reader import decode_stream, read_info
+    from . import salvage as salvaging
+    from .errors import DamagedStream
+    from .reader import decode_stream, read_header, read_info
 
     t0 = time.perf_counter()
     src, dst = str(src), str(dst)
     fmt, subtype = audio_io.output_format(dst, subtype)
     _check_paths(src, dst, force, "an .ecdc")
+    on = pick_device(device) if codec is None else codec.device  # an unavailable GPU fails before any reading
     notes: list[str] = []
+    damage: list[str] = []
+
+    def lost(line: str) -> None:
+        damage.append(f"{audio_io.describe(src)}: {line}")
+        if notify:
+            notify(f"warning: {damage[-1]}")
+
     stdin = _is_stdio(src)
     fi = sys.stdin.buffer if stdin else open(src, "rb")
     try:
         known: StreamInfo | None = None
+        header: StreamInfo | None = None
         if not stdin:  # a file: read the totals first (CRCs only, no decoding) for exact lengths
-            known = read_info(fi)
+            known = header = salvaging.read_info(fi) if salvage else read_info(fi)
             fi.seek(0)
-        if codec is None and model is not None:
-            codec = get_codec(model, pick_device(device))
+        elif codec is None and model is None:  # a pipe: the header names the model; it is read again below
+            recorded = _Recorded(fi)
+            header = read_header(recorded)
+            fi = recorded.again()
         if lm is None and model is not None and (known is None or known.lm_id):
             lm = _optional_lm(model)
         try:
-            info, chunks = decode_stream(fi, codec=codec, lm=lm, segments_coder=segments_coder)
+            if codec is None:
+                codec = get_codec(model if model is not None else tp.cast("StreamInfo", header).model_id, on)
+            info, chunks = decode_stream(fi, codec=codec, lm=lm, segments_coder=segments_coder, salvage=salvage,
+                                         on_lost=lost)
         except (UnknownModel, WeightsUnavailable) as e:
             if model is not None:
                 raise
-            named = f"model {known.model_id}" if known is not None else "a model"
+            named = f"model {header.model_id}" if header is not None else "a model"
             raise WeightsUnavailable(f"{audio_io.describe(src)} was encoded with {named}, which is not installed "
-                                     "here; pass -m/--model with its weights (see `neucodec models`)") from e
+                                     f"here; pass {option('-m/--model')} with its weights (see `neucodec models`)") \
+                from e
         out_rate = sample_rate or info.source_sample_rate or info.sample_rate
         channels = info.source_channels or info.channels
 
@@ -342,17 +451,55 @@ def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
             raise err from None
         finally:
             bar.close()
+    except DamagedStream as e:  # named, with its span in seconds; nothing was written
+        raise salvaging.in_file(e, audio_io.describe(src), None if stdin else fi) from None
     finally:
         if not stdin:
             fi.close()
     if writer.clipped:
-        notes.append(f"{dst}: {writer.clipped} samples clipped to [-1, 1]; use --subtype FLOAT to keep them")
+        notes.append(f"{dst}: {writer.clipped} samples clipped to [-1, 1]; use {option('--subtype', 'FLOAT')} "
+                     "to keep them")
     for n in notes:
         if notify:
             notify(n)
     final = known if known is not None else info
     return FileResult(src, dst, final, (final.length or 0) / final.sample_rate, int(final.bytes),
-                      time.perf_counter() - t0, notes)
+                      time.perf_counter() - t0, notes, sample_rate=out_rate, channels=channels, damage=damage)
+
+
+class _Recorded:
+    """A pipe whose bytes are kept as they are read, so that a reader can start again from its first byte."""
+
+    def __init__(self, pipe: tp.BinaryIO) -> None:
+        self.pipe, self.kept = pipe, bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.pipe.read(size)
+        self.kept += data
+        return data
+
+    def again(self) -> tp.BinaryIO:
+        """The pipe from its first byte: the kept bytes, then the rest."""
+        return tp.cast(tp.BinaryIO, io.BufferedReader(_Replay(bytes(self.kept), self.pipe)))
+
+
+class _Replay(io.RawIOBase):
+    def __init__(self, head: bytes, rest: tp.BinaryIO) -> None:
+        super().__init__()
+        self.head, self.rest = memoryview(head), rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: tp.Any) -> int:
+        if len(self.head):
+            n = min(len(b), len(self.head))
+            b[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        data = self.rest.read(len(b))
+        b[:len(data)] = data
+        return len(data)
 
 
 def _optional_lm(model: PathLike) -> LanguageModel | None:

@@ -6,10 +6,10 @@ table or none, the LM or not. A model package lists its points as measured on th
 and at its 95th percentile over the clips, and the mean ViSQOL of the decoded clips. Official
 EnCodec checkpoints have their natural points: their bandwidths, no correction.
 
-`choose` takes the best-scoring point whose 95th-percentile rate, for every channel, plus the
-header spread over the file's duration, fits the target; the encoder checks the file it wrote
-against the target and steps down a point when a file was harder than the dev split
-(`pipeline.encode_file`).
+`choose` takes the best-scoring point whose mean rate, for every channel, plus the header spread
+over the file's duration, is within the target (+ 0.1 kbps), and whose 95th percentile is within
+the tolerance (5 % + 0.1 kbps); the encoder checks the file it wrote against the tolerance and steps down a
+point when a file was harder than the dev split (`pipeline.encode_file`).
 """
 from __future__ import annotations
 
@@ -44,56 +44,107 @@ def points_from_package(entries: tp.Sequence[dict[str, tp.Any]]) -> list[Operati
                            float(e.get("kbps_high", e["kbps"])), float(e["score"])) for e in entries]
 
 
-def natural_points(bandwidths: tp.Sequence[float], bits_per_frame: float, lm: bool) -> list[OperatingPoint]:
-    """A model without measured points: each bandwidth is a point, and its rate is exact (with the
-    LM, at most that)."""
+def natural_points(bandwidths: tp.Sequence[float], bits_per_frame: float, lm: bool,
+                   envelope: str | None = None) -> list[OperatingPoint]:
+    """A model without measured points: each bandwidth is a point whose rate is that of its codes
+    (with the LM, at most that); with `envelope`, they carry that correction at a rate not known."""
     points = []
     for b in sorted(bandwidths):
         n_q = max(1, round(b * 1000 / bits_per_frame))
-        points.append(OperatingPoint(n_q, None, False, b, b, b))
+        points.append(OperatingPoint(n_q, envelope, False, b, b, b))
         if lm:
-            points.append(OperatingPoint(n_q, None, True, b, b, b))
+            points.append(OperatingPoint(n_q, envelope, True, b, b, b))
     return points
 
 
-def budget_kbps(target_kbps: float, channels: int, seconds: float | None, header_bytes: int = HEADER_BYTES) -> float:
-    """Payload kbps per channel that a file of `seconds` (None: unknown, long) may spend."""
-    header_kbps = 0.0 if not seconds else 8 * header_bytes / seconds / 1000
-    return (target_kbps - header_kbps) / channels
+def model_points(codec: tp.Any, envelope: bool | str | None = None) -> tuple[list[OperatingPoint], bool]:
+    """The operating points of a loaded codec (`hub.load_codec`) that code with the correction asked
+    for (None: as measured, or the package's choice; False: none; True: the package's table; a
+    table name), and whether their rates were measured (else they are the codes' rates alone)."""
+    return config_points(getattr(codec, "operating_points", None) or [], codec.config,
+                         getattr(codec, "envelope_table", None), envelope)
+
+
+def config_points(entries: tp.Sequence[dict[str, tp.Any]], config: tp.Any, table: str | None,
+                  envelope: bool | str | None = None) -> tuple[list[OperatingPoint], bool]:
+    """`model_points` from what a package says: its `operating_points` entries, its codec
+    configuration and its envelope table (needs no weights, no torch)."""
+    from .envelope import table_names
+
+    if isinstance(envelope, str) and envelope not in table_names():
+        raise UnsupportedSetting(f"no envelope table {envelope[:20]!r}; choose one of {', '.join(table_names())}")
+    measured = points_from_package(entries)
+    if measured:
+        if envelope is False:
+            measured = [p for p in measured if p.envelope is None]
+        elif envelope is True:
+            measured = [p for p in measured if p.envelope is not None]
+        elif isinstance(envelope, str):
+            measured = [p for p in measured if p.envelope == envelope]
+        if not measured:
+            tables = sorted({str(p.envelope) for p in points_from_package(entries)})
+            raise UnsupportedSetting(f"no operating points of this model use envelope table {envelope}; "
+                                     f"measured: {', '.join(tables)} (bin/fit_rate.py measures more)")
+        return measured, True
+    table = (table or "e1" if envelope is True else table) if envelope in (None, True) else envelope or None
+    bits = config.sample_rate / math.prod(config.seanet.ratios) * math.log2(config.quantizer.bins)
+    return natural_points(config.bandwidths, bits, lm=True, envelope=table), table is None
+
+
+def frontier(points: tp.Sequence[OperatingPoint], lm: bool = False) -> list[OperatingPoint]:
+    """The points worth choosing, by rate: each scores better than every point with a lower rate."""
+    best, out = -math.inf, []
+    for p in sorted(_eligible(points, lm), key=lambda p: (p.kbps_high, -p.score)):
+        if p.score > best:
+            out.append(p)
+            best = p.score
+    return out
+
+
+def header_kbps(seconds: float | None, header_bytes: int = HEADER_BYTES) -> float:
+    """The header's share of a file of `seconds` (None: unknown, long)."""
+    return 0.0 if not seconds else 8 * header_bytes / seconds / 1000
+
+
+def needs_kbps(point: OperatingPoint, channels: int = 1, seconds: float | None = None) -> float:
+    """The lowest target `point` fits: its mean rate within the target plus the slack, and its
+    95th percentile within the tolerance (`within_target`)."""
+    head = header_kbps(seconds)
+    return max(point.kbps * channels + head - SLACK_KBPS, (point.kbps_high * channels + head - SLACK_KBPS) / TOLERANCE)
 
 
 def minimum_kbps(points: tp.Sequence[OperatingPoint], channels: int = 1, seconds: float | None = None,
                  lm: bool = False) -> float:
     """The lowest target any point fits, rounded up to 0.1 kbps."""
-    low = min(p.kbps_high for p in _eligible(points, lm))
-    header_kbps = 0.0 if not seconds else 8 * HEADER_BYTES / seconds / 1000
-    return math.ceil((low * channels + header_kbps) * 10 - 1e-9) / 10
+    low = min(needs_kbps(p, channels, seconds) for p in _eligible(points, lm))
+    return math.ceil(low * 10 - 1e-9) / 10
 
 
 def choose(points: tp.Sequence[OperatingPoint], target_kbps: float, *, channels: int = 1,
            seconds: float | None = None, lm: bool = False, below: OperatingPoint | None = None) -> OperatingPoint:
-    """The best-scoring point that fits `target_kbps` for the whole file (fewer bits on a tie).
+    """The best-scoring point that fits `target_kbps` for the whole file (fewer bits on a tie):
+    whose mean rate, for every channel, plus the header, is within the target plus the slack, and
+    whose 95th percentile is within the tolerance.
 
     `lm`: points that use the LM may be chosen (the encoder was asked for it). `below`: only points
     with a lower rate than this one (the step down after a file came out too large).
     Raises UnsupportedSetting, naming the minimum, when no point fits."""
-    budget = budget_kbps(target_kbps, channels, seconds)
     eligible = _eligible(points, lm)
     if below is not None:
         eligible = [p for p in eligible if p.kbps_high < below.kbps_high]
-    fitting = [p for p in eligible if p.kbps_high <= budget]
+    fitting = [p for p in eligible if needs_kbps(p, channels, seconds) <= target_kbps + 1e-9]
     if not fitting:
         if below is not None:
             raise UnsupportedSetting(f"no operating point below {below.describe()} fits {target_kbps:g} kbps")
         raise UnsupportedSetting(f"-b {target_kbps:g} is below what this model can code "
-                         f"({channels} channel{'s' if channels > 1 else ''}): use -b "
-                         f"{minimum_kbps(points, channels, seconds, lm):g} or more")
+                                 f"({channels} channel{'s' if channels > 1 else ''}): use -b "
+                                 f"{minimum_kbps(points, channels, seconds, lm):g} or more")
     return max(fitting, key=lambda p: (p.score, -p.kbps, p.lm))  # asked for the LM: it wins a tie
 
 
 def within_target(file_bytes: int, seconds: float, target_kbps: float) -> bool:
     """Whether a file of `file_bytes` over `seconds` meets `target_kbps` within the tolerance."""
-    return 8 * file_bytes / seconds / 1000 <= TOLERANCE * target_kbps + SLACK_KBPS
+    return seconds <= 0 or 8 * file_bytes / seconds / 1000 <= TOLERANCE * target_kbps + SLACK_KBPS
 
 
 def _eligible(points: tp.Sequence[OperatingPoint], lm: bool) -> list[OperatingPoint]:

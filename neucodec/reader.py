@@ -14,14 +14,15 @@ import numpy as np
 import torch
 
 from . import container, entropy, envelope, streamspec
-from .audio_io import expected_length
-from .errors import CorruptStream
+from . import salvage as salvaging
+from .errors import CorruptStream, DamagedStream, NeucodecError
 from .identity import resolve_codec, resolve_lm
 from .lm import LanguageModel
 from .model import Codec
+from .probe import _check_end, _correction_size, read_header, read_info  # noqa: F401 - re-exported; they need no torch
 from .streamaudio import SegmentCodes, audio, guard
 from .streamspec import StreamInfo
-from .v0reader import decode_v0, v0_info
+from .v0reader import decode_v0
 
 if tp.TYPE_CHECKING:
     from .lockstep import SharedCoder
@@ -30,8 +31,9 @@ Tensor = torch.Tensor
 
 
 def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel | None = None, *,
-                  v0_lm_threads: int | None = None,
-                  segments_coder: SharedCoder | None = None) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
+                  v0_lm_threads: int | None = None, segments_coder: SharedCoder | None = None,
+                  salvage: bool = False, on_lost: tp.Callable[[str], None] | None = None,
+                  ) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
     """Read an .ecdc stream (v1, v2, or a reference v0 file) and decode it chunk by chunk.
 
     Args:
@@ -45,11 +47,18 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
             (what the reference tool itself would use here).
         segments_coder: what decodes the segments' codes: None for `neucodec.entropy`, or a lockstep
             run's shared view of it (`lockstep.SharedCoder`).
+        salvage: decode through damage (`neucodec.salvage`): a lost segment's span becomes silence
+            of its length, every intact segment is decoded as it would be in an undamaged stream,
+            and the length comes from the segments read when the end record is lost. Without it the
+            first damage raises `DamagedStream`, naming its span in seconds. Version-0 streams have
+            no checksums to salvage by and decode as without it.
+        on_lost: with `salvage`, called with one line (seconds, segment, byte, cause) per lost run.
     Returns:
         (info, chunks): audio chunks [G, C, t] at the codec rate, `info.length` samples in all;
         `info.length` and the totals are filled in once the iterator is exhausted.
     Raises:
-        CorruptStream, UnsupportedFormatVersion, ModelMismatch: with a one-line message.
+        CorruptStream (DamagedStream for damage that salvage decodes around), UnsupportedFormatVersion,
+        ModelMismatch: with a one-line message.
     """
     prelude = container.read_prelude(fi)
     if prelude.version == 0:
@@ -57,72 +66,64 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
     info = StreamInfo.from_header(prelude.header, prelude.version)
     codec = resolve_codec(codec, info)
     reader = container.ContainerReader(fi, prelude)
+    plan = salvaging.Salvage(container.SalvageReader(fi, prelude), info, on_lost) if salvage else None
     decode_segments = entropy.decode_segments if segments_coder is None else segments_coder.decode_segments
     segments = _Segments(reader, info, None if lm is None or info.lm_id is None else resolve_lm(lm, info),
-                         decode_segments)
+                         decode_segments, plan, codec)
     codes = iter(segments)
 
     def finish() -> int:
         for _ in codes:  # pragma: no cover - all consumed already
             pass
-        return _check_end(reader, info)
+        if plan is not None:
+            return plan.finish()
+        try:
+            return _check_end(reader, info)
+        except DamagedStream as e:
+            raise salvaging.located(e, info) from None
 
-    return info, guard(audio(codes, codec, info, finish))
-
-
-def read_header(fi: tp.BinaryIO) -> StreamInfo:
-    """What the header of a stream (any version) says, checked; the totals are not read."""
-    prelude = container.read_prelude(fi)
-    return v0_info(prelude.header) if prelude.version == 0 else StreamInfo.from_header(prelude.header, prelude.version)
-
-
-def read_info(fi: tp.BinaryIO) -> StreamInfo:
-    """Header plus totals (length, segments, bytes), checking every CRC, without decoding audio."""
-    prelude = container.read_prelude(fi)
-    if prelude.version == 0:
-        return v0_info(prelude.header)
-    info = StreamInfo.from_header(prelude.header, prelude.version)
-    reader = container.ContainerReader(fi, prelude)
-    for record in reader:
-        if record.items != info.groups or not 1 <= record.frames <= info.segment_frames:
-            raise CorruptStream(f"segment {record.index} at byte {record.offset}: shape does not fit the header")
-        info.segments += 1
-        info.frames += record.frames
-        info.lm_segments += record.flags in container.LM_FLAGS
-        if info.envelope is not None:
-            scales = 4 * info.groups * info.scales
-            info.envelope_bytes += 4 + _correction_size(record.payload[scales:], f"segment {record.index} at byte "
-                                                        f"{record.offset}")
-    _check_end(reader, info)
-    return info
+    return info, guard(audio(codes, codec, info, finish, salvage=salvage))
 
 
 class _Segments:
     """The segments of a stream, read, checked and decoded (LM-coded ones in batches); the totals
-    (`segments`, `frames`, `lm_segments`, `envelope_bytes`) are counted into `info` as they are read."""
+    (`segments`, `frames`, `lm_segments`, `envelope_bytes`) are counted into `info` as they are read.
+    With `salvage`, lost segments and those whose payload cannot be decoded come as stand-ins
+    (`SegmentCodes.lost`) of their length: codes of silence (a causal codec's decoder runs through
+    them), corrections of 0 dB."""
 
     def __init__(self, reader: container.ContainerReader, info: StreamInfo, lm: LanguageModel | None,
-                 decode_segments: tp.Callable[..., list[Tensor]]) -> None:
+                 decode_segments: tp.Callable[..., list[Tensor]], salvage: salvaging.Salvage | None = None,
+                 codec: Codec | None = None) -> None:
         self.reader, self.info, self.decode_segments = reader, info, decode_segments
         self.lm = lm  # loaded when the first LM-coded segment needs it, if not given
+        self.salvage, self.codec = salvage, codec
+        self._silence: Tensor | None = None
 
     def __iter__(self) -> tp.Iterator[SegmentCodes]:
+        try:
+            yield from self._segments()
+        except DamagedStream as e:
+            raise salvaging.located(e, self.info) from None
+
+    def _segments(self) -> tp.Iterator[SegmentCodes]:
         info = self.info
-        G = info.groups
         batch: list[container.SegmentRecord] = []
-        for record in self.reader:
-            where = f"segment {record.index} at byte {record.offset}"
-            if record.items != G:
-                raise CorruptStream(f"{where}: {record.items} channel groups, header says {G} (file damaged)")
-            if not 1 <= record.frames <= info.segment_frames:
-                raise CorruptStream(f"{where}: {record.frames} frames, segments hold at most {info.segment_frames}")
-            if len(record.payload) > _payload_bound(info, G, record.frames) or \
-                    (info.scales and len(record.payload) < 4 * G):
-                raise CorruptStream(f"{where}: payload of {len(record.payload)} bytes is impossible for "
-                                    f"{record.frames} frames (file damaged)")
-            info.segments += 1
-            info.frames += record.frames
-            info.lm_segments += record.flags in container.LM_FLAGS
+        for record in self.reader if self.salvage is None else self.salvage:
+            if isinstance(record, salvaging.LostPiece):
+                if batch:
+                    yield from self._decode(batch)
+                    batch = []
+                yield self._stand_in(record.frames)
+                continue
+            if self.salvage is None:
+                problem = salvaging.shape_problem(record, info)
+                if problem is not None:
+                    raise DamagedStream(f"segment {record.index} at byte {record.offset}: {problem} (file damaged)",
+                                        record.index, record.offset, problem)
+                info.segments += 1
+                info.frames += record.frames
+                info.lm_segments += record.flags in container.LM_FLAGS
             batch.append(record)
             if len(batch) >= entropy.LM_BATCH or record.flags not in container.LM_FLAGS:
                 yield from self._decode(batch)
@@ -130,7 +131,33 @@ class _Segments:
         if batch:
             yield from self._decode(batch)
 
+    def _stand_in(self, frames: int) -> SegmentCodes:
+        """What decodes in place of a lost segment of `frames` frames."""
+        info = self.info
+        G, K = info.groups, info.n_q
+        if self._silence is None:
+            self._silence = _silence_codes(self.codec, K) if info.layout == streamspec.STREAM and \
+                self.codec is not None else torch.zeros(K, dtype=torch.long)
+        steps = None
+        if info.envelope is not None:
+            tiles = info.envelope.grid.tiles(frames * info.hop_length)
+            steps = np.zeros((G * info.channels, info.envelope.grid.bands, tiles), np.int8)
+        return SegmentCodes(self._silence[None, :, None].expand(G, K, frames).clone(), None, steps, lost=True)
+
     def _decode(self, records: list[container.SegmentRecord]) -> list[SegmentCodes]:
+        """The codes of intact records; with salvage, a stand-in for each one that fails."""
+        if self.salvage is None:
+            return self._decode_checked(records)
+        try:
+            return self._decode_checked(records)
+        except (NeucodecError, ValueError, RuntimeError, IndexError, OverflowError, struct.error) as e:
+            if len(records) > 1:  # which of them: one at a time
+                return [c for r in records for c in self._decode([r])]
+            reason = e.reason if isinstance(e, DamagedStream) else "undecodable payload"
+            piece = self.salvage.lost_record(records[0], reason)
+            return [self._stand_in(piece.frames)]
+
+    def _decode_checked(self, records: list[container.SegmentRecord]) -> list[SegmentCodes]:
         info = self.info
         G, K = info.groups, info.n_q
         todo, scales, corrections = [], [], []
@@ -141,7 +168,8 @@ class _Segments:
             if info.scales:
                 sc = torch.from_numpy(np.frombuffer(payload[: 4 * G], dtype="<f4").astype(np.float32))
                 if not torch.isfinite(sc).all():
-                    raise CorruptStream(f"{where}: invalid volume scale (file damaged)")
+                    raise DamagedStream(f"{where}: invalid volume scale (file damaged)", r.index, r.offset,
+                                        "invalid volume scale")
                 payload = payload[4 * G:]
             if info.envelope is not None:
                 steps, payload = _split_corrections(payload, info, r.frames, where)
@@ -154,23 +182,25 @@ class _Segments:
         out = []
         for r, c, sc, steps in zip(records, codes, scales, corrections):
             if entropy.codes_crc32(c) != r.codes_crc:
-                raise CorruptStream(f"segment {r.index} at byte {r.offset}: decoded codes fail their CRC "
-                                    "(LM probabilities differ from the encoder's machine, or file damaged)")
+                raise DamagedStream(f"segment {r.index} at byte {r.offset}: decoded codes fail their CRC "
+                                    "(LM probabilities differ from the encoder's machine, or file damaged)",
+                                    r.index, r.offset, "decoded codes fail their CRC")
             out.append(SegmentCodes(c, sc, steps))
         return out
 
 
-def _payload_bound(info: StreamInfo, items: int, frames: int) -> int:
-    corrections = 0 if info.envelope is None else 4 * items * info.channels * 1024 * frames  # far above any real one
-    return 4 * items * info.scales + items * info.n_q * frames * 4 + corrections + 64
-
-
-def _correction_size(payload: bytes, where: str) -> int:
-    """Bytes of the envelope corrections at the start of `payload` (a segment's, after its scales)."""
-    (size,) = struct.unpack("<I", payload[:4]) if len(payload) >= 4 else (-1,)
-    if size < 0 or size % 4 or 4 + size > len(payload):
-        raise CorruptStream(f"{where}: envelope correction of a bad length (file damaged)")
-    return size
+def _silence_codes(codec: Codec, n_q: int) -> Tensor:
+    """The codes [n_q] a causal codec's encoder settles on for digital silence: a lost span decoded
+    with them leaves the decoder's state nearer a real one than code 0 does, so the audio after it
+    meets an undamaged decode's sooner (docs/FORMAT.md §5)."""
+    base = getattr(codec, "codec", codec)  # a lockstep run's shared codec: the codec itself
+    try:
+        with torch.inference_mode():
+            zeros = torch.zeros(1, base.channels, base.sample_rate // 4, device=base.device)
+            codes = torch.cat(list(base.encode_stream([zeros], n_q)), -1)
+        return codes[0, :, -1].cpu().long()
+    except (RuntimeError, ValueError, NeucodecError):  # pragma: no cover - any valid codes will do
+        return torch.zeros(n_q, dtype=torch.long)
 
 
 def _split_corrections(payload: bytes, info: StreamInfo, frames: int, where: str) -> tuple[np.ndarray, bytes]:
@@ -185,30 +215,3 @@ def _split_corrections(payload: bytes, info: StreamInfo, frames: int, where: str
     info.envelope_bytes += 4 + size
     return envelope.decode_steps(payload[4: 4 + size], spec.probabilities, rows, spec.grid.bands, tiles), \
         payload[4 + size:]
-
-
-def _check_end(reader: container.ContainerReader, info: StreamInfo) -> int:
-    """The stream's length, after checking the end record against the segments read (and the
-    original length its residue gives); fills in `info.length`, `source_length` and `bytes`."""
-    end = tp.cast(container.EndRecord, reader.end)
-    length = end.length
-    expected = sum(s.frames for s in info.layout_of(length)) if length else 0
-    if end.frames != info.frames or expected != info.frames:
-        raise CorruptStream(f"end marker at byte {end.offset}: says {length} samples ({expected} frames) but the "
-                            f"segments hold {info.frames} frames (file damaged)")
-    info.length = length
-    if end.source_residue is not None:
-        info.source_length = _source_length(length, end.source_residue, info, end.offset)
-    info.bytes = container.stream_bytes(end.offset, info.segments)
-    return length
-
-
-def _source_length(length: int, residue: int, info: StreamInfo, offset: int) -> int:
-    """The original file's length: the resampled codec-rate `length` brought back to the source rate
-    is within a few samples of it, and `residue` (the length modulo 2^16) says which (FORMAT.md §3)."""
-    near = expected_length(length, info.sample_rate, info.source_sample_rate)
-    diff = (residue - near + 0x8000) % 0x10000 - 0x8000
-    if abs(diff) > 1 + -(-info.source_sample_rate // info.sample_rate) or near + diff < 0:
-        raise CorruptStream(f"end marker at byte {offset}: original length {residue} (mod 65536) does not match "
-                            f"{length} samples at {info.sample_rate} Hz (file damaged)")
-    return near + diff

@@ -16,10 +16,11 @@ import numpy as np
 
 from . import __version__, envelope
 from .errors import CorruptStream, UnsupportedFormatVersion, UnsupportedSetting
-from .model import Codec, Segment, segment_layout
+from .layout import Segment, segment_layout
 
 if tp.TYPE_CHECKING:
     from .lm import LanguageModel
+    from .model import Codec
 
 STREAM, OVERLAP = "stream", "overlap"  # segment layouts: consecutive causal segments, or overlap-added ones
 MAX_CORRECTIONS = 1 << 20  # envelope corrections per segment (10 s of stereo with table e3: 40,000; e4: 30,000)
@@ -30,7 +31,7 @@ _INT_FIELDS = {  # name: (min, max)
     "bits_per_code": (1, 16), "segment_frames": (1, 1 << 22),
 }
 _TOTALS = ("format_version", "length", "source_length", "segments", "lm_segments", "frames", "bytes",
-           "envelope_bytes")  # what a reader finds; not in the header
+           "envelope_bytes", "header_bytes", "payload_bytes")  # what a reader finds; not in the header
 
 
 # ---------------------------------------------------------------- envelope correction
@@ -190,6 +191,8 @@ class StreamInfo:
     frames: int = 0
     bytes: int = 0
     envelope_bytes: int = 0  # of the envelope corrections, with their length words
+    header_bytes: int = 0  # of the prelude: magic, version, header (`read_info`)
+    payload_bytes: int = 0  # of the segments' payloads: codes, scales, corrections (`read_info`)
 
     @property
     def duration(self) -> float | None:

@@ -20,11 +20,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from . import config as cfg
 from .errors import UnknownModel, WeightsUnavailable
+
+if tp.TYPE_CHECKING:  # torch is imported where tensors are read or written: `neucodec models` needs none
+    import torch
+    from torch import nn
 
 OFFICIAL_URL_ROOT = "https://dl.fbaipublicfiles.com/encodec/v0/"
 OFFICIAL_FILES = {
@@ -62,6 +63,11 @@ class Weights:
     envelope: str | None = None
     #: the bandwidth its files get when none is asked for (package key `default_bandwidth`), or None
     default_bandwidth: float | None = None
+    #: rate control (`neucodec.rate`): the operating points measured for these weights
+    #: (package key `operating_points`, written by bin/fit_rate.py), and the file bitrate a file gets
+    #: when none is asked for (`default_kbps`)
+    operating_points: list[dict[str, tp.Any]] = dataclasses.field(default_factory=list)
+    default_kbps: float | None = None
 
 
 def cache_dir() -> Path:
@@ -188,6 +194,8 @@ def load_weights(path: Path) -> Weights:
     """Read (and verify) a resolved weights file: an official .th or a release .json package."""
     if path.suffix == ".json":
         return _load_release(path)
+    import torch
+
     digest = verify_checksum(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -215,6 +223,8 @@ class Package:
     earlier: dict[str, dict[str, str]]
     envelope: str | None
     default_bandwidth: float | None
+    operating_points: list[dict[str, tp.Any]] = dataclasses.field(default_factory=list)
+    default_kbps: float | None = None
 
 
 def package_info(path: Path) -> Package:
@@ -239,10 +249,17 @@ def package_info(path: Path) -> Package:
     if bandwidth is not None and (isinstance(bandwidth, bool) or bandwidth not in codec_config.bandwidths):
         raise WeightsUnavailable(f"{path}: 'default_bandwidth' must be one of the codec's bandwidths "
                                  f"{list(codec_config.bandwidths)}")
+    points = meta.get("operating_points") or []
+    if not (isinstance(points, list) and all(isinstance(p, dict) and {"codebooks", "kbps", "score"} <= set(p)
+                                             for p in points)):
+        raise WeightsUnavailable(f"{path}: 'operating_points' must be a list of points (bin/fit_rate.py writes them)")
+    kbps = meta.get("default_kbps")
+    if kbps is not None and (isinstance(kbps, bool) or not isinstance(kbps, (int, float)) or kbps <= 0):
+        raise WeightsUnavailable(f"{path}: 'default_kbps' must be a positive number of kbps")
     return Package(meta["name"], codec_config, cfg.lm_from_dict(meta["lm"]) if meta.get("lm") else None,
                    path.with_name(meta.get("weights", path.with_suffix(".safetensors").name)),
                    meta.get("training", {}), compatible, earlier, envelope,
-                   None if bandwidth is None else float(bandwidth))
+                   None if bandwidth is None else float(bandwidth), points, None if kbps is None else float(kbps))
 
 
 def _load_release(path: Path) -> Weights:
@@ -258,21 +275,24 @@ def _load_release(path: Path) -> Weights:
     lm_state = {k[len("lm."):]: v.float() for k, v in tensors.items() if k.startswith("lm.")}
     return Weights(package.name, codec_state, digest[:16], path, package.codec_config, package.lm_config,
                    lm_state or None, package.training, package.compatible, package.earlier, package.envelope,
-                   package.default_bandwidth)
+                   package.default_bandwidth, package.operating_points, package.default_kbps)
 
 
 def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.CodecConfig,
                  lm: nn.Module | None = None, lm_config: cfg.LMConfig | None = None,
-                 training: dict[str, tp.Any] | None = None, dtype: torch.dtype = torch.float16,
+                 training: dict[str, tp.Any] | None = None, dtype: torch.dtype | None = None,
                  parents: tp.Sequence[Weights] = (), envelope: str | None = None,
                  default_bandwidth: float | None = None) -> Path:
     """Write `name.safetensors` + `name.json` (atomically) that `load_codec` reads.
 
     `parents`: the weights these were trained from; the package lists those whose files it still
     decodes (`lineage`). `envelope`: the envelope-correction table its files get by default;
-    `default_bandwidth`: the bandwidth they get when none is asked for."""
+    `default_bandwidth`: the bandwidth they get when none is asked for. `dtype`: of the stored floats
+    (None: float16)."""
+    import torch
     from safetensors.torch import save_file
 
+    dtype = torch.float16 if dtype is None else dtype
     path = Path(path)
     folder = path.parent if path.suffix else path
     folder.mkdir(parents=True, exist_ok=True)
@@ -324,6 +344,8 @@ def lineage(tensors: dict[str, torch.Tensor], codec_config: cfg.CodecConfig, lm_
     and codebooks are these bit for bit (a decoder-only fine-tuning gives the same codes), with the
     parent's own list. For the LM: a parent whose LM is this one bit for bit, with its list. Decided
     by comparing the stored tensors, never by how the weights were made."""
+    import torch
+
     out: dict[str, list[str]] = {}
 
     def same(prefix: str, state: dict[str, torch.Tensor] | None, keys: list[str]) -> bool:
@@ -350,6 +372,8 @@ def _store(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def complete_codebooks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Release packages omit the codebooks' EMA statistics; rebuild neutral ones for strict loading."""
+    import torch
+
     for key in [k for k in state if k.endswith("._codebook.embed")]:
         base = key[: -len("embed")]
         state.setdefault(base + "embed_avg", state[key].clone())

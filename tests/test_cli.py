@@ -27,8 +27,8 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output  # click >= 8.2: stdout and stderr interleaved
 
 
-def proc(*args: str, **kw: object) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def proc(*args: str, env: dict[str, str] | None = None, **kw: object) -> subprocess.Popen:
+    env = dict(os.environ, **(env or {}), PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", "neucodec", *map(str, args)], env=env, **kw)  # type: ignore[call-overload]
 
 
@@ -47,9 +47,9 @@ def test_version_help_usage() -> None:
 
 def test_encode_info_decode_round_trip(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.ecdc"
-    code, text = run("encode", recordings["flac_stereo"], out, "-m", tiny_model, "-b", "3")
+    code, text = run("encode", recordings["flac_stereo"], out, "-m", tiny_model, "-b", "6")
     assert code == 0, text
-    assert "2 mono streams" in text and "6 kbps of codes in total" in text
+    assert "2 mono streams" in text and "3 kbps of codes in total" in text  # the channels share the target
     code, text = run("info", out)
     assert code == 0 and "tiny_24khz" in text and "44100 Hz, 2 channel" in text
     code, text = run("info", out, "--json")
@@ -79,23 +79,30 @@ def test_errors_are_one_line(recordings: dict[str, Path], tiny_model: Path, tmp_
         (["encode", text_file, tmp_path / "o.ecdc", "-m", tiny_model], "not audio"),
         (["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", "no_such_model"], "unknown model"),
         (["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", tmp_path / "w.json"], "does not exist"),
-        (["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", tiny_model, "-b", "5"], "kbps"),
-        (["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", tiny_model, "--device", "tpu"], "device"),
         (["encode", recordings["wav_mono"], recordings["wav_mono"], "-m", tiny_model, "-f"], "input file"),
         (["decode", corrupt, tmp_path / "o.wav", "-m", tiny_model], ""),
         (["decode", text_file, tmp_path / "o.wav", "-m", tiny_model], ""),
-        (["decode", corrupt, tmp_path / "o.mp4", "-m", tiny_model], ".wav or .flac"),
         (["info", corrupt], ""),
         (["download", "nothing"], "no downloadable model"),
     ]
     if not __import__("torch").cuda.is_available():
-        cases.append((["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", tiny_model, "--device", "cuda"],
-                      "CUDA is not available"))
-    for args, needle in cases:
+        for command in ("encode", "decode"):  # decode too, without -m
+            src, dst = (recordings["wav_mono"], "o.ecdc") if command == "encode" else (corrupt, "o.wav")
+            cases.append(([command, src, tmp_path / dst, "--device", "cuda"], "--device cuda: CUDA is not available"))
+    usage = [  # usage mistakes: exit 2
+        (["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", tiny_model, "-b", "0.01"], "0.01"),
+        (["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", tiny_model, "--envelope-table", "e9"],
+         "no envelope table 'e9'"),
+        (["encode", recordings["wav_mono"], tmp_path / "o.ecdc", "-m", tiny_model, "--device", "tpu"], "device"),
+        (["encode", recordings["wav_mono"], tmp_path / "o.wav", "-m", tiny_model], f"name it {tmp_path / 'o.ecdc'}"),
+        (["decode", corrupt, tmp_path / "o.mp4", "-m", tiny_model], ".wav, .flac or .ogg"),
+        (["decode", corrupt, tmp_path / "o.ogg", "-m", tiny_model, "--subtype", "FLOAT"], "no --subtype"),
+    ]
+    for (args, needle), expected in [(c, 1) for c in cases] + [(c, 2) for c in usage]:
         code, text = run(*args)
         lines = [ln for ln in text.splitlines() if ln.startswith("neucodec: error")]
-        assert code == 1 and len(lines) == 1 and needle in lines[0], (args, text)
-        assert "Traceback" not in text
+        assert code == expected and len(lines) == 1 and needle in lines[0], (args, text)
+        assert "Traceback" not in text and "force=True" not in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.wav", "x.ecdc"]
     code, text = run("info", corrupt, "-v")
     assert code == 1 and "Traceback" in text
@@ -105,7 +112,7 @@ def test_overwrite_needs_force(recordings: dict[str, Path], tiny_model: Path, tm
     out = tmp_path / "a.ecdc"
     out.write_bytes(b"old")
     code, text = run("encode", recordings["wav_mono"], out, "-m", tiny_model)
-    assert code == 1 and "--force" in text and out.read_bytes() == b"old"
+    assert code == 1 and "pass -f/--force to overwrite it" in text and out.read_bytes() == b"old"
     assert run("encode", recordings["wav_mono"], out, "-m", tiny_model, "-f", "-q")[0] == 0
     assert out.read_bytes() != b"old"
 
@@ -118,8 +125,11 @@ def test_models_lists_official_and_cache(tmp_path: Path) -> None:
     assert set(rows) >= {"encodec_24khz", "encodec_48khz", "neucodec_24khz"}
     assert rows["neucodec_24khz"]["envelope"] == "e4" and rows["encodec_24khz"]["envelope"] is None
     assert rows["neucodec_24khz"]["default_bandwidth"] == 3.0 and rows["encodec_24khz"]["default_bandwidth"] is None
-    assert "neucodec_24khz (default): 24 kHz, 1 ch, streaming; bandwidths 1.5, 3, 4.5, 6, 12, 24 kbps (default 3); " \
-        "envelope correction (e4) by default" in run("models")[1]
+    assert rows["neucodec_24khz"]["default_kbps"] == 6.0 and rows["neucodec_24khz"]["measured"]
+    assert [p["codebooks"] for p in rows["encodec_24khz"]["operating_points"]] == [2, 4, 8, 16, 32]
+    text = run("models")[1]
+    assert "neucodec_24khz (default): 24 kHz, 1 ch, streaming; codes at 1.5, 3, 4.5, 6, 12, 24 kbps; -b 6 by " \
+        "default" in text and "-> 4 codebooks + e4 correction (about 5.49 kbps)" in text
     code, text = run("download", "encodec_24khz")  # offline in tests
     assert code == 1 and "neucodec: error" in text
 
@@ -209,7 +219,7 @@ def test_envelope_correction_on_by_default_where_the_model_takes_it(recordings: 
     for flag, version, envelope in ((None, 2, "corrected (e1 table"), ("--no-envelope", 1, "none")):
         out = tmp_path / f"{flag}.ecdc"
         code, text = run("encode", src, out, "-m", tiny_model, *([flag] if flag else []))
-        assert code == 0 and (", envelope," in text) == (flag is None), text
+        assert code == 0 and (" correction x 1" in text) == (flag is None), text
         code, text = run("info", out)
         assert code == 0 and f"format version  {version}" in text and f"envelope        {envelope}" in text, text
         code, text = run("decode", out, tmp_path / f"{flag}.wav", "-m", tiny_model, "-q")
@@ -218,11 +228,107 @@ def test_envelope_correction_on_by_default_where_the_model_takes_it(recordings: 
     assert code == 0
     assert "envelope        corrected (e2 table, 40 bands of 4 bins" in run("info", tmp_path / "t.ecdc")[1]
     code, text = run("encode", src, tmp_path / "u.ecdc", "-m", tiny_model, "--envelope-table", "e9")
-    assert code == 1 and "no envelope table 'e9'; choose one of e1, e2" in text and len(text.strip().splitlines()) == 1
+    assert code == 2 and "no envelope table 'e9'; choose one of e1, e2" in text and len(text.strip().splitlines()) == 1
     code, text = run("encode", src, tmp_path / "v.ecdc", "-m", tiny_model, "--no-envelope", "--envelope-table", "e2")
     assert code == 2 and "contradict" in text
     assert not (tmp_path / "u.ecdc").exists() and not (tmp_path / "v.ecdc").exists()
     code, text = run("encode", src, tmp_path / "x.ecdc", "-m", tiny_stereo_model, "--envelope")
-    assert code == 1 and "cannot take an envelope correction" in text and len(text.strip().splitlines()) == 1
+    assert code == 2 and "cannot take an envelope correction" in text and len(text.strip().splitlines()) == 1
     assert not (tmp_path / "x.ecdc").exists()
     assert run("encode", src, tmp_path / "y.ecdc", "-m", tiny_stereo_model, "-q")[0] == 0  # default: without
+
+
+def _encoded(src: Path, tiny_model: Path, folder: Path) -> Path:
+    out = folder / "enc" / (src.stem + ".ecdc")
+    out.parent.mkdir(exist_ok=True)
+    code, text = run("encode", src, out, "-m", tiny_model, "-q")
+    assert code == 0, text
+    return out
+
+
+def test_decode_reports_the_rate_it_wrote(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    ecdc = _encoded(recordings["flac_stereo"], tiny_model, tmp_path)  # a 44.1 kHz original
+    code, text = run("decode", ecdc, tmp_path / "o.wav", "-m", tiny_model, "--sample-rate", "16000")
+    assert code == 0 and "16000 Hz, 2 ch" in text and "44100 Hz" not in text, text
+    assert sf.info(str(tmp_path / "o.wav")).samplerate == 16000
+
+
+def test_format_lists_agree(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    """The formats the help offers are the ones that work: decode writes .ogg, encode reads AIFF."""
+    from neucodec import audio_io
+
+    code, text = run("decode", "--help")
+    assert code == 0 and f"[{'|'.join(e[1:] for e in audio_io.OUTPUT_FORMATS)}]" in text and "ogg" in text
+    code, text = run("encode", "--help")
+    assert code == 0 and "AIFF" in " ".join(text.split())
+    x, sr = sf.read(recordings["wav_mono"], dtype="float32")
+    sf.write(tmp_path / "in.aiff", x, sr, format="AIFF")
+    ecdc = tmp_path / "enc" / "in.ecdc"
+    ecdc.parent.mkdir()
+    assert run("encode", tmp_path / "in.aiff", ecdc, "-m", tiny_model, "-q")[0] == 0
+    code, text = run("decode", ecdc.parent, tmp_path / "dec", "-m", tiny_model, "--format", "ogg", "-q")
+    assert code == 0, text
+    assert sf.info(str(tmp_path / "dec" / "in.ogg")).format == "OGG"
+    code, text = run("decode", ecdc, tmp_path / "o.mp3", "-m", tiny_model)
+    assert code == 2 and "name the output .wav, .flac or .ogg" in text
+
+
+def test_progress_bars_only_on_a_terminal(tiny_model: Path, tmp_path: Path) -> None:
+    """A long file shows a bar on a terminal; CliRunner's stderr is not one, so a log gets the result alone."""
+    sf.write(tmp_path / "long.wav", np.zeros(31 * 8000, np.float32), 8000)
+    code, text = run("encode", tmp_path / "long.wav", tmp_path / "long.ecdc", "-m", tiny_model, "--no-envelope")
+    assert code == 0 and "%|" not in text and "\r" not in text and len(text.strip().splitlines()) == 2, text
+
+
+def test_binary_output_to_a_terminal_is_a_usage_error(recordings: dict[str, Path], tiny_model: Path,
+                                                      tmp_path: Path) -> None:
+    import pty
+
+    ecdc = _encoded(recordings["wav_mono"], tiny_model, tmp_path)
+    master, slave = pty.openpty()
+    try:
+        p = proc("decode", ecdc, "-", "-m", tiny_model, stdout=slave, stderr=subprocess.PIPE)
+        _, err = p.communicate(timeout=120)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert p.returncode == 2 and err.decode().strip().splitlines() == [
+        "neucodec: error: refusing to write binary data to a terminal; redirect stdout (> file) or give OUT"]
+
+
+def test_closed_stdout_exits_141_quietly(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    """`neucodec decode f.ecdc - | head -c 100`: the status of a process killed by SIGPIPE, no message."""
+    ecdc = _encoded(recordings["flac_stereo"], tiny_model, tmp_path)  # 260 kB of WAV: more than a pipe holds
+    p = proc("decode", ecdc, "-", "-m", tiny_model, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    assert len(p.stdout.read(100)) == 100
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and err == b"", err.decode()
+
+
+def test_piped_decode_without_a_model_takes_it_from_the_header(recordings: dict[str, Path], tiny_model: Path,
+                                                               tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(tiny_model.with_suffix(suffix), cache / tiny_model.with_suffix(suffix).name)
+    ecdc = _encoded(recordings["wav_mono"], tiny_model, tmp_path)
+    with open(ecdc, "rb") as f:
+        p = proc("decode", "-", tmp_path / "o.wav", "--device", "cpu", stdin=f, stderr=subprocess.PIPE,
+                 env={"NEUCODEC_CACHE": str(cache)})
+        _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err.decode()
+    assert sf.info(str(tmp_path / "o.wav")).frames == sf.info(str(recordings["wav_mono"])).frames
+
+
+def test_quick_commands_do_not_import_torch(tiny_model: Path, tmp_path: Path) -> None:
+    """`--help`, `--version`, `info` and `models` start without torch (importing it takes over a second)."""
+    golden = Path(__file__).parent / "golden"
+    for args in (["--help"], ["--version"], ["encode", "--help"], ["models"], ["info", golden / "lm_exact2_24khz.ecdc"],
+                 ["info", golden / "envelope_e4_2groups_24khz.ecdc", "--json"]):
+        script = ("import sys\nfrom neucodec.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+                  "    assert not e.code, e.code\nassert 'torch' not in sys.modules, 'torch imported'\n")
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        r = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, timeout=120)
+        assert r.returncode == 0, (args, r.stderr.decode()[-500:])

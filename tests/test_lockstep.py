@@ -95,7 +95,7 @@ def test_batched_folder_gives_the_files_of_a_one_by_one_run(
             v.clear()
         summary = batch.run(batch.plan(src, tmp_path / name, "encode"), "encode",
                             dict(model=weights, device="cpu", use_lm=use_lm), progress=False, **kw)
-        assert [o.job.source.name for o in summary.failed] == ["broken.wav"]
+        assert [o.job.source.name for o in summary.failed] == ["broken.wav"], [o.error for o in summary.failed]
         assert "not audio" in (summary.failed[0].error or "") and summary.count("done") == 10
         runs[name] = {k: sum(v) for k, v in calls.items()}, {k: len(v) for k, v in calls.items()}
     alone, batched = _outputs(tmp_path / "alone", ".ecdc"), _outputs(tmp_path / "batched", ".ecdc")

@@ -19,6 +19,7 @@ from neucodec.errors import (
     OutputError,
     UnsupportedAudio,
     UnsupportedSetting,
+    UsageError,
     WeightsUnavailable,
 )
 
@@ -72,34 +73,41 @@ def test_stereo_model_on_mono_and_lm(recordings: dict[str, Path], tiny_stereo_mo
 
 def test_per_channel_bitrate_note(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
     notes: list[str] = []
-    encode_file(recordings["flac_stereo"], tmp_path / "a.ecdc", model=tiny_model, notify=notes.append)
-    assert any("2 mono streams" in n and "12 kbps of codes in total" in n for n in notes)
+    result = encode_file(recordings["flac_stereo"], tmp_path / "a.ecdc", model=tiny_model, notify=notes.append)
+    total = 2 * tp.cast(float, result.info.bandwidth)
+    assert total <= 6.0  # the two channels share the default target of 6 kbps
+    assert any("2 mono streams" in n and f"{total:g} kbps of codes in total" in n for n in notes), notes
 
 
-def test_a_package_names_the_bandwidth_used_when_none_is_asked_for(recordings: dict[str, Path], tiny_model: Path,
-                                                                    tmp_path: Path) -> None:
+def test_a_package_names_the_bitrate_used_when_none_is_asked_for(recordings: dict[str, Path], tiny_model: Path,
+                                                                  tmp_path: Path) -> None:
     meta = json.loads(tiny_model.read_text())
 
-    def package(value: tp.Any) -> Path:
-        path = tmp_path / f"{value!r}" / tiny_model.name
+    def package(**values: tp.Any) -> Path:
+        path = tmp_path / f"{values!r}" / tiny_model.name
         path.parent.mkdir()
         shutil.copy(tiny_model.with_suffix(".safetensors"), path.with_suffix(".safetensors"))
-        path.write_text(json.dumps({**meta, "default_bandwidth": value}))
+        path.write_text(json.dumps({**meta, **values}))
         return path
 
-    for value, kbps in ((3.0, 3.0), (None, 6.0)):  # without the key: 6 kbps, where offered
-        result = encode_file(recordings["wav_mono"], tmp_path / f"{value}.ecdc", model=package(value))
-        assert result.info.bandwidth == kbps
+    # default_kbps (a file bitrate), else default_bandwidth (of the codes), else 6 kbps where offered
+    for values, kbps in (({"default_kbps": 4.0}, 4.0), ({"default_bandwidth": 3.0}, 3.0),
+                         ({"default_bandwidth": None}, 6.0)):
+        result = encode_file(recordings["wav_mono"], tmp_path / f"{kbps}.ecdc", model=package(**values))
+        assert result.target_kbps == kbps
     for bad in (4.5, True, "3"):  # not one of the codec's bandwidths (1.5, 3, 6)
         with pytest.raises(WeightsUnavailable, match="'default_bandwidth' must be one of the codec's bandwidths"):
-            encode_file(recordings["wav_mono"], tmp_path / "bad.ecdc", model=package(bad))
+            encode_file(recordings["wav_mono"], tmp_path / "bad.ecdc", model=package(default_bandwidth=bad))
+    for bad in (0, True, "3"):
+        with pytest.raises(WeightsUnavailable, match="'default_kbps' must be a positive number"):
+            encode_file(recordings["wav_mono"], tmp_path / "bad.ecdc", model=package(default_kbps=bad))
     assert not (tmp_path / "bad.ecdc").exists()
 
 
 def test_overwrite_rules_and_same_file(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "a.ecdc"
     out.write_bytes(b"keep me")
-    with pytest.raises(OutputError, match="--force"):
+    with pytest.raises(OutputError, match="exists; pass force=True to overwrite it$"):  # the Python argument
         encode_file(recordings["wav_mono"], out, model=tiny_model)
     assert out.read_bytes() == b"keep me"
     encode_file(recordings["wav_mono"], out, model=tiny_model, force=True)
@@ -140,11 +148,71 @@ def test_disk_full_is_reported(recordings: dict[str, Path], tiny_model: Path, tm
 def test_devices() -> None:
     assert pipeline.pick_device("cpu").type == "cpu"
     assert pipeline.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(DeviceUnavailable, match="unknown device"):
+    with pytest.raises(UnsupportedSetting, match="unknown device"):  # a usage mistake (the CLI exits 2)
         pipeline.pick_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(DeviceUnavailable, match="CUDA is not available"):
+        with pytest.raises(DeviceUnavailable, match="device='cuda:0': CUDA is not available"):
             pipeline.pick_device("cuda:0")
+
+
+def _installed(tiny_model: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """Install the tiny package in a fresh cache folder, so that files name it and decode without `model`."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(tiny_model.with_suffix(suffix), cache / tiny_model.with_suffix(suffix).name)
+    monkeypatch.setenv("NEUCODEC_CACHE", str(cache))
+    return tiny_model.stem
+
+
+def test_decode_runs_on_the_device_asked_for_without_a_model(recordings: dict[str, Path], tiny_model: Path,
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = _installed(tiny_model, monkeypatch, tmp_path)
+    encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=name, device="cpu")
+    pipeline._CODECS.clear()
+    decode_file(tmp_path / "a.ecdc", tmp_path / "a.wav", device="cpu")  # the model the file names, on the CPU
+    assert [key for key in pipeline._CODECS] == [(name, "cpu")]
+    if not torch.cuda.is_available():  # asked for a GPU that is not there: an error before anything is written
+        with pytest.raises(DeviceUnavailable, match="CUDA is not available"):
+            decode_file(tmp_path / "a.ecdc", tmp_path / "b.wav", device="cuda")
+        assert not (tmp_path / "b.wav").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_without_a_model(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    name = _installed(tiny_model, monkeypatch, tmp_path)
+    encode_file(recordings["wav_mono"], tmp_path / "g.ecdc", model=name, device="cpu")
+    pipeline._CODECS.clear()
+    result = decode_file(tmp_path / "g.ecdc", tmp_path / "g.wav", device="cuda")
+    assert [key for key in pipeline._CODECS] == [(name, "cuda")]
+    assert pipeline._CODECS[(name, "cuda")].device.type == "cuda"
+    assert sf.info(str(tmp_path / "g.wav")).frames == sf.info(str(recordings["wav_mono"])).frames
+    assert result.sample_rate == sf.info(str(recordings["wav_mono"])).samplerate
+
+
+def test_codec_encode_uses_the_default_bandwidth_of_the_file_path(tiny_model: Path, tmp_path: Path) -> None:
+    """`Codec.encode(wav)` with no bandwidth codes what `encode_file` and the CLI default to (the package's)."""
+    from neucodec import load_codec
+
+    meta = json.loads(tiny_model.read_text())
+    path = tmp_path / tiny_model.name
+    shutil.copy(tiny_model.with_suffix(".safetensors"), path.with_suffix(".safetensors"))
+    path.write_text(json.dumps({**meta, "default_bandwidth": 1.5}))
+    codec = load_codec(path)
+    assert codec.default_bandwidth == pipeline.default_bandwidth(codec) == 1.5
+    wav = torch.randn(1, 1, 4800) * 0.1
+    assert codec.encode(wav).codes.shape[1] == codec.n_q_for_bandwidth(1.5) == 2
+    assert codec.encode(wav, None).codes.shape[1] == codec.n_q  # None: every codebook
+    assert load_codec(tiny_model).default_bandwidth == 6.0  # no package value: 6 kbps, where offered
+
+
+def test_encoding_into_an_audio_name_is_refused(recordings: dict[str, Path], tiny_model: Path,
+                                                tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"named as audio, .* name it .*y\.ecdc$"):
+        encode_file(recordings["wav_mono"], tmp_path / "y.wav", model=tiny_model)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.gpu
@@ -156,9 +224,10 @@ def test_gpu_encode_decodes_on_cpu(recordings: dict[str, Path], tiny_model: Path
 
 
 def test_unknown_bandwidth_fails_before_writing(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedSetting, match="kbps"):
-        encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=tiny_model, bandwidth=7)
+    with pytest.raises(UnsupportedSetting, match=r"-b 0.5 is below .* use -b 1.4 or more"):
+        encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=tiny_model, bandwidth=0.5)
     assert not (tmp_path / "a.ecdc").exists()
+    assert encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=tiny_model, bandwidth=5).info.n_q == 4
 
 
 def test_tiny_signals(tiny_model: Path, tmp_path: Path) -> None:
