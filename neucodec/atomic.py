@@ -18,7 +18,7 @@ import signal
 import typing as tp
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import OutputError, option
 
 TMP_MARK = ".neucodec-tmp"
 _TEMP_PID = re.compile(r"\.(\d+)-[0-9a-f]{8}" + re.escape(TMP_MARK))
@@ -34,7 +34,7 @@ def check_target(target: Path, force: bool, source: Path | None = None) -> None:
     if target.is_dir():
         raise OutputError(f"{target} is a folder; give a file name (or a folder as input for folder mode)")
     if target.exists() and not force:
-        raise OutputError(f"{target} exists; pass -f/--force to overwrite it")
+        raise OutputError(f"{target} exists; pass {option('-f/--force')} to overwrite it")
     if not target.parent.is_dir():
         raise OutputError(f"folder {target.parent} does not exist; create it first")
 
@@ -92,7 +92,7 @@ def _link(fd: int, target: Path, force: bool) -> None:
         try:
             _link_fd(fd, target)
         except FileExistsError:
-            raise OutputError(f"{target} appeared while writing; pass -f/--force to overwrite it") from None
+            raise OutputError(f"{target} appeared while writing; pass {option('-f/--force')} to overwrite it") from None
         return
     temp = target.parent / _temp_name(target, "")
     _link_fd(fd, temp)
@@ -168,10 +168,10 @@ def _publish(tmp: Path, target: Path, force: bool) -> None:
     try:  # no-clobber rename: link fails if the target appeared meanwhile
         os.link(tmp, target)
     except FileExistsError:
-        raise OutputError(f"{target} appeared while writing; pass -f/--force to overwrite it") from None
+        raise OutputError(f"{target} appeared while writing; pass {option('-f/--force')} to overwrite it") from None
     except OSError:  # filesystems without hard links
         if target.exists():
-            raise OutputError(f"{target} appeared while writing; pass -f/--force to overwrite it") from None
+            raise OutputError(f"{target} appeared while writing; pass {option('-f/--force')} to overwrite it") from None
         os.replace(tmp, target)
 
 

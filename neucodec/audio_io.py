@@ -25,16 +25,26 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .errors import UnsupportedAudio
+from .errors import UnsupportedAudio, UnsupportedSetting, option
 
 STDIO = "-"
 BLOCK = 1 << 15  # frames read per block
+#: The audio formats read (through libsndfile), by name -> their file extensions; the one list that
+#: `neucodec encode --help`, the folder mode and the check of an encoder's output name use.
+INPUT_FORMATS = {"WAV": (".wav",), "FLAC": (".flac",), "OGG/Opus": (".ogg", ".oga", ".opus"), "MP3": (".mp3",),
+                 "AIFF": (".aif", ".aiff"), "AU": (".au",), "W64": (".w64",), "RF64": (".rf64",)}
 #: File extensions the folder mode picks up as audio input.
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".rf64")
-#: Output containers by extension -> (soundfile format, default subtype).
+AUDIO_EXTENSIONS = tuple(ext for exts in INPUT_FORMATS.values() for ext in exts)
+#: Output containers by extension -> (soundfile format, default subtype); `neucodec decode --format` offers these.
 OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 _STREAMABLE_MAGIC = (b"RIFF", b"RF64", b"OggS")
+
+
+def one_of(items: tp.Iterable[str]) -> str:
+    """"a, b or c"."""
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
 
 
 def describe(path: str | os.PathLike[str], output: bool = False) -> str:
@@ -296,18 +306,19 @@ def output_format(path: str | os.PathLike[str], subtype: str | None = None,
     """(soundfile format, subtype) for an output path from its extension; stdout is WAV."""
     ext = default_ext if str(path) == STDIO else Path(path).suffix.lower()
     if ext not in OUTPUT_FORMATS:
-        raise UnsupportedAudio(f"cannot write {ext or 'files without an extension'} ({describe(path)}); "
-                               f"name the output {' or '.join(OUTPUT_FORMATS)}")
+        raise UnsupportedSetting(f"cannot write {ext or 'files without an extension'} ({describe(path)}); "
+                                 f"name the output {one_of(OUTPUT_FORMATS)}")
     fmt, default = OUTPUT_FORMATS[ext]
     if subtype is None:
         return fmt, default
     subtype = subtype.upper()
     if fmt == "OGG":
-        raise UnsupportedAudio("OGG output is lossy and has no --subtype; write .wav or .flac for PCM_16/PCM_24/FLOAT")
+        raise UnsupportedSetting(f"OGG output is lossy and has no {option('--subtype')}; write .wav or .flac for "
+                                 f"{'/'.join(SUBTYPES)}")
     if subtype not in SUBTYPES:
-        raise UnsupportedAudio(f"unknown subtype {subtype}; use one of {', '.join(SUBTYPES)}")
+        raise UnsupportedSetting(f"unknown subtype {subtype}; use one of {', '.join(SUBTYPES)}")
     if fmt == "FLAC" and subtype == "FLOAT":
-        raise UnsupportedAudio("FLAC cannot hold FLOAT samples; use --subtype PCM_24 or write a .wav")
+        raise UnsupportedSetting(f"FLAC cannot hold FLOAT samples; use {option('--subtype', 'PCM_24')} or write a .wav")
     return fmt, subtype
 
 

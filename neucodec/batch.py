@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import audio_io, lockstep, pipeline
+from . import audio_io, errors, lockstep, pipeline
 from .atomic import TMP_MARK, Terminated, raise_on_sigterm
 from .errors import NeucodecError
 from .reader import read_header
@@ -71,7 +71,7 @@ class Summary:
         if done:
             parts[0] += f" ({audio:.1f} s of audio, {size:,} bytes of .ecdc)"
         if skipped:
-            parts.append(f"{skipped} skipped (output exists; -f to overwrite)")
+            parts.append(f"{skipped} skipped (output exists; {errors.option('-f/--force')} to overwrite)")
         if failed:
             parts.append(f"{failed} failed")
         return ", ".join(parts) + f" in {self.elapsed:.1f} s"
@@ -127,9 +127,10 @@ def _run_one(mode: Mode, job: Job, options: dict[str, tp.Any], progress: bool = 
                        traceback.format_exc())
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, command_line: bool = False) -> None:
     torch.set_num_threads(threads)
     raise_on_sigterm()
+    errors._COMMAND_LINE.set(command_line)  # messages name settings as the parent's caller gave them
 
 
 def run(jobs: list[Job], mode: Mode, options: dict[str, tp.Any], *, force: bool = False, n_jobs: int = 1,
@@ -209,7 +210,7 @@ def _run_parallel(todo: list[Job], mode: Mode, options: dict[str, tp.Any], n_job
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
     ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
     pool = cf.ProcessPoolExecutor(max_workers=min(n_jobs, len(todo)), mp_context=ctx,
-                                  initializer=_init_worker, initargs=(threads,))
+                                  initializer=_init_worker, initargs=(threads, errors.in_command_line()))
     try:
         futures = {pool.submit(_run_one, mode, job, options): job for job in todo}
         for fut in cf.as_completed(futures):

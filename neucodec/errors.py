@@ -1,5 +1,42 @@
-"""Exception tree of neucodec: every failure a user can cause is one of these, with a one-line message."""
+"""Exception tree of neucodec: every failure a user can cause is one of these, with a one-line message.
+
+A message that names a setting names it as the caller gave it: `force=True` from Python, `-f/--force`
+from the `neucodec` command (`option`, `command_line`).
+"""
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import typing as tp
+
+#: a setting's name on the command line -> how Python code passes it
+_PYTHON = {"-f/--force": "force=True", "-m/--model": "model=", "--model": "model=", "--device": "device=",
+           "--subtype": "subtype=", "--no-lm": "use_lm=False", "--no-envelope": "envelope=False"}
+_COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("neucodec_command_line", default=False)
+
+
+def option(flag: str, value: str | None = None) -> str:
+    """A setting as a message names it: `flag` (e.g. "-f/--force", "--device" with value "cpu") while
+    the `neucodec` command runs, else the Python argument ("force=True", "device='cpu'")."""
+    if _COMMAND_LINE.get():
+        return flag if value is None else f"{flag} {value}"
+    python = _PYTHON[flag]
+    return python if value is None else f"{python}{value!r}"
+
+
+@contextlib.contextmanager
+def command_line(active: bool = True) -> tp.Iterator[None]:
+    """Within this block, messages name settings as command-line options (`option`)."""
+    token = _COMMAND_LINE.set(active)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def in_command_line() -> bool:
+    """Whether messages name settings as command-line options now (for worker processes to inherit)."""
+    return _COMMAND_LINE.get()
 
 
 class NeucodecError(Exception):
@@ -18,8 +55,13 @@ class UnsupportedAudio(NeucodecError):
     """Audio that cannot be read, or whose shape, rate or channel count does not fit the model."""
 
 
-class UnsupportedSetting(NeucodecError, ValueError):
-    """A setting the model or this neucodec does not offer: a bandwidth, an envelope table, an LM too small."""
+class UsageError(NeucodecError):
+    """A request that cannot work as made, whatever the input: the command line exits 2 for it."""
+
+
+class UnsupportedSetting(UsageError, ValueError):
+    """A setting the model or this neucodec does not offer: a bandwidth, an envelope table, an LM too small,
+    a device name."""
 
 
 class CorruptStream(NeucodecError):

@@ -330,9 +330,3 @@ class SLSTM(nn.Module):
         if self.skip:
             y = y + xt
         return y.transpose(0, 1).contiguous().permute(0, 2, 1), LSTMState(h, c)
-
-
-def num_frames(length: int, hop_length: int) -> int:
-    """Frames the encoder emits for `length` samples: ceil(length / hop), exact integers."""
-    return -(-length // hop_length)
-

@@ -13,7 +13,8 @@ from torch import nn
 
 from .config import CodecConfig
 from .errors import UnsupportedAudio, UnsupportedSetting
-from .layers import fold_weight_norm, num_frames
+from .layers import fold_weight_norm
+from .layout import Segment, num_frames, segment_layout  # noqa: F401 - re-exported: the codec's segments
 from .quantization import QuantizedResult, ResidualVectorQuantizer
 from .seanet import SEANetDecoder, SEANetEncoder, SEANetState
 
@@ -44,28 +45,6 @@ class EncodedAudio:
     length: int
 
 
-@dataclasses.dataclass
-class Segment:
-    offset: int  # first sample
-    length: int  # samples
-    frames: int  # code frames: ceil(length / hop)
-
-
-def segment_layout(length: int, hop_length: int, segment_length: int | None,
-                   segment_stride: int | None) -> list[Segment]:
-    """The segments of a signal of `length` samples: one for a streaming model (`segment_length`
-    None), else one starting every `segment_stride` samples, each `segment_length` long or cut at
-    the end (so the last ones may be shorter). The encoder, the decoder and the .ecdc readers all
-    take their segments from here."""
-    if segment_length is None or segment_stride is None:
-        return [Segment(0, length, num_frames(length, hop_length))]
-    out = []
-    for offset in range(0, max(length, 1), segment_stride):
-        n = min(length - offset, segment_length)
-        out.append(Segment(offset, n, num_frames(n, hop_length)))
-    return out
-
-
 class Codec(nn.Module):
     """SEANet encoder + residual vector quantizer + SEANet decoder, configured by `CodecConfig`."""
 
@@ -75,8 +54,23 @@ class Codec(nn.Module):
         self.encoder = SEANetEncoder(config.seanet)
         self.decoder = SEANetDecoder(config.seanet)
         self.quantizer = ResidualVectorQuantizer(config.quantizer)
+        self._package_bandwidth: float | None = None
 
     # ------------------------------------------------------------- properties
+    @property
+    def default_bandwidth(self) -> float:
+        """The codes' bandwidth (kbps) when none is asked for, in `encode` as in `pipeline.encode_file` and
+        the command line: the release package's (`hub.load_codec` sets it), else 6 kbps where the model
+        offers it, else its lowest."""
+        bws = self.config.bandwidths
+        return getattr(self, "_package_bandwidth", None) or (6.0 if 6.0 in bws else min(bws))
+
+    @default_bandwidth.setter
+    def default_bandwidth(self, value: float | None) -> None:
+        if value is not None:
+            self.n_q_for_bandwidth(value)  # one of the model's bandwidths
+        self._package_bandwidth = None if value is None else float(value)
+
     @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
@@ -154,15 +148,17 @@ class Codec(nn.Module):
 
     # ------------------------------------------------------------- public API
     @torch.no_grad()
-    def encode(self, wav: Tensor, bandwidth: float | None = None, chunk_seconds: float | None = 10.0) -> EncodedAudio:
+    def encode(self, wav: Tensor, bandwidth: float | None | tp.Literal["default"] = "default",
+               chunk_seconds: float | None = 10.0) -> EncodedAudio:
         """Audio [B, C, T] -> codes [B, K, ceil(T / hop) per segment].
 
-        `bandwidth` (kbps) picks K; None uses every codebook. A causal model processes inputs longer
-        than `chunk_seconds` chunk by chunk with its streaming state (bounded memory; codes equal to
-        a one-pass encode up to float rounding); None forces one pass.
+        `bandwidth` (kbps) picks K: one of the model's bandwidths; "default" (when not given) is
+        `default_bandwidth`, as in `encode_file` and the command line; None is every codebook. A causal
+        model processes inputs longer than `chunk_seconds` chunk by chunk with its streaming state
+        (bounded memory; codes equal to a one-pass encode up to float rounding); None forces one pass.
         """
         self.check_audio(wav)
-        n_q = self.n_q_for_bandwidth(bandwidth)
+        n_q = self.n_q_for_bandwidth(self.default_bandwidth if bandwidth == "default" else bandwidth)
         B, C, T = wav.shape
         segs = self.segments(T)
         if len(segs) == 1:

@@ -20,37 +20,13 @@ from .identity import model_identity
 from .lm import LanguageModel
 from .model import Codec
 from .packing import packed_size, unpack
+from .probe import HOP, MODELS, v0_info  # noqa: F401 - HOP re-exported; the header is read without torch
 from .streamaudio import SegmentCodes, audio, guard
-from .streamspec import OVERLAP, STREAM, StreamInfo
+from .streamspec import STREAM, StreamInfo
 
 Tensor = torch.Tensor
 
-MODELS = {"encodec_24khz": (24000, 1, False), "encodec_48khz": (48000, 2, True)}  # rate, channels, segmented
-HOP = 320  # samples per code frame of both reference models
 CHUNK_FRAMES = 800  # frames decoded at once from a long stream: 800 * K * 10 bits is always whole bytes
-
-
-def v0_info(h: dict[str, tp.Any]) -> StreamInfo:
-    """The `StreamInfo` of a reference header, checked."""
-    name = h.get("m")
-    if name not in MODELS:
-        raise CorruptStream(f"reference .ecdc header names an unknown model {str(name)[:40]!r}")
-    al, nc, use_lm = h.get("al"), h.get("nc"), h.get("lm")
-    if not isinstance(al, int) or isinstance(al, bool) or not 0 <= al < 1 << 40:
-        raise CorruptStream(f"reference .ecdc header: bad audio length {str(al)[:40]!r}")
-    if not isinstance(nc, int) or isinstance(nc, bool) or not 1 <= nc <= 32:
-        raise CorruptStream(f"reference .ecdc header: bad number of codebooks {str(nc)[:40]!r}")
-    if not isinstance(use_lm, bool):
-        raise CorruptStream("reference .ecdc header: bad 'lm' flag")
-    sr, ch, segmented = MODELS[name]
-    frame_rate = math.ceil(sr / HOP)
-    return StreamInfo(
-        format_version=0, model_id=name, model_fingerprint=None, lm_id=f"encodec_lm_{name[8:]}" if use_lm else None,
-        lm_fingerprint=None, sample_rate=sr, channels=ch, groups=1, source_sample_rate=sr, source_channels=ch,
-        frame_rate=frame_rate, hop_length=HOP, n_q=nc, bandwidth=nc * frame_rate * 10 / 1000, bits_per_code=10,
-        layout=OVERLAP if segmented else STREAM, segment_frames=150 if segmented else max(1, -(-al // HOP)),
-        segment_length=sr if segmented else None, segment_stride=int(0.99 * sr) if segmented else None,
-        scales=segmented, coder={"name": "encodec-arithmetic-v0"} if use_lm else None, length=al)
 
 
 def decode_v0(fi: tp.BinaryIO, prelude: container.Prelude, codec: Codec | None, lm: LanguageModel | None = None,

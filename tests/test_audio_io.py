@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from neucodec import audio_io
-from neucodec.errors import UnsupportedAudio
+from neucodec.errors import UnsupportedAudio, UnsupportedSetting
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,10 +118,12 @@ def test_output_format_rules() -> None:
     assert audio_io.output_format("a.wav") == ("WAV", "PCM_16")
     assert audio_io.output_format("a.FLAC", "pcm_24") == ("FLAC", "PCM_24")
     assert audio_io.output_format("-", "FLOAT") == ("WAV", "FLOAT")
-    for path, sub, match in [("a.mp4", None, "cannot write"), ("a.flac", "FLOAT", "FLAC cannot"),
-                             ("a.wav", "PCM_8", "unknown subtype")]:
-        with pytest.raises(UnsupportedAudio, match=match):
+    for path, sub, match in [("a.mp4", None, "cannot write .mp4 .*; name the output .wav, .flac or .ogg"),
+                             ("a.flac", "FLOAT", "FLAC cannot"), ("a.wav", "PCM_8", "unknown subtype"),
+                             ("a.ogg", "PCM_16", "OGG output is lossy and has no subtype=")]:
+        with pytest.raises(UnsupportedSetting, match=match):  # what was asked for, whatever the audio: usage
             audio_io.output_format(path, sub)
+    assert audio_io.output_format("a.ogg") == ("OGG", "VORBIS")
 
 
 READ_STDIN = ("import sys; from neucodec import audio_io\n"
