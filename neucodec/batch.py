@@ -49,6 +49,7 @@ class Outcome:
     seconds: float = 0.0
     bytes: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
+    damage: list[str] = dataclasses.field(default_factory=list)  # decode with salvage: each lost span, a line
 
 
 @dataclasses.dataclass
@@ -117,7 +118,8 @@ def _run_one(mode: Mode, job: Job, options: dict[str, tp.Any], progress: bool = 
         job.target.parent.mkdir(parents=True, exist_ok=True)
         fn = pipeline.encode_file if mode == "encode" else pipeline.decode_file
         result = fn(job.source, job.target, progress=progress, **options)
-        return Outcome(job, "done", seconds=result.seconds, bytes=result.bytes, notes=result.notes)
+        return Outcome(job, "done", seconds=result.seconds, bytes=result.bytes, notes=result.notes,
+                       damage=result.damage)
     except NeucodecError as e:
         return Outcome(job, "failed", str(e), traceback.format_exc())
     except OSError as e:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 import typing as tp
 import zlib
 
-from .errors import CorruptStream, UnsupportedFormatVersion
+from .errors import CorruptStream, DamagedStream, UnsupportedFormatVersion
 
 MAGIC = b"NCDC"
 V0_MAGIC = b"ECDC"
@@ -32,6 +33,7 @@ INDEX_MAGIC = b"NCDX"
 KIND_SEGMENT = 0x53  # 'S'
 KIND_END = 0x45  # 'E'
 KIND_INDEX = 0x58  # 'X'
+_KINDS = (KIND_SEGMENT, KIND_END, KIND_INDEX)
 
 SEGMENT_PACKED = 0  # flags of a segment record: how its codes are coded
 SEGMENT_LM = 1  # LM range coding, the LM in float32 (files of neucodec 0.1.0: machine-bound)
@@ -124,7 +126,7 @@ def read_exactly(fo: tp.BinaryIO, size: int, what: str) -> bytes:
     return b"".join(parts)
 
 
-def _read_upto(fo: tp.BinaryIO, size: int) -> bytes:
+def read_upto(fo: tp.BinaryIO, size: int) -> bytes:
     parts: list[bytes] = []
     left = size
     while left > 0:
@@ -134,6 +136,17 @@ def _read_upto(fo: tp.BinaryIO, size: int) -> bytes:
         parts.append(piece)
         left -= len(piece)
     return b"".join(parts)
+
+
+def parse_head(raw: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int, int, int] | None:
+    """The fields of a record head (kind, flags, items, payload length, frames, payload CRC, codes
+    CRC), or None unless its CRC verifies, its kind is known and its length within the limit."""
+    if len(raw) < RECORD_HEAD_BYTES:
+        return None
+    *head, stored = _RECORD.unpack_from(raw)
+    if crc32(memoryview(raw)[: _HEAD.size]) != stored or head[0] not in _KINDS or head[3] > MAX_PAYLOAD_BYTES:
+        return None
+    return tp.cast(tuple[int, int, int, int, int, int, int], tuple(head))
 
 
 @dataclasses.dataclass
@@ -147,7 +160,7 @@ class Prelude:
 
 def read_prelude(fo: tp.BinaryIO) -> Prelude:
     """Read magic, version and header of a v1 (NCDC) or v0 (reference ECDC) file; validate them."""
-    first = _read_upto(fo, 4)
+    first = read_upto(fo, 4)
     if len(first) == 0:
         raise CorruptStream("empty input: not an .ecdc file (0 bytes)")
     if len(first) < 4 or first not in (MAGIC, V0_MAGIC):
@@ -230,30 +243,48 @@ class ContainerReader:
 
     def _read_record_head(self) -> tuple[int, int, int, int, int, int, int]:
         where = f"segment {self.next_index} at byte {self.position}"
-        raw = _read_upto(self.fo, RECORD_HEAD_BYTES)
+        raw = read_upto(self.fo, RECORD_HEAD_BYTES)
         if len(raw) < RECORD_HEAD_BYTES:
-            raise CorruptStream(f"{where}: file truncated (record head has {len(raw)} of "
-                                f"{RECORD_HEAD_BYTES} bytes; the end marker is missing)")
+            reason = f"file truncated (record head has {len(raw)} of {RECORD_HEAD_BYTES} bytes; the end marker " \
+                "is missing)"
+            raise DamagedStream(f"{where}: {reason}", self.next_index, self.position, reason)
         *head, stored = _RECORD.unpack(raw)
         if crc32(raw[: _HEAD.size]) != stored:
-            raise CorruptStream(f"{where}: CRC mismatch in record head (file damaged)")
+            if self._past_segments(self.position):
+                raise DamagedStream(f"end record at byte {self.position}: CRC mismatch in record head (file damaged)",
+                                    None, self.position, "CRC mismatch in record head")
+            raise DamagedStream(f"{where}: CRC mismatch in record head (file damaged)", self.next_index,
+                                self.position, "CRC mismatch in record head")
         kind, flags, items, plen, frames, pcrc, ccrc = head
         if plen > MAX_PAYLOAD_BYTES:
-            raise CorruptStream(f"{where}: payload length {plen} exceeds the limit of {MAX_PAYLOAD_BYTES}")
+            reason = f"payload length {plen} exceeds the limit of {MAX_PAYLOAD_BYTES}"
+            raise DamagedStream(f"{where}: {reason}", self.next_index, self.position, reason)
         return kind, flags, items, plen, frames, pcrc, ccrc
+
+    def _past_segments(self, position: int) -> bool:
+        """Whether the trailing index (of a file that can seek) puts `position` after every segment."""
+        try:
+            offsets = self.read_index()
+        except (CorruptStream, OSError, ValueError, OverflowError, struct.error):
+            return False
+        return offsets is not None and position > max(offsets, default=-1)
 
     def read_record(self) -> SegmentRecord | EndRecord:
         """The next record: a segment, or the end record (after which iteration stops)."""
         if self.end is not None:
             raise CorruptStream("read past the end record")
         start = self.position
-        where = f"segment {self.next_index} at byte {start}"
         kind, flags, items, plen, frames, pcrc, ccrc = self._read_record_head()
+        where = f"segment {self.next_index} at byte {start}" if kind != KIND_END else f"end record at byte {start}"
+        segment = self.next_index if kind != KIND_END else None
         self.position += RECORD_HEAD_BYTES
-        payload = read_exactly(self.fo, plen, where)
+        try:
+            payload = read_exactly(self.fo, plen, where)
+        except CorruptStream as e:
+            raise DamagedStream(str(e), segment, start, "file truncated") from None
         self.position += plen
         if crc32(payload) != pcrc:
-            raise CorruptStream(f"{where}: CRC mismatch (file damaged)")
+            raise DamagedStream(f"{where}: CRC mismatch (file damaged)", segment, start, "CRC mismatch")
         if kind == KIND_SEGMENT:
             if flags not in (SEGMENT_PACKED, *LM_FLAGS):
                 raise UnsupportedFormatVersion(f"{where}: unknown coder flags {flags:#x}; upgrade neucodec")
@@ -264,15 +295,17 @@ class ContainerReader:
             return record
         if kind == KIND_END:
             if plen != _END.size:
-                raise CorruptStream(f"end record at byte {start}: payload of {plen} bytes, expected {_END.size}")
+                raise DamagedStream(f"end record at byte {start}: payload of {plen} bytes, expected {_END.size}",
+                                    None, start, "bad end record")
             length, count = _END.unpack(payload)
             if count != self.next_index:
-                raise CorruptStream(f"end record at byte {start}: says {count} segments, "
-                                    f"found {self.next_index} (segments lost)")
+                reason = f"says {count} segments, found {self.next_index} (segments lost)"
+                raise DamagedStream(f"end record at byte {start}: {reason}", None, start, reason)
             residue = items if flags & END_SOURCE_RESIDUE else None
             self.end = EndRecord(length, count, frames, start, residue)
             return self.end
-        raise CorruptStream(f"{where}: unknown record kind {kind:#x} (file damaged)")
+        raise DamagedStream(f"{where}: unknown record kind {kind:#x} (file damaged)", segment, start,
+                            f"unknown record kind {kind:#x}")
 
     def __iter__(self) -> tp.Iterator[SegmentRecord]:
         while self.end is None:
@@ -295,14 +328,14 @@ class ContainerReader:
             if total < self.prelude.size + TRAILER_BYTES:
                 return None
             fo.seek(self.base + total - TRAILER_BYTES)
-            raw = _read_upto(fo, TRAILER_BYTES)
+            raw = read_upto(fo, TRAILER_BYTES)
             magic, offset, stored = _TRAILER.unpack(raw)
             if magic != INDEX_MAGIC or crc32(raw[:12]) != stored:
                 return None
             if not self.prelude.size <= offset <= total - TRAILER_BYTES - RECORD_HEAD_BYTES:
                 raise CorruptStream(f"index at byte {total - TRAILER_BYTES}: offset {offset} outside the file")
             fo.seek(self.base + offset)
-            head = _read_upto(fo, RECORD_HEAD_BYTES)
+            head = read_upto(fo, RECORD_HEAD_BYTES)
             if len(head) < RECORD_HEAD_BYTES:
                 raise CorruptStream(f"index at byte {offset}: truncated")
             *fields, hcrc = _RECORD.unpack(head)
@@ -327,6 +360,216 @@ class ContainerReader:
         self.position = offsets[i]
         self.next_index = i
         self.end = None
+
+
+# ---------------------------------------------------------------- salvage
+@dataclasses.dataclass
+class Lost:
+    """Consecutive segments that a `SalvageReader` could not read."""
+
+    index: int  # the first of them
+    count: int | None  # how many; None: all from `index` to the end of the stream (it is cut off)
+    frames: int | None  # frames of the one segment lost, when its record head is intact; else None
+    offset: int  # byte where the damage starts
+    reason: str
+    exact: bool = True  # False: `count` is an estimate from the bytes skipped (no index to say)
+    final: bool = False  # nothing follows but the end record (when it is there)
+
+
+class _Source:
+    """A stream's bytes from `pos` on, read as needed (a pipe is fine), with look-ahead for scanning."""
+
+    def __init__(self, fo: tp.BinaryIO, pos: int, base: int) -> None:
+        self.fo, self.pos, self.base = fo, pos, base
+        self.buf = bytearray()  # the bytes from `pos` on that have been read
+        self.eof = False
+
+    def _fill(self, n: int, ahead: bool = False) -> None:
+        while len(self.buf) < n and not self.eof:
+            want = n - len(self.buf)
+            read1 = getattr(self.fo, "read1", None) if ahead else None
+            piece = read1(max(want, 1 << 16)) if read1 is not None else self.fo.read(min(want, 1 << 20))
+            if not piece:
+                self.eof = True
+            else:
+                self.buf += piece
+
+    def peek(self, n: int) -> bytes:
+        """Up to `n` bytes from `pos` (fewer at the end of the stream)."""
+        self._fill(n)
+        return bytes(self.buf[:n])
+
+    def take(self, n: int) -> bytes | None:
+        """`n` bytes from `pos`, consumed; None (and the rest consumed) when the stream ends first."""
+        if n > len(self.buf):
+            self.buf += read_upto(self.fo, n - len(self.buf))  # in bounded pieces
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        self.pos += len(data)
+        return data if len(data) == n else None
+
+    def seek(self, pos: int) -> None:
+        self.fo.seek(self.base + pos)
+        self.pos, self.buf, self.eof = pos, bytearray(), False
+
+    def next_head(self) -> bool:
+        """Move to the next byte after `pos` where a record head verifies (`parse_head`); False, at
+        the end of the stream, when there is none."""
+        self.take(1)
+        while True:
+            self._fill(len(self.buf) + (1 << 16), ahead=True)
+            stop = max(0, len(self.buf) - RECORD_HEAD_BYTES + 1)  # candidates with a whole head read
+            view = memoryview(self.buf)
+            found = next((m.start() for m in _KIND_BYTE.finditer(self.buf, 0, stop)
+                          if parse_head(view[m.start(): m.start() + RECORD_HEAD_BYTES]) is not None), None)
+            view.release()
+            drop = len(self.buf) if self.eof and found is None else stop if found is None else found
+            del self.buf[:drop]
+            self.pos += drop
+            if found is not None:
+                return True
+            if self.eof:
+                return False
+
+
+_KIND_BYTE = re.compile(b"[SEX]")
+
+
+class SalvageReader:
+    """Sequential reader of the records after the prelude that goes on past damage (works on pipes).
+
+    Iterating yields the intact `SegmentRecord`s and, in their place, `Lost` runs of segments: a
+    record whose payload fails its CRC (its intact head gives its frames), or, after a damaged record
+    head, the segments up to the next record head that verifies (found in the trailing index when the
+    file can seek, else by scanning the bytes; then their count is estimated from the bytes skipped,
+    or exact when an intact end record follows). Afterwards `end` is the end record if it is intact;
+    `end_frames` and `end_residue` what an intact end record head says when its payload is damaged;
+    `end_damage` says what happened to the end record, if anything.
+    """
+
+    def __init__(self, fo: tp.BinaryIO, prelude: Prelude, base: int = 0) -> None:
+        self.prelude, self.base = prelude, base
+        self.src = _Source(fo, prelude.size, base)
+        self.end: EndRecord | None = None
+        self.end_frames: int | None = None
+        self.end_residue: int | None = None
+        self.end_damage: str | None = None
+
+    def _index(self) -> list[int] | None:
+        reader = ContainerReader(self.src.fo, self.prelude, self.base)
+        try:
+            return reader.read_index()
+        except (CorruptStream, OSError, ValueError, OverflowError, struct.error):
+            return None
+
+    def __iter__(self) -> tp.Iterator[SegmentRecord | Lost]:
+        src = self.src
+        index = self._index()
+        i = 0
+        sizes = 0  # bytes of the intact segment records read, for estimates
+        intact = 0
+        while True:
+            start = src.pos
+            raw = src.peek(RECORD_HEAD_BYTES)
+            head = parse_head(raw)
+            if head is None and len(raw) < RECORD_HEAD_BYTES:
+                self.end_damage = f"end record missing at byte {start} (file truncated)"
+                if i < MAX_SEGMENTS:
+                    yield Lost(i, None, None, start, "file truncated", final=True)
+                return
+            if head is not None:
+                kind, flags, items, plen, frames, pcrc, ccrc = head
+                if kind == KIND_END:
+                    self._read_end(head)
+                    if self.end is not None and self.end.segments > i:
+                        yield Lost(i, min(self.end.segments - i, MAX_SEGMENTS), None, start,
+                                   "segments missing before the end record", final=True)
+                    return
+                if kind == KIND_INDEX:
+                    self.end_damage = f"end record missing before the index at byte {start}"
+                    return
+                if i >= MAX_SEGMENTS:
+                    self.end_damage = f"more than {MAX_SEGMENTS} segments at byte {start}"
+                    return
+                src.take(RECORD_HEAD_BYTES)
+                payload = src.take(plen)
+                if payload is None:
+                    self.end_damage = f"end record missing (file truncated in segment {i})"
+                    yield Lost(i, None, frames, start, "file truncated", final=True)
+                    return
+                if crc32(payload) != pcrc:
+                    yield Lost(i, 1, frames, start, "CRC mismatch")
+                elif flags not in (SEGMENT_PACKED, *LM_FLAGS):
+                    yield Lost(i, 1, frames, start, f"unknown coder flags {flags:#x}")
+                else:
+                    sizes += RECORD_HEAD_BYTES + plen
+                    intact += 1
+                    yield SegmentRecord(i, start, flags, items, frames, payload, ccrc)
+                i += 1
+                continue
+            # a damaged record head: resynchronise on the next one that verifies
+            reason = "CRC mismatch in record head"
+            total = None  # segments in the stream, when the index says
+            if index is not None:
+                j = self._next_indexed(index, start)
+                if j is not None:
+                    yield Lost(i, max(1, j - i), None, start, reason)
+                    i = max(j, i + 1)
+                    continue
+                if any(o > start for o in index):  # no later offset holds a record head: the index is stale
+                    index = None
+                    src.seek(start)
+                else:  # past the last segment: find the end record by scanning
+                    total, index = len(index), None
+            if not src.next_head():
+                self.end_damage = "end record not found (file damaged)"
+                yield Lost(i, None, None, start, reason, final=True)
+                return
+            head = parse_head(src.peek(RECORD_HEAD_BYTES))
+            if head is None or head[0] == KIND_SEGMENT:
+                skipped = src.pos - start
+                count = max(1, round(skipped / (sizes / intact))) if intact else 1
+                yield Lost(i, min(count, MAX_SEGMENTS - i), None, start, reason, exact=False)
+                i += count
+                continue
+            # nothing but the end of the stream follows: the end record or the index says how many segments
+            if head[0] == KIND_END:
+                self._read_end(head)
+                total = self.end.segments if self.end is not None else total
+            else:
+                total = head[3] // 8 if total is None else total
+                self.end_damage = f"end record at byte {start} damaged or missing"
+            if total is None:
+                yield Lost(i, 1, None, start, reason, exact=False, final=True)
+            elif total > i:
+                yield Lost(i, min(total - i, MAX_SEGMENTS), None, start, reason, final=True)
+            return
+
+    def _next_indexed(self, index: list[int], start: int) -> int | None:
+        """The first segment after byte `start` whose record head, where the index puts it, verifies;
+        the source is left there. None (the source anywhere) when there is none."""
+        for j, offset in enumerate(index):
+            if offset > start:
+                self.src.seek(offset)
+                if parse_head(self.src.peek(RECORD_HEAD_BYTES)) is not None:
+                    return j
+        return None
+
+    def _read_end(self, head: tuple[int, int, int, int, int, int, int]) -> None:
+        """The end record whose (intact) head is at the current position."""
+        kind, flags, items, plen, frames, pcrc, _ = head
+        start = self.src.pos
+        self.src.take(RECORD_HEAD_BYTES)
+        payload = self.src.take(plen)
+        self.end_frames = frames
+        self.end_residue = items if flags & END_SOURCE_RESIDUE else None
+        if payload is None:
+            self.end_damage = f"end record at byte {start}: file truncated"
+        elif crc32(payload) != pcrc or plen != _END.size:
+            self.end_damage = f"end record at byte {start}: CRC mismatch"
+        else:
+            length, count = _END.unpack(payload)
+            self.end = EndRecord(length, count, frames, start, self.end_residue)
 
 
 # ---------------------------------------------------------------- writing

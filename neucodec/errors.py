@@ -11,7 +11,8 @@ import typing as tp
 
 #: a setting's name on the command line -> how Python code passes it
 _PYTHON = {"-f/--force": "force=True", "-m/--model": "model=", "--model": "model=", "--device": "device=",
-           "--subtype": "subtype=", "--no-lm": "use_lm=False", "--no-envelope": "envelope=False"}
+           "--subtype": "subtype=", "--no-lm": "use_lm=False", "--no-envelope": "envelope=False",
+           "--salvage": "salvage=True"}
 _COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("neucodec_command_line", default=False)
 
 
@@ -66,6 +67,18 @@ class UnsupportedSetting(UsageError, ValueError):
 
 class CorruptStream(NeucodecError):
     """An .ecdc file that is truncated, damaged or inconsistent."""
+
+
+class DamagedStream(CorruptStream):
+    """Damage confined to part of an .ecdc file (a segment, a record head, the end record, a cut-off
+    tail): strict decoding stops there, salvage decoding goes on around it. `segment` and `offset`
+    (byte) say where it starts, `reason` what was found there; `located` whether the message already
+    names the span in seconds (`neucodec.salvage.located`)."""
+
+    def __init__(self, message: str, segment: int | None = None, offset: int | None = None,
+                 reason: str = "", located: bool = False) -> None:
+        super().__init__(message)
+        self.segment, self.offset, self.reason, self.located = segment, offset, reason, located
 
 
 class UnsupportedFormatVersion(CorruptStream):

@@ -23,35 +23,93 @@ if tp.TYPE_CHECKING:
 Tensor = torch.Tensor
 
 
+#: Seconds over which salvaged audio fades out into a lost span and in after it.
+FADE_SECONDS = 0.01
+
+
 class SegmentCodes(tp.NamedTuple):
     """One segment as a reader decoded it."""
 
     codes: Tensor  # [G, K, F]
     scales: Tensor | None  # [G] volume scales of a normalising codec
     corrections: np.ndarray | None  # envelope corrections [G * C, bands, tiles]
+    lost: bool = False  # a lost segment's stand-in (salvage): its span is silenced
 
 
 def audio(segments: tp.Iterator[SegmentCodes], codec: Codec, info: StreamInfo,
-          finish: tp.Callable[[], int]) -> tp.Iterator[Tensor]:
+          finish: tp.Callable[[], int], salvage: bool = False) -> tp.Iterator[Tensor]:
     """Codes of consecutive segments -> audio chunks [G, C, t], the envelope corrections applied
     when the segments have them. `finish` is called once the segments are consumed (or there are
-    none): it checks the end of the stream and returns its length, to which the audio is cut."""
+    none): it checks the end of the stream and returns its length, to which the audio is cut (and,
+    with `salvage`, where lost segments left it short, padded with silence).
+
+    A lost segment's stand-in (`lost`) is silence: a segmented codec's is not decoded (the
+    overlap-add fades its neighbours out into it); a causal codec decodes its codes, which keeps
+    the decoder's timing and state going, and its span is then muted, the audio fading out into it
+    and in after it over FADE_SECONDS (`_mute`)."""
     trim = _Trim(finish)
     with torch.inference_mode():
         if info.layout == streamspec.OVERLAP:
             yield from _overlap_audio(segments, codec, info, trim)
-        elif info.envelope is None:
-            yield from _stream_audio((s.codes for s in segments), codec, trim)
         else:
-            yield from _corrected_audio(segments, codec, info, trim)
+            spans: list[tuple[int, int]] = []
+            tracked = _track(segments, info.hop_length, spans)
+            chunks = _stream_audio((s.codes for s in tracked), codec, trim) if info.envelope is None else \
+                _corrected_audio(tracked, codec, info, trim)
+            yield from _mute(chunks, spans, round(FADE_SECONDS * info.sample_rate))
+        if salvage and trim.length is not None and trim.emitted < trim.length:
+            yield torch.zeros(info.groups, info.channels, trim.length - trim.emitted)
+
+
+def _track(segments: tp.Iterable[SegmentCodes], hop: int, spans: list[tuple[int, int]]) -> tp.Iterator[SegmentCodes]:
+    """`segments`, noting the samples [start, end) of the lost ones in `spans` as they pass."""
+    at = 0
+    for s in segments:
+        n = s.codes.shape[-1] * hop
+        if s.lost:
+            if spans and spans[-1][1] == at:
+                spans[-1] = (spans[-1][0], at + n)
+            else:
+                spans.append((at, at + n))
+        at += n
+        yield s
+
+
+def _mute(chunks: tp.Iterator[Tensor], spans: list[tuple[int, int]], fade: int) -> tp.Iterator[Tensor]:
+    """Audio chunks with the lost `spans` silenced: fading out over their first `fade` samples and
+    in over the `fade` samples after them. A span is known before its audio comes (its codes are
+    read first)."""
+    at = 0
+    for chunk in chunks:
+        t = chunk.shape[-1]
+        gain = None
+        for a, b in spans:
+            if b + fade <= at or a >= at + t:
+                continue
+            pos = torch.arange(at, at + t, dtype=torch.float64)
+            g = torch.ones(t, dtype=torch.float64)
+            inside = (pos >= a) & (pos < b)
+            g[inside] = (1 - (pos[inside] - a + 1) / (fade + 1)).clamp(min=0)
+            after = (pos >= b) & (pos < b + fade)
+            g[after] = (pos[after] - b + 1) / (fade + 1)
+            gain = g if gain is None else torch.minimum(gain, g)
+        if gain is not None:
+            chunk = chunk * gain.to(chunk.dtype)
+        at += t
+        yield chunk
 
 
 class _Trim:
     """Cuts the last chunk of a stream's audio to the stream's length (`finish()`)."""
 
     def __init__(self, finish: tp.Callable[[], int]) -> None:
-        self.finish = finish
+        self._finish = finish
         self.emitted = 0  # samples per channel yielded so far
+        self.length: int | None = None  # the stream's, once `finish` has said it
+
+    def finish(self) -> int:
+        self.length = self._finish()
+        return self.length
 
     def __call__(self, chunk: Tensor, final: bool) -> Tensor:
         if final:
@@ -102,8 +160,11 @@ def _overlap_audio(segments: tp.Iterator[SegmentCodes], codec: Codec, info: Stre
         trim.finish()
     while pending is not None:
         following = next(segments, None)
-        scales = None if pending.scales is None else pending.scales.to(codec.device)
-        frame = codec._decode_segments(pending.codes.to(codec.device), scales).float().cpu()
+        if pending.lost:
+            frame = torch.zeros(info.groups, info.channels, pending.codes.shape[-1] * info.hop_length)
+        else:
+            scales = None if pending.scales is None else pending.scales.to(codec.device)
+            frame = codec._decode_segments(pending.codes.to(codec.device), scales).float().cpu()
         yield trim(ola.add(frame, last=following is None), following is None)
         pending = following
 
