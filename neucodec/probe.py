@@ -29,8 +29,10 @@ def read_info(fi: tp.BinaryIO) -> StreamInfo:
     if prelude.version == 0:
         return v0_info(prelude.header)
     info = StreamInfo.from_header(prelude.header, prelude.version)
+    info.header_bytes = prelude.size
     reader = container.ContainerReader(fi, prelude)
     for record in reader:
+        info.payload_bytes += len(record.payload)
         if record.items != info.groups or not 1 <= record.frames <= info.segment_frames:
             raise CorruptStream(f"segment {record.index} at byte {record.offset}: shape does not fit the header")
         info.segments += 1
