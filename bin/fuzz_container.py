@@ -10,15 +10,22 @@ stream and a plain version-0 stream, all from tiny fixed-seed models; the golden
 neucodec 0.1.0 (float32 LM) and 0.2.0 (exact-v1) (tests/golden); and, when the reference `encodec`
 package is installed, a version-0 file it LM-coded (random paper-size LM, 2 codebooks).
 
+With --salvage the mutated files are decoded with `salvage=True` instead (every other one through a
+pipe that cannot seek, the rest from a seekable buffer): the same rules, and every line it reports
+about lost spans must be one line too.
+
     python bin/fuzz_container.py -n 10000 --seed 0
+    python bin/fuzz_container.py -n 10000 --seed 0 --salvage
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import io
 import random
 import sys
 import time
+import typing as tp
 from pathlib import Path
 
 import torch
@@ -111,11 +118,41 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(b)
 
 
+class _Pipe(io.RawIOBase):
+    """Bytes that cannot seek, a few at a time (as stdin may hand them out)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self.data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: tp.Any) -> int:
+        piece = self.data.read(min(len(b), 4096))
+        b[: len(piece)] = piece
+        return len(piece)
+
+
+def salvage_decode(data: bytes, codec: object, lm: object, pipe: bool) -> str:
+    """Decode with salvage; the outcome ("decoded", or "salvaged" when it reported lost spans or
+    repairs). A reported line of more than one line raises."""
+    lines: list[str] = []
+    fi = io.BufferedReader(_Pipe(data)) if pipe else io.BytesIO(data)
+    _, chunks = ecdc.decode_stream(fi, codec, lm, salvage=True, on_lost=lines.append)  # type: ignore[arg-type]
+    for _ in chunks:
+        pass
+    if any("\n" in line or not line for line in lines):
+        raise AssertionError(f"bad salvage line in {lines!r}")
+    return "salvaged" if lines else "decoded"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-seconds", type=float, default=5.0, help="a single decode slower than this is a failure")
+    ap.add_argument("--salvage", action="store_true", help="decode with salvage=True (half of them from a pipe)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rng = random.Random(args.seed)
@@ -129,8 +166,11 @@ def main() -> int:
         bad = mutate(data, rng)
         t0 = time.perf_counter()
         try:
-            ecdc.decode_bytes(bad, codec, lm)  # type: ignore[arg-type]
-            outcome = "decoded"
+            if args.salvage:
+                outcome = salvage_decode(bad, codec, lm, pipe=bool(i // len(bases) % 2))
+            else:
+                ecdc.decode_bytes(bad, codec, lm)  # type: ignore[arg-type]
+                outcome = "decoded"
         except NeucodecError as e:
             outcome = type(e).__name__
             if "\n" in str(e) or not str(e):
@@ -144,7 +184,8 @@ def main() -> int:
             failures.append(f"{name} #{i}: took {dt:.1f} s")
         counts[outcome] += 1
     total = time.perf_counter() - start
-    print(f"{args.n} mutated files in {total:.1f} s ({1e3 * total / max(1, args.n):.2f} ms each, "
+    print(f"{args.n} mutated files{' decoded with salvage' * args.salvage} in {total:.1f} s "
+          f"({1e3 * total / max(1, args.n):.2f} ms each, "
           f"slowest {1e3 * slowest:.0f} ms)")
     for outcome, n in counts.most_common():
         print(f"  {outcome:28s} {n}")

@@ -23,7 +23,7 @@ import struct
 import typing as tp
 import zlib
 
-from .errors import CorruptStream, DamagedStream, UnsupportedFormatVersion
+from .errors import CorruptStream, DamagedStream, UnsupportedFormatVersion, option
 
 MAGIC = b"NCDC"
 V0_MAGIC = b"ECDC"
@@ -78,6 +78,52 @@ def crc32(data: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
+def _crc_table() -> tuple[int, ...]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0xEDB88320 if c & 1 else 0)
+        table.append(c)
+    return tuple(table)
+
+
+_CRC_TABLE = _crc_table()  # zlib's CRC-32 (reflected), one byte at a time
+_CRC_OF_BYTE = {c: i for i, c in enumerate(_CRC_TABLE)}
+_CRC_TOP = {c >> 24: i for i, c in enumerate(_CRC_TABLE)}  # the top bytes of the table are all different
+REPAIR_BYTES = 1 << 20  # salvage looks for one damaged byte in payloads up to this size
+
+
+def one_byte_fixes(data: bytes | bytearray, stored: int) -> list[tuple[int, int]]:
+    """Every (position, xor mask) of a single damaged byte that, undone, gives `data` the CRC32
+    `stored`. CRC-32 is linear: the damage's own CRC (zero start, no final xor) is the difference of
+    the two CRCs, and a byte `v` followed by `m` zero bytes has the CRC `table[v]` run through `m`
+    zero bytes, a step that can be run backwards; so the difference, run back one byte at a time,
+    meets `table[v]` where the damage is. With the 32-bit check a wrong answer is rare (about
+    255 * len(data) / 2^32), and the decoded codes have their own CRC besides."""
+    diff = crc32(data) ^ stored
+    out = []
+    for back in range(len(data)):
+        v = _CRC_OF_BYTE.get(diff)
+        if v is not None and v:
+            out.append((len(data) - 1 - back, v))
+        i = _CRC_TOP[diff >> 24]
+        diff = (diff ^ _CRC_TABLE[i]) << 8 | i
+    return out
+
+
+def repair(data: bytes, stored: int) -> tuple[bytes, int] | None:
+    """`data` with the one damaged byte its CRC32 `stored` points to undone, and its position; None
+    unless exactly one byte does it (or `data` is longer than REPAIR_BYTES)."""
+    fixes = one_byte_fixes(data, stored) if len(data) <= REPAIR_BYTES else []
+    if len(fixes) != 1:
+        return None
+    pos, mask = fixes[0]
+    fixed = bytearray(data)
+    fixed[pos] ^= mask
+    return bytes(fixed), pos
+
+
 def stream_bytes(end_offset: int, segments: int) -> int:
     """Size of a whole container whose end record starts at byte `end_offset`: the end record, the
     index record (8 bytes per segment) and the trailer follow it."""
@@ -100,6 +146,7 @@ class SegmentRecord:
     frames: int
     payload: bytes
     codes_crc: int  # CRC32 of the decoded codes, see `codes_crc32` in neucodec.entropy
+    repaired: int | None = None  # salvage: the byte (offset) whose damage its CRCs located and undid
 
 
 @dataclasses.dataclass
@@ -156,14 +203,19 @@ class Prelude:
     version: int
     header: Json
     size: int  # bytes consumed from the start of the container
+    repaired: int | None = None  # salvage: the byte whose damage the header's CRC located and undid
 
 
-def read_prelude(fo: tp.BinaryIO) -> Prelude:
-    """Read magic, version and header of a v1 (NCDC) or v0 (reference ECDC) file; validate them."""
+def read_prelude(fo: tp.BinaryIO, repair_damage: bool = False) -> Prelude:
+    """Read magic, version and header of a v1 (NCDC) or v0 (reference ECDC) file; validate them.
+
+    `repair_damage` (salvage): one damaged byte of a v1 prelude (not in its length field) that the
+    header's CRC locates is undone (`Prelude.repaired`) instead of failing."""
     first = read_upto(fo, 4)
     if len(first) == 0:
         raise CorruptStream("empty input: not an .ecdc file (0 bytes)")
-    if len(first) < 4 or first not in (MAGIC, V0_MAGIC):
+    near = repair_damage and len(first) == 4 and sum(a != b for a, b in zip(first, MAGIC)) == 1
+    if len(first) < 4 or first not in (MAGIC, V0_MAGIC) and not near:
         raise CorruptStream(f"not an .ecdc file: starts with {first[:4]!r}, expected {MAGIC!r} "
                             f"(or {V0_MAGIC!r} from the reference encodec tool)")
     if first == V0_MAGIC:
@@ -177,23 +229,43 @@ def read_prelude(fo: tp.BinaryIO) -> Prelude:
         return Prelude(0, _parse_json(raw, 9), _V0_PRELUDE.size + size)
     rest = read_exactly(fo, _PRELUDE.size - 4, "header at byte 4")
     _, version, flags, size = _PRELUDE.unpack(first + rest)
-    if not 1 <= version <= FORMAT_VERSION:
-        raise UnsupportedFormatVersion(
-            f"format version {version} is not supported by this neucodec (reads versions 0 to "
-            f"{FORMAT_VERSION}); upgrade neucodec" if version > FORMAT_VERSION else
-            f"unknown format version {version}")
+    if not repair_damage:
+        _check_version(version)
     if size > MAX_HEADER_BYTES:
         raise CorruptStream(f"header at byte {_PRELUDE.size}: length {size} exceeds the limit of "
                             f"{MAX_HEADER_BYTES} (file damaged)")
     raw = read_exactly(fo, size, f"header at byte {_PRELUDE.size}")
     (stored,) = struct.unpack("<I", read_exactly(fo, 4, f"header CRC at byte {_PRELUDE.size + size}"))
+    repaired = None
     if crc32(first + rest + raw) != stored:
-        raise CorruptStream(f"header at byte {_PRELUDE.size}: CRC mismatch (file damaged)")
+        data = first + rest + raw
+        diff = (crc32(data) ^ stored).to_bytes(4, "little")
+        fixed = (data, len(data) + next(k for k in range(4) if diff[k])) if sum(map(bool, diff)) == 1 else \
+            repair(data, stored)
+        if fixed is None or _PRELUDE.size - 4 <= fixed[1] < _PRELUDE.size:  # none, or in the length it was read by
+            raise CorruptStream(f"header at byte {_PRELUDE.size}: CRC mismatch (file damaged)")
+        if not repair_damage:
+            raise CorruptStream(f"header at byte {_PRELUDE.size}: CRC mismatch (file damaged); one damaged byte, "
+                                f"which {option('--salvage')} repairs")
+        data, repaired = fixed
+        first, rest, raw = data[:4], data[4: _PRELUDE.size], data[_PRELUDE.size:]
+        _, version, flags, _ = _PRELUDE.unpack(first + rest)
+    if first != MAGIC:
+        raise CorruptStream(f"not an .ecdc file: starts with {first!r}, expected {MAGIC!r}")
+    _check_version(version)
     if flags & ~PRELUDE_ZHEADER:
         raise UnsupportedFormatVersion(f"header flags {flags:#x} are not known to this neucodec; upgrade neucodec")
     if flags & PRELUDE_ZHEADER:
         raw = _inflate_header(raw, _PRELUDE.size)
-    return Prelude(version, _parse_json(raw, _PRELUDE.size), _PRELUDE.size + size + 4)
+    return Prelude(version, _parse_json(raw, _PRELUDE.size), _PRELUDE.size + size + 4, repaired)
+
+
+def _check_version(version: int) -> None:
+    if not 1 <= version <= FORMAT_VERSION:
+        raise UnsupportedFormatVersion(
+            f"format version {version} is not supported by this neucodec (reads versions 0 to "
+            f"{FORMAT_VERSION}); upgrade neucodec" if version > FORMAT_VERSION else
+            f"unknown format version {version}")
 
 
 def _deflate_header(raw: bytes) -> bytes:
@@ -442,9 +514,13 @@ class SalvageReader:
     record whose payload fails its CRC (its intact head gives its frames), or, after a damaged record
     head, the segments up to the next record head that verifies (found in the trailing index when the
     file can seek, else by scanning the bytes; then their count is estimated from the bytes skipped,
-    or exact when an intact end record follows). Afterwards `end` is the end record if it is intact;
-    `end_frames` and `end_residue` what an intact end record head says when its payload is damaged;
-    `end_damage` says what happened to the end record, if anything.
+    or exact when an intact end record follows). A record head or payload with one damaged byte that
+    its CRC locates (`repair`) is repaired instead (`SegmentRecord.repaired`): a head only when the
+    payload it then frames verifies, a payload then checked again by its decoded codes' CRC.
+
+    Afterwards `end` is the end record if it is intact (or repaired: `end_repaired`); `end_frames`
+    and `end_residue` what an intact end record head says when its payload is damaged; `end_damage`
+    what happened to the end record, if anything.
     """
 
     def __init__(self, fo: tp.BinaryIO, prelude: Prelude, base: int = 0) -> None:
@@ -454,6 +530,7 @@ class SalvageReader:
         self.end_frames: int | None = None
         self.end_residue: int | None = None
         self.end_damage: str | None = None
+        self.end_repaired: int | None = None  # the byte of the end record whose damage was undone
 
     def _index(self) -> list[int] | None:
         reader = ContainerReader(self.src.fo, self.prelude, self.base)
@@ -472,6 +549,9 @@ class SalvageReader:
             start = src.pos
             raw = src.peek(RECORD_HEAD_BYTES)
             head = parse_head(raw)
+            repaired = None
+            if head is None and len(raw) == RECORD_HEAD_BYTES:
+                head, repaired = self._repair_head(raw)
             if head is None and len(raw) < RECORD_HEAD_BYTES:
                 self.end_damage = f"end record missing at byte {start} (file truncated)"
                 if i < MAX_SEGMENTS:
@@ -480,6 +560,7 @@ class SalvageReader:
             if head is not None:
                 kind, flags, items, plen, frames, pcrc, ccrc = head
                 if kind == KIND_END:
+                    self.end_repaired = repaired
                     self._read_end(head)
                     if self.end is not None and self.end.segments > i:
                         yield Lost(i, min(self.end.segments - i, MAX_SEGMENTS), None, start,
@@ -498,13 +579,17 @@ class SalvageReader:
                     yield Lost(i, None, frames, start, "file truncated", final=True)
                     return
                 if crc32(payload) != pcrc:
+                    fixed = repair(payload, pcrc)
+                    if fixed is not None:
+                        payload, repaired = fixed[0], start + RECORD_HEAD_BYTES + fixed[1]
+                if crc32(payload) != pcrc:
                     yield Lost(i, 1, frames, start, "CRC mismatch")
                 elif flags not in (SEGMENT_PACKED, *LM_FLAGS):
                     yield Lost(i, 1, frames, start, f"unknown coder flags {flags:#x}")
                 else:
                     sizes += RECORD_HEAD_BYTES + plen
                     intact += 1
-                    yield SegmentRecord(i, start, flags, items, frames, payload, ccrc)
+                    yield SegmentRecord(i, start, flags, items, frames, payload, ccrc, repaired)
                 i += 1
                 continue
             # a damaged record head: resynchronise on the next one that verifies
@@ -545,6 +630,28 @@ class SalvageReader:
                 yield Lost(i, min(total - i, MAX_SEGMENTS), None, start, reason, final=True)
             return
 
+    def _repair_head(self, raw: bytes) -> tuple[tuple[int, int, int, int, int, int, int] | None, int | None]:
+        """A damaged record head at the current position with one damaged byte undone, and that byte's
+        offset, when exactly one such head verifies with the payload that follows it; else (None, None)."""
+        body, stored = raw[: _HEAD.size], int.from_bytes(raw[_HEAD.size:], "little")
+        candidates = []
+        for pos, mask in one_byte_fixes(body, stored):
+            fixed = bytearray(body)
+            fixed[pos] ^= mask
+            candidates.append((bytes(fixed) + raw[_HEAD.size:], pos))
+        diff = (crc32(body) ^ stored).to_bytes(4, "little")  # the damage in the stored CRC itself
+        if sum(map(bool, diff)) == 1:
+            candidates.append((body + crc32(body).to_bytes(4, "little"), _HEAD.size + next(k for k in range(4)
+                                                                                             if diff[k])))
+        found = []
+        for fixed_head, pos in candidates:
+            head = parse_head(fixed_head)
+            if head is not None:
+                data = self.src.peek(RECORD_HEAD_BYTES + head[3])
+                if len(data) == RECORD_HEAD_BYTES + head[3] and crc32(data[RECORD_HEAD_BYTES:]) == head[5]:
+                    found.append((head, self.src.pos + pos))
+        return found[0] if len(found) == 1 else (None, None)
+
     def _next_indexed(self, index: list[int], start: int) -> int | None:
         """The first segment after byte `start` whose record head, where the index puts it, verifies;
         the source is left there. None (the source anywhere) when there is none."""
@@ -563,6 +670,8 @@ class SalvageReader:
         payload = self.src.take(plen)
         self.end_frames = frames
         self.end_residue = items if flags & END_SOURCE_RESIDUE else None
+        if payload is not None and crc32(payload) != pcrc and (fixed := repair(payload, pcrc)) is not None:
+            payload, self.end_repaired = fixed[0], start + RECORD_HEAD_BYTES + fixed[1]
         if payload is None:
             self.end_damage = f"end record at byte {start}: file truncated"
         elif crc32(payload) != pcrc or plen != _END.size:

@@ -402,7 +402,7 @@ def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
             fi.seek(0)
         elif codec is None and model is None:  # a pipe: the header names the model; it is read again below
             recorded = _Recorded(fi)
-            header = read_header(recorded)
+            header = salvaging.read_header(recorded) if salvage else read_header(recorded)
             fi = recorded.again()
         if lm is None and model is not None and (known is None or known.lm_id):
             lm = _optional_lm(model)

@@ -60,7 +60,7 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
         CorruptStream (DamagedStream for damage that salvage decodes around), UnsupportedFormatVersion,
         ModelMismatch: with a one-line message.
     """
-    prelude = container.read_prelude(fi)
+    prelude = container.read_prelude(fi, repair_damage=salvage)
     if prelude.version == 0:
         return decode_v0(fi, prelude, codec, lm, v0_lm_threads)
     info = StreamInfo.from_header(prelude.header, prelude.version)

@@ -78,10 +78,11 @@ def shape_problem(record: container.SegmentRecord, info: StreamInfo) -> str | No
 
 
 class Salvage:
-    """The segments of a damaged stream: intact `SegmentRecord`s and, for the lost ones,
-    `LostPiece`s whose frames keep the timing (a full segment each, the frames an intact record
-    head gives, or what the end record leaves for the last ones). Counts `segments`, `frames` and
-    `lm_segments` (lost ones included) into `info`; `finish` gives the length."""
+    """The segments of a damaged stream: intact `SegmentRecord`s (some repaired: one damaged byte
+    that the record's CRCs locate is undone) and, for the lost ones, `LostPiece`s whose frames keep
+    the timing (a full segment each, the frames an intact record head gives, or what the end record
+    leaves for the last ones). Counts `segments`, `frames` and `lm_segments` (lost ones included)
+    into `info`; `finish` gives the length."""
 
     def __init__(self, reader: container.SalvageReader, info: StreamInfo, report: Report | None = None) -> None:
         self.reader, self.info = reader, info
@@ -97,10 +98,15 @@ class Salvage:
 
     def __iter__(self) -> tp.Iterator[container.SegmentRecord | LostPiece]:
         info = self.info
+        if self.reader.prelude.repaired is not None:
+            self._say(f"repaired one damaged byte at byte {self.reader.prelude.repaired} (header): its checksum "
+                      "locates it")
         for item in self.reader:
             if isinstance(item, container.SegmentRecord):
                 problem = shape_problem(item, info)
                 if problem is None:
+                    if item.repaired is not None:
+                        self._repaired(item)
                     self.starts[item.index] = info.frames
                     info.segments += 1
                     info.frames += item.frames
@@ -124,6 +130,13 @@ class Salvage:
         self._describe(lost.index, len(pieces), start, frames, lost, unknown_tail=lost.count is None
                        or len(pieces) < lost.count)
         yield from pieces
+
+    def _repaired(self, record: container.SegmentRecord) -> None:
+        info = self.info
+        sr, hop = info.sample_rate, info.hop_length
+        a = record.index * (info.segment_stride or 0) if info.layout == OVERLAP else info.frames * hop
+        self._say(f"repaired one damaged byte at byte {record.repaired} (segment {record.index}, "
+                  f"{seconds(a / sr)}–{seconds((a + record.frames * hop) / sr)} s): its checksums locate it")
 
     def lost_record(self, record: container.SegmentRecord, reason: str) -> LostPiece:
         """An intact record whose payload could not be decoded (its frames were counted when read)."""
@@ -201,6 +214,9 @@ class Salvage:
                 if derived - hop < pinned <= derived:
                     length = info.source_length = pinned
             self._say(f"{reader.end_damage}; the length ({seconds(length / sr)} s) is taken from the segments read")
+        if reader.end_repaired is not None:
+            self._say(f"repaired one damaged byte at byte {reader.end_repaired} (end record): its checksums "
+                      "locate it")
         info.length = length
         if end is not None and length == end.length and end.source_residue is not None:
             info.source_length = _source_length(length, end.source_residue, info)
@@ -221,17 +237,26 @@ def _source_length(length: int, residue: int, info: StreamInfo) -> int | None:
 def read_info(fi: tp.BinaryIO) -> StreamInfo:
     """`probe.read_info` of a stream that may be damaged: the totals (length, segments, bytes) as a
     salvage decode finds them, without decoding audio."""
-    from .probe import v0_info
-
-    prelude = container.read_prelude(fi)
+    prelude = container.read_prelude(fi, repair_damage=True)
+    info = _header_info(prelude)
     if prelude.version == 0:
-        return v0_info(prelude.header)
-    info = StreamInfo.from_header(prelude.header, prelude.version)
+        return info
     salvage = Salvage(container.SalvageReader(fi, prelude), info)
     for _ in salvage:
         pass
     salvage.finish()
     return info
+
+
+def read_header(fi: tp.BinaryIO) -> StreamInfo:
+    """`probe.read_header` of a stream that may be damaged (one damaged byte in its header repaired)."""
+    return _header_info(container.read_prelude(fi, repair_damage=True))
+
+
+def _header_info(prelude: container.Prelude) -> StreamInfo:
+    from .probe import v0_info
+
+    return v0_info(prelude.header) if prelude.version == 0 else StreamInfo.from_header(prelude.header, prelude.version)
 
 
 def in_file(e: DamagedStream, name: str, fi: tp.BinaryIO | None = None) -> DamagedStream:

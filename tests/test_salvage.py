@@ -15,7 +15,7 @@ from test_cli import proc
 from _bitstream import lm_coded_file, skewed_lm, tiny_codec24, tiny_codec48
 from neucodec import container, ecdc, pipeline
 from neucodec.cli import cli
-from neucodec.errors import DamagedStream
+from neucodec.errors import CorruptStream, DamagedStream
 from neucodec.salvage import read_info as salvage_info
 from neucodec.streamaudio import FADE_SECONDS
 
@@ -79,8 +79,9 @@ def test_lost_segment_is_silence_of_its_length(c24, envelope: bool, pipe: bool) 
     clean = ecdc.decode_bytes(data, c24)[1]
     seg = 4800  # samples per segment
     fade = round(FADE_SECONDS * 24000)
-    for where in (records[2].offset + container.RECORD_HEAD_BYTES + 5, records[2].offset + 6):
-        bad = _flip(data, where)
+    payload = records[2].offset + container.RECORD_HEAD_BYTES
+    for where in ((payload + 5, payload + 60), (records[2].offset + 6, records[2].offset + 10)):
+        bad = _flip(data, *where)  # two damaged bytes: no repair
         with pytest.raises(DamagedStream, match=r"damaged at 0\.4–0\.6 s \(segment 2 at byte "
                                                 rf"{records[2].offset}: CRC mismatch.*salvage=True"):
             ecdc.decode_bytes(bad, c24)
@@ -90,7 +91,7 @@ def test_lost_segment_is_silence_of_its_length(c24, envelope: bool, pipe: bool) 
         assert torch.equal(out[..., :keep], clean[..., :keep])
         assert (out[..., 2 * seg + fade: 3 * seg] == 0).all()
         assert lines == [f"lost 0.4–0.6 s (segment 2 at byte {records[2].offset}: CRC mismatch"
-                         f"{' in record head' if where < records[2].offset + container.RECORD_HEAD_BYTES else ''}); "
+                         f"{' in record head' if where[0] < payload else ''}); "
                          "filled with silence"]
         late = out[..., 3 * seg + 2400:] - clean[..., 3 * seg + 2400:]
         assert late.abs().max() < 1e-3  # the decoder has caught up
@@ -102,10 +103,10 @@ def test_end_record_index_and_trailer(c24) -> None:
     data = ecdc.encode_bytes(c24, 0.1 * torch.randn(1, 1, 24000 - 77), 6.0, segment_seconds=0.25)
     _, end = _records(data)
     clean = ecdc.decode_bytes(data, c24)[1]
-    cases = {"end payload": end.offset + 30, "end head": end.offset + 3, "index": end.offset + 36 + 30,
-             "trailer": len(data) - 3}
+    cases = {"end payload": (end.offset + 28, end.offset + 30), "end head": (end.offset + 3, end.offset + 9),
+             "index": (end.offset + 36 + 30,), "trailer": (len(data) - 3,)}
     for name, where in cases.items():
-        bad = _flip(data, where)
+        bad = _flip(data, *where)
         if name.startswith("end"):
             with pytest.raises(DamagedStream, match="damaged at the end of the stream"):
                 ecdc.decode_bytes(bad, c24)
@@ -115,6 +116,25 @@ def test_end_record_index_and_trailer(c24) -> None:
             assert out.shape[-1] == want, (name, pipe)
             assert torch.equal(out[..., : clean.shape[-1]], clean[..., : want]), (name, pipe)
             assert len(lines) == name.startswith("end"), (name, lines)
+
+
+def test_one_damaged_byte_is_repaired(c24) -> None:
+    """One damaged byte in a record head, a payload or the end record: the CRCs locate it, and the
+    output is the clean decode."""
+    data = ecdc.encode_bytes(c24, 0.1 * torch.randn(1, 1, 24000 - 77), 6.0, segment_seconds=0.2,
+                             correct_envelope=True)
+    records, end = _records(data)
+    clean = ecdc.decode_bytes(data, c24)[1]
+    for where in (records[1].offset, records[1].offset + 7, records[1].offset + 21, records[3].offset + 100,
+                  end.offset + 5, end.offset + 31):
+        bad = _flip(data, where)
+        with pytest.raises(DamagedStream):
+            ecdc.decode_bytes(bad, c24)
+        for pipe in (False, True):
+            out, lines = _salvaged(bad, c24, pipe=pipe)
+            assert torch.equal(out, clean), (where, pipe)
+            assert lines == [line for line in lines if line.startswith(f"repaired one damaged byte at byte {where} (")]
+            assert len(lines) == 1, lines
 
 
 def test_truncated_and_unknown_tail(c24) -> None:
@@ -135,7 +155,8 @@ def test_several_and_consecutive_losses_keep_timing(c24) -> None:
     file (the index says which segments) and on a pipe (the end record says how many)."""
     data = ecdc.encode_bytes(c24, 0.1 * torch.randn(1, 1, 48000), 6.0, segment_seconds=0.2)
     records, _ = _records(data)
-    bad = _flip(data, records[1].offset + 2, records[2].offset + 2, records[7].offset + 50)
+    bad = _flip(data, records[1].offset + 2, records[1].offset + 9, records[2].offset + 2, records[2].offset + 9,
+                records[7].offset + 50, records[7].offset + 70)
     clean = ecdc.decode_bytes(data, c24)[1]
     for pipe in (False, True):
         out, lines = _salvaged(bad, c24, pipe=pipe)
@@ -151,7 +172,7 @@ def test_lm_coded_segments(c24) -> None:
     data = lm_coded_file(c24, lm, frames=60, segment_seconds=0.2)
     records, _ = _records(data)
     clean = ecdc.decode_bytes(data, c24, lm)[1]
-    out, lines = _salvaged(_flip(data, records[1].offset + 40), c24, lm)
+    out, lines = _salvaged(_flip(data, records[1].offset + 40, records[1].offset + 41), c24, lm)
     assert out.shape == clean.shape and torch.equal(out[..., :4800], clean[..., :4800]) and len(lines) == 1
 
 
@@ -162,7 +183,7 @@ def test_segmented_codec_loses_one_second() -> None:
     data = ecdc.encode_bytes(c48, 0.1 * torch.randn(1, 2, 48000 * 3), 6.0)
     records, _ = _records(data)
     clean = ecdc.decode_bytes(data, c48)[1]
-    bad = _flip(data, records[1].offset + 100)
+    bad = _flip(data, records[1].offset + 100, records[1].offset + 200)
     with pytest.raises(DamagedStream, match=r"damaged at 0\.99–1\.99 s \(segment 1"):
         ecdc.decode_bytes(bad, c48)
     out, lines = _salvaged(bad, c48)
@@ -176,7 +197,8 @@ def test_segmented_codec_loses_one_second() -> None:
 def test_salvage_info_reads_the_totals(c24) -> None:
     data = ecdc.encode_bytes(c24, 0.1 * torch.randn(1, 1, 24000), 6.0, segment_seconds=0.25)
     records, end = _records(data)
-    info = salvage_info(io.BytesIO(_flip(data, records[1].offset + 50, end.offset + 40)))
+    info = salvage_info(io.BytesIO(_flip(data, records[1].offset + 50, records[1].offset + 51, end.offset + 28,
+                                         end.offset + 30)))
     assert (info.length, info.segments, info.frames) == (24000, 4, 75)
 
 
@@ -212,11 +234,14 @@ def test_one_flipped_byte_in_a_minute(minute_ecdc: tuple[Path, Path], tiny_model
     data = enc.read_bytes()
     records, end = _records(data)
     clean, sr = sf.read(clean_wav, dtype="int16")
-    spots = {"head": records[3].offset + 9, "first payload": records[0].offset + 200,
-             "payload": records[4].offset + 300, "end record": end.offset + 30, "index": end.offset + 36 + 30}
+    spots = {"head": (records[3].offset + 9,), "first payload": (records[0].offset + 200,),
+             "payload": (records[4].offset + 300,), "end record": (end.offset + 30,), "index": (end.offset + 36 + 30,),
+             "first payload, two bytes": (records[0].offset + 200, records[0].offset + 201),
+             "head, two bytes": (records[3].offset + 9, records[3].offset + 13),
+             "payload, two bytes": (records[4].offset + 300, records[4].offset + 900)}
     for name, where in spots.items():
         bad, out = tmp_path / f"{name}.ecdc", tmp_path / f"{name}.wav"
-        bad.write_bytes(_flip(data, where))
+        bad.write_bytes(_flip(data, *where))
         r = CliRunner().invoke(cli, ["decode", str(bad), str(out), "-m", str(tiny_model), "-q"])
         if name == "index":  # not needed to decode: a plain decode is whole
             assert r.exit_code == 0 and np.array_equal(sf.read(out, dtype="int16")[0], clean)
@@ -228,9 +253,13 @@ def test_one_flipped_byte_in_a_minute(minute_ecdc: tuple[Path, Path], tiny_model
         y, _ = sf.read(out, dtype="int16")
         assert len(y) == len(clean), name
         same = float(np.mean(y == clean))
-        assert same >= 0.8, (name, same)
-        if "payload" in name or name == "head":
+        if "two bytes" in name:  # a lost segment: 10 s of 60 silent
+            assert 0.8 <= same < 0.84, (name, same)
             assert r.output.count("warning:") == 1 and f"warning: {bad}: lost " in r.output, r.output
+        else:  # repaired
+            assert same == 1.0, name
+            repaired = r.output.count("warning:") == 1 and "repaired one damaged byte" in r.output
+            assert repaired if name != "index" else not r.output, r.output
 
 
 def test_salvage_from_python_folders_and_pipes(minute_ecdc: tuple[Path, Path], tiny_model: Path,
@@ -238,7 +267,7 @@ def test_salvage_from_python_folders_and_pipes(minute_ecdc: tuple[Path, Path], t
     enc, clean_wav = minute_ecdc
     data = enc.read_bytes()
     records, _ = _records(data)
-    bad = _flip(data, records[2].offset + 100)
+    bad = _flip(data, records[2].offset + 100, records[2].offset + 140)
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     (src / "sub" / "bad.ecdc").write_bytes(bad)
@@ -263,3 +292,23 @@ def test_salvage_from_python_folders_and_pipes(minute_ecdc: tuple[Path, Path], t
     assert p.returncode == 0 and b"warning: stdin: lost 20.0" in err, err
     y, _ = sf.read(tmp_path / "pipe.wav", dtype="int16")
     assert np.array_equal(y, sf.read(tmp_path / "p.wav", dtype="int16")[0])
+
+
+def test_one_damaged_byte_in_the_header(c24) -> None:
+    """The header's CRC locates one damaged byte too (not in its length field): the strict error
+    says salvage repairs it, salvage decodes the clean audio; two damaged bytes are beyond it."""
+    data = ecdc.encode_bytes(c24, 0.1 * torch.randn(1, 1, 4800), 6.0)
+    clean = ecdc.decode_bytes(data, c24)[1]
+    size = container.read_prelude(io.BytesIO(data)).size
+    for where in (1, 4, 5, 12, size - 10, size - 2):
+        bad = _flip(data, where)
+        with pytest.raises(CorruptStream, match="not an .ecdc file" if where < 4 else "format version" if where == 4
+                           else "header at byte 10: CRC mismatch .*salvage=True repairs"):
+            ecdc.decode_bytes(bad, c24)
+        for pipe in (False, True):
+            out, lines = _salvaged(bad, c24, pipe=pipe)
+            assert torch.equal(out, clean) and lines == [f"repaired one damaged byte at byte {where} (header): its "
+                                                         "checksum locates it"], (where, lines)
+        assert salvage_info(io.BytesIO(bad)).length == 4800
+    with pytest.raises(CorruptStream, match="header at byte 10: CRC mismatch \\(file damaged\\)$"):
+        _salvaged(_flip(data, 12, 14), c24)
