@@ -102,7 +102,7 @@ def main() -> int:
         left = out.exists()
         plain_ok = plain.returncode != 0 and not left and "--salvage" in plain.stderr
         t0 = time.perf_counter()
-        salv = neucodec("decode", damaged, out, "-q", "--salvage")
+        salv = neucodec("decode", damaged, out, "-q", "--salvage", "-f")
         took = time.perf_counter() - t0
         if salv.returncode != 0 or not out.exists():
             print(f"{name:28s} salvage failed: {salv.stderr.strip()}")

@@ -192,7 +192,7 @@ class _Segments:
 def _silence_codes(codec: Codec, n_q: int) -> Tensor:
     """The codes [n_q] a causal codec's encoder settles on for digital silence: a lost span decoded
     with them leaves the decoder's state nearer a real one than code 0 does, so the audio after it
-    meets an undamaged decode's sooner (docs/FORMAT.md §5)."""
+    meets an undamaged decode's sooner (docs/FORMAT.md §8)."""
     base = getattr(codec, "codec", codec)  # a lockstep run's shared codec: the codec itself
     try:
         with torch.inference_mode():

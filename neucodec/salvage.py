@@ -5,7 +5,7 @@ seconds and the option that decodes around it. `Salvage` goes on: it turns a
 `container.SalvageReader`'s records into the intact segments and, in place of the lost ones,
 `LostPiece`s with their frame counts, so that `reader.decode_stream(..., salvage=True)` can fill them
 and keep the output's length and timing; `read_info(..., salvage=True)` does the same without decoding.
-Each lost run is described once, in seconds (`report`). Byte layout: docs/FORMAT.md §5.
+Each lost run is described once, in seconds (`report`). Byte layout and rules: docs/FORMAT.md §3, §8.
 """
 from __future__ import annotations
 

@@ -126,7 +126,9 @@ def _stream_audio(codes: tp.Iterator[Tensor], codec: Codec, trim: _Trim) -> tp.I
         trim.finish()
     while prev is not None:
         following = next(stream, None)
-        yield trim(prev.float().cpu(), following is None)
+        out = trim(prev.float().cpu(), following is None)
+        if out.shape[-1]:  # a salvaged stream's length may end before the last step
+            yield out
         prev = following
 
 

@@ -312,3 +312,28 @@ def test_one_damaged_byte_in_the_header(c24) -> None:
         assert salvage_info(io.BytesIO(bad)).length == 4800
     with pytest.raises(CorruptStream, match="header at byte 10: CRC mismatch \\(file damaged\\)$"):
         _salvaged(_flip(data, 12, 14), c24)
+
+
+def test_salvage_in_a_batched_folder(speech: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """Files decoded together in lockstep salvage as they do alone."""
+    from neucodec import batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(3):
+        pipeline.encode_file(speech, src / f"{k}.ecdc", model=tiny_model, segment_seconds=0.5)
+    data = (src / "1.ecdc").read_bytes()
+    records, _ = _records(data)
+    (src / "1.ecdc").write_bytes(_flip(data, records[1].offset + 40, records[1].offset + 41))
+    outputs = {}
+    for name, kw in (("alone", dict(n_jobs=1)), ("batched", dict(n_jobs=3, batched=True))):
+        summary = batch.run(batch.plan(src, tmp_path / name, "decode"), "decode",
+                            dict(model=str(tiny_model), device="cpu", subtype="FLOAT", salvage=True),
+                            progress=False, **kw)
+        assert summary.count("done") == 3 and not summary.failed
+        damage = {o.job.source.name: o.damage for o in summary.outcomes}
+        assert not damage["0.ecdc"] and not damage["2.ecdc"], damage
+        assert damage["1.ecdc"][0].startswith(f"{src / '1.ecdc'}: lost 0.52–1.04 s"), damage  # whole tiles
+        outputs[name] = {k: sf.read(tmp_path / name / f"{k}.wav")[0] for k in range(3)}
+    for k in range(3):
+        assert np.abs(outputs["alone"][k] - outputs["batched"][k]).max() < 1e-5
