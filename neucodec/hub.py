@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from .errors import WeightsUnavailable
+from .errors import WeightsUnavailable, option
 from .lm import LanguageModel
 from .model import Codec
 from .weights import DEFAULT_MODEL, LM_FOR, Weights, load_weights, resolve
@@ -59,7 +59,7 @@ def load_lm(name_or_path: str | os.PathLike[str] | None = None) -> LanguageModel
     key = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
     weights = _load(LM_FOR.get(key, name_or_path))
     if weights.lm_config is None or weights.lm_state is None:
-        raise WeightsUnavailable(f"{weights.source} has no entropy-coding LM; encode with --no-lm")
+        raise WeightsUnavailable(f"{weights.source} has no entropy-coding LM; encode with {option('--no-lm')}")
     lm = LanguageModel(weights.lm_config)
     _strict(lm, weights.lm_state, str(weights.source))
     lm.eval()

@@ -6,7 +6,7 @@ import typing as tp
 
 import torch
 
-from .errors import CorruptStream, ModelMismatch
+from .errors import CorruptStream, ModelMismatch, option
 from .lm import LanguageModel
 from .model import Codec
 
@@ -47,9 +47,9 @@ def check_weights(model: torch.nn.Module, kind: tp.Literal["model", "LM"], name:
     release = getattr(model, "earlier", {}).get(wanted)
     if release:  # an earlier default model
         advice = (f"it is neucodec {release.get('neucodec', '?')}'s default model: decode with that release, or pass "
-                  f"its weights (repository commit {release.get('commit', '?')}) with --model")
+                  f"its weights (repository commit {release.get('commit', '?')}) with {option('--model')}")
     elif name == mid:  # same name: an earlier release
-        advice = "use the neucodec version that wrote it, or pass those weights with --model"
+        advice = f"use the neucodec version that wrote it, or pass those weights with {option('--model')}"
     else:
         advice = f"the given {kind} is {mid}; pass the matching weights"
     raise ModelMismatch(f"this file was {what} with {kind} {name} (weights {wanted}), which these weights "

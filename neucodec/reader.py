@@ -64,6 +64,7 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
     if prelude.version == 0:
         return decode_v0(fi, prelude, codec, lm, v0_lm_threads)
     info = StreamInfo.from_header(prelude.header, prelude.version)
+    info.header_bytes = prelude.size  # as `read_info` counts them
     codec = resolve_codec(codec, info)
     reader = container.ContainerReader(fi, prelude)
     plan = salvaging.Salvage(container.SalvageReader(fi, prelude), info, on_lost) if salvage else None
@@ -124,6 +125,7 @@ class _Segments:
                 info.segments += 1
                 info.frames += record.frames
                 info.lm_segments += record.flags in container.LM_FLAGS
+                info.payload_bytes += len(record.payload)
             batch.append(record)
             if len(batch) >= entropy.LM_BATCH or record.flags not in container.LM_FLAGS:
                 yield from self._decode(batch)

@@ -15,7 +15,7 @@ import typing as tp
 import numpy as np
 
 from . import __version__, envelope
-from .errors import CorruptStream, UnsupportedFormatVersion, UnsupportedSetting
+from .errors import CorruptStream, UnsupportedFormatVersion, UnsupportedSetting, option
 from .layout import Segment, segment_layout
 
 if tp.TYPE_CHECKING:
@@ -129,7 +129,7 @@ def use_envelope(codec: Codec, wanted: bool | str | None) -> EnvelopeSpec | None
     spec = None if wanted is False else envelope_settings(codec, wanted if isinstance(wanted, str) else None)
     if wanted and spec is None:
         raise UnsupportedSetting(f"{codec.config.name} cannot take an envelope correction (it needs a causal model "
-                                 "whose code frames tile 40 ms); encode with --no-envelope")
+                                 f"whose code frames tile 40 ms); encode with {option('--no-envelope')}")
     return spec
 
 

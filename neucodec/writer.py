@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import container, entropy, envelope, exactlm, streamspec
-from .errors import NeucodecError, UnsupportedAudio, UnsupportedSetting
+from .errors import NeucodecError, UnsupportedAudio, UnsupportedSetting, option
 from .identity import model_identity
 from .lm import LanguageModel
 from .model import Codec, num_frames, segment_layout
@@ -82,7 +82,7 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
     if spec is not None and \
             spec.corrections(groups * codec.channels, seg_frames, codec.hop_length) > streamspec.MAX_CORRECTIONS:
         raise UnsupportedAudio(f"{groups * codec.channels} channels in segments of {segment_seconds:g} s are too "
-                               "many for the envelope correction; encode with --no-envelope")
+                               f"many for the envelope correction; encode with {option('--no-envelope')}")
     coder = None if lm is None else {
         "name": "constriction.queue.RangeEncoder", "model": "Categorical(perfect=False)", "dtype": "float32",
         "prob_grid": entropy.PROB_GRID, "lm_threads": entropy.LM_THREADS, "word": "uint32le",
@@ -273,5 +273,6 @@ class _EnvelopeMeter:
         steps = np.stack([envelope.measure(r, o, self.grid) for r, o in zip(ref, out)])
         payload = envelope.encode_steps(steps, self.table)
         if not np.array_equal(envelope.decode_steps(payload, self.table, *steps.shape), steps):
-            raise NeucodecError("internal error: the envelope correction does not decode; encode with --no-envelope")
+            raise NeucodecError("internal error: the envelope correction does not decode; encode with "
+                                f"{option('--no-envelope')}")
         return struct.pack("<I", len(payload)) + payload

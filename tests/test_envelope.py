@@ -285,5 +285,5 @@ def test_the_corrections_of_a_segment_are_capped(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(streamspec, "MAX_CORRECTIONS", 100)  # a segment of 0.52 s holds 13 tiles x 20 bands
     with pytest.raises(CorruptStream, match="segment 0 at byte .*: 260 envelope corrections exceed the limit"):
         ecdc.decode_bytes(data, codec)
-    with pytest.raises(UnsupportedAudio, match="too many for the envelope correction; encode with --no-envelope"):
+    with pytest.raises(UnsupportedAudio, match="too many for the envelope correction; encode with envelope=False"):
         ecdc.encode_bytes(codec, _speechlike(1.0), 3.0, segment_seconds=0.5, correct_envelope=True)

@@ -73,7 +73,7 @@ def test_the_default_model_opts_in_and_others_only_when_asked() -> None:
 def test_a_segmented_model_takes_no_correction() -> None:
     codec = tiny_codec48()
     assert streamspec.envelope_settings(codec) is None and streamspec.use_envelope(codec, None) is None
-    with pytest.raises(UnsupportedSetting, match="--no-envelope"):
+    with pytest.raises(UnsupportedSetting, match="encode with envelope=False$"):
         ecdc.encode_bytes(codec, torch.zeros(1, 2, 4800), 6.0, correct_envelope=True)
 
 
