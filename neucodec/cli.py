@@ -202,8 +202,9 @@ def encode(src: str, dst: str, bandwidth: float | None, use_lm: bool, envelope: 
     if _is_folder(src):
         return _folder("encode", Path(src), Path(dst), options, force, jobs, quiet, verbose)
     dst = _file_target(src, dst, ".ecdc")
-    if dst != audio_io.STDIO and Path(dst).suffix.lower() != ".ecdc" and not quiet:
-        _err(f"note: {dst} does not end in .ecdc")  # an audio extension is refused by encode_file
+    suffix = Path(dst).suffix.lower()  # an audio extension is refused by encode_file, with a usage error
+    if dst != audio_io.STDIO and suffix != ".ecdc" and suffix not in audio_io.AUDIO_EXTENSIONS and not quiet:
+        _err(f"note: {dst} does not end in .ecdc")
     result = pipeline.encode_file(src, dst, force=force, progress=_progress(quiet), notify=_say(quiet),
                                   **options)
     if not quiet:
