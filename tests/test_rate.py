@@ -4,7 +4,16 @@ from __future__ import annotations
 import pytest
 
 from neucodec.errors import UnsupportedSetting
-from neucodec.rate import OperatingPoint, choose, frontier, header_kbps, minimum_kbps, natural_points, needs_kbps, within_target
+from neucodec.rate import (
+    OperatingPoint,
+    choose,
+    frontier,
+    header_kbps,
+    minimum_kbps,
+    natural_points,
+    needs_kbps,
+    within_target,
+)
 
 POINTS = [
     OperatingPoint(2, None, False, 1.6, 1.6, 1.3),
