@@ -12,11 +12,11 @@ import typing as tp
 #: a setting's name on the command line -> how Python code passes it
 _PYTHON = {"-f/--force": "force=True", "-m/--model": "model=", "--model": "model=", "--device": "device=",
            "--subtype": "subtype=", "--no-lm": "use_lm=False", "--no-envelope": "envelope=False",
-           "--salvage": "salvage=True"}
+           "--salvage": "salvage=True", "-b": "bandwidth="}
 _COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("neucodec_command_line", default=False)
 
 
-def option(flag: str, value: str | None = None) -> str:
+def option(flag: str, value: str | float | None = None) -> str:
     """A setting as a message names it: `flag` (e.g. "-f/--force", "--device" with value "cpu") while
     the `neucodec` command runs, else the Python argument ("force=True", "device='cpu'")."""
     if _COMMAND_LINE.get():

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import typing as tp
 
-from .errors import UnsupportedSetting
+from .errors import UnsupportedSetting, option
 
 HEADER_BYTES = 160  # a header with the envelope correction's settings, zlib-compressed: 135 bytes measured
 TOLERANCE = 1.05  # a file may exceed its target by this factor ...
@@ -136,9 +136,10 @@ def choose(points: tp.Sequence[OperatingPoint], target_kbps: float, *, channels:
     if not fitting:
         if below is not None:
             raise UnsupportedSetting(f"no operating point below {below.describe()} fits {target_kbps:g} kbps")
-        raise UnsupportedSetting(f"-b {target_kbps:g} is below what this model can code "
-                                 f"({channels} channel{'s' if channels > 1 else ''}): use -b "
-                                 f"{minimum_kbps(points, channels, seconds, lm):g} or more")
+        low = minimum_kbps(points, channels, seconds, lm)
+        raise UnsupportedSetting(f"{option('-b', _kbps(target_kbps))} is below what this model can code "
+                                 f"({channels} channel{'s' if channels > 1 else ''}): use {option('-b', _kbps(low))} "
+                                 "or more")
     return max(fitting, key=lambda p: (p.score, -p.kbps, p.lm))  # asked for the LM: it wins a tie
 
 
@@ -149,3 +150,8 @@ def within_target(file_bytes: int, seconds: float, target_kbps: float) -> bool:
 
 def _eligible(points: tp.Sequence[OperatingPoint], lm: bool) -> list[OperatingPoint]:
     return [p for p in points if lm or not p.lm]
+
+
+def _kbps(value: float) -> float | int:
+    """A rate as a message shows it: 6, not 6.0."""
+    return int(value) if value == int(value) else value

@@ -47,7 +47,7 @@ def test_channels_and_a_short_file_share_the_target() -> None:
 
 
 def test_a_target_below_every_point_names_the_minimum() -> None:
-    with pytest.raises(UnsupportedSetting, match=r"-b 1 is below .* use -b 1.5 or more"):
+    with pytest.raises(UnsupportedSetting, match=r"bandwidth=1 is below .* use bandwidth=1.5 or more"):
         choose(POINTS, 1.0)
     assert minimum_kbps(POINTS, channels=2) == 3.1
     assert minimum_kbps(POINTS, seconds=10.0) == 1.7  # 1.6 - 0.1 + 0.128 of header
