@@ -405,11 +405,13 @@ def wav_header(sample_rate: int, channels: int, subtype: str, frames: int | None
 
 
 def pcm_bytes(x: np.ndarray, subtype: str) -> bytes:
-    """Interleaved little-endian samples of `[C, t]` float32 in [-1, 1]."""
+    """Interleaved little-endian samples of `[C, t]` float32 in [-1, 1], converted as libsndfile
+    converts them (scaled by 2^15 or 2^23 and rounded down), so a stream holds the samples a file
+    written by soundfile holds."""
     inter = np.ascontiguousarray(x.T)
     if subtype == "FLOAT":
         return inter.astype("<f4").tobytes()
     if subtype == "PCM_16":
-        return np.clip(np.round(inter * 32768.0), -32768, 32767).astype("<i2").tobytes()
-    v = np.clip(np.round(inter * 8388608.0), -8388608, 8388607).astype("<i4")
+        return np.clip(np.floor(inter * 32768.0), -32768, 32767).astype("<i2").tobytes()
+    v = np.clip(np.floor(inter.astype(np.float64) * 8388608.0), -8388608, 8388607).astype("<i4")
     return v.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()

@@ -104,6 +104,10 @@ def test_stream_wav_writer_is_readable(subtype: str, tmp_path: Path) -> None:
         y, sr = sf.read(p, dtype="float32", always_2d=True)
         assert sr == 16000 and y.shape == (3000, 2)
         np.testing.assert_allclose(y.T, x, atol=1e-4 if subtype == "PCM_16" else 1e-6)
+    with audio_io.AudioWriter(tmp_path / "file.wav", 16000, 2, "WAV", subtype) as w:  # soundfile's conversion
+        w.write(x)
+    file, _ = sf.read(tmp_path / "file.wav", dtype="float32", always_2d=True)
+    np.testing.assert_array_equal(y, file)  # a pipe gets the samples a file gets
 
 
 def test_file_writer_clips_and_counts(tmp_path: Path) -> None:
