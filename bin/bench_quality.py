@@ -538,7 +538,7 @@ def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list
         "",
         "* **Systems.** neucodec: `neucodec.ecdc.encode_bytes` / `decode_bytes` at each bandwidth, "
         "without and (when the package has one) with the LM; *neucodec* as `neucodec encode` writes it, with "
-        "the envelope correction (1–2 kbps, counted in its bitrates), *neucodec, no envelope* without. "
+        "the envelope correction (counted in its bitrates), *neucodec, no envelope* without. "
         "The bar compares the highest neucodec bandwidth whose real payload without the LM is no larger "
         "than Opus's. "
         f"Opus: `opusenc --quiet --bitrate B --hard-cbr --framesize {OPUS_FRAME_MS}` on the 24 kHz clip, "

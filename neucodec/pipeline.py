@@ -315,14 +315,8 @@ def _encode_once(src: str, dst: str, codec: Codec, pick: Pick, force: bool, prog
 
 def default_kbps(codec: Codec) -> float:
     """The file bitrate a file gets when none is asked for: the package's `default_kbps`, else the
-    default bandwidth of its codes (`default_bandwidth`)."""
-    return getattr(codec, "default_kbps", None) or default_bandwidth(codec)
-
-
-def default_bandwidth(codec: Codec) -> float:
-    """The codes' bandwidth used when none is given: `Codec.default_bandwidth` (the package's, else 6 kbps
-    where offered, else the lowest), the same as `Codec.encode` uses."""
-    return codec.default_bandwidth
+    default bandwidth of its codes (`Codec.default_bandwidth`, which `Codec.encode` uses)."""
+    return getattr(codec, "default_kbps", None) or codec.default_bandwidth
 
 
 def _encode_notes(reader: audio_io.AudioReader, codec: Codec, bandwidth: float | None) -> list[str]:

@@ -193,7 +193,8 @@ def test_gpu_decode_without_a_model(recordings: dict[str, Path], tiny_model: Pat
 
 
 def test_codec_encode_uses_the_default_bandwidth_of_the_file_path(tiny_model: Path, tmp_path: Path) -> None:
-    """`Codec.encode(wav)` with no bandwidth codes what `encode_file` and the CLI default to (the package's)."""
+    """`Codec.encode(wav)` with no bandwidth codes the package's default bandwidth, which is also the
+    file bitrate `encode_file` and the CLI aim at when the package names no `default_kbps`."""
     from neucodec import load_codec
 
     meta = json.loads(tiny_model.read_text())
@@ -201,7 +202,7 @@ def test_codec_encode_uses_the_default_bandwidth_of_the_file_path(tiny_model: Pa
     shutil.copy(tiny_model.with_suffix(".safetensors"), path.with_suffix(".safetensors"))
     path.write_text(json.dumps({**meta, "default_bandwidth": 1.5}))
     codec = load_codec(path)
-    assert codec.default_bandwidth == pipeline.default_bandwidth(codec) == 1.5
+    assert codec.default_bandwidth == pipeline.default_kbps(codec) == 1.5
     wav = torch.randn(1, 1, 4800) * 0.1
     assert codec.encode(wav).codes.shape[1] == codec.n_q_for_bandwidth(1.5) == 2
     assert codec.encode(wav, None).codes.shape[1] == codec.n_q  # None: every codebook
