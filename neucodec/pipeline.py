@@ -250,8 +250,10 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         return _point_settings(codec, point, lm), lm if point.lm else None, point, notes
 
     result = _encode_once(src, dst, codec, pick, force, progress, notify, segment_seconds, segments_coder, t0)
-    # a file harder than the dev split: step down while a lower point fits (a pipe cannot be reread)
-    while measured and not _is_stdio(src) and not rate.within_target(result.bytes, result.seconds, target):
+    # a file harder than the dev split: step down while a lower point fits (a pipe cannot be read or
+    # written twice)
+    while measured and not _is_stdio(src) and not _is_stdio(dst) \
+            and not rate.within_target(result.bytes, result.seconds, target):
         try:
             result = _encode_once(src, dst, codec, pick, True, progress, notify, segment_seconds, segments_coder, t0)
         except UnsupportedSetting:  # no lower point: keep the lowest

@@ -242,3 +242,25 @@ def test_tiny_signals(tiny_model: Path, tmp_path: Path) -> None:
     decode_file(tmp_path / "seven.ecdc", tmp_path / "seven_out.wav", model=tiny_model)
     info = sf.info(str(tmp_path / "seven_out.wav"))
     assert (info.channels, info.samplerate, info.frames) == (7, 11025, 1234)
+
+
+def test_a_file_harder_than_the_measured_points_steps_down(tiny_model: Path, tmp_path: Path) -> None:
+    """Rate control checks the file it wrote: when the package's points understate a file's rate,
+    it encodes the file again a point lower, within the target."""
+    from neucodec import load_codec
+
+    codec = load_codec(tiny_model)
+    low, high = codec.n_q_for_bandwidth(1.5), codec.n_q_for_bandwidth(6.0)
+    meta = json.loads(tiny_model.read_text())
+    path = tmp_path / "understated" / tiny_model.name
+    path.parent.mkdir()
+    shutil.copy(tiny_model.with_suffix(".safetensors"), path.with_suffix(".safetensors"))
+    points = [{"codebooks": low, "envelope": None, "lm": False, "kbps": 1.0, "kbps_high": 1.0, "score": 1.0},
+              {"codebooks": high, "envelope": None, "lm": False, "kbps": 1.2, "kbps_high": 1.2, "score": 2.0}]
+    path.write_text(json.dumps({**meta, "operating_points": points}))
+    src = tmp_path / "noise.wav"
+    sf.write(src, (np.random.default_rng(0).standard_normal(24000 * 12) * 0.1).astype(np.float32), 24000)
+    result = encode_file(src, tmp_path / "a.ecdc", model=path, bandwidth=2.0)
+    assert result.point is not None and result.point.codebooks == low  # the first try, 6 kbps of codes, was over
+    assert result.kbps <= 1.05 * 2.0 + 0.1 and result.info.n_q == low
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ecdc", "noise.wav", "understated"]
