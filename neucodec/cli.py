@@ -9,10 +9,8 @@ so `--help`, `--version`, `info` and `models` start quickly.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import traceback
@@ -395,6 +393,8 @@ def _bits_split(data: dict[str, tp.Any]) -> str:
 @_guarded
 def models(as_json: bool, verbose: bool) -> int:
     """List the models, their operating points (file kbps -> codebooks + correction) and where their weights are."""
+    from .weights import model_table
+
     rows = model_table()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -417,52 +417,6 @@ def models(as_json: bool, verbose: bool) -> int:
             click.echo(f"    LM: {r['lm'] or 'not downloaded (run: neucodec download ' + r['name'] + ')'}")
     click.echo(f"cache folder: {cache_dir()} (set NEUCODEC_CACHE to move it)")
     return EXIT_OK
-
-
-def model_table() -> list[dict[str, tp.Any]]:
-    """One row per known model: name, sample rate, channels, causal, bandwidths, weights path or None,
-    envelope-correction table its package opts in to or None, its package's default bandwidth or None."""
-    from . import config as cfg
-    from . import rate
-    from . import weights as w
-
-    rows = []
-    for name in w.known_names():
-        lm_path: str | None = None
-        has_lm = False
-        envelope = default_bandwidth = default_kbps = None
-        entries: list[dict[str, tp.Any]] = []
-        try:
-            path = w.resolve(name, allow_download=False)
-        except NeucodecError:
-            path = None
-        if name in cfg.OFFICIAL:
-            config = cfg.OFFICIAL[name]()
-            has_lm = name in w.LM_FOR
-            if has_lm:
-                try:
-                    lm_path = str(w.resolve(w.LM_FOR[name], allow_download=False))
-                except NeucodecError:
-                    lm_path = ""
-        else:
-            assert path is not None
-            package = w.package_info(path)
-            config = package.codec_config
-            has_lm = package.lm_config is not None
-            lm_path = str(path) if has_lm else None
-            envelope, default_bandwidth = package.envelope, package.default_bandwidth
-            entries, default_kbps = package.operating_points, package.default_kbps
-        points, _ = rate.config_points(entries, config, envelope)
-        bandwidth = default_bandwidth or (6.0 if 6.0 in config.bandwidths else min(config.bandwidths))
-        rows.append(dict(name=name, sample_rate=config.sample_rate, channels=config.channels,
-                         causal=config.seanet.causal, bandwidths=list(config.bandwidths),
-                         weights=str(path) if path else None, lm=lm_path if has_lm else None,
-                         envelope=envelope, default_bandwidth=default_bandwidth,
-                         default_kbps=default_kbps or bandwidth, measured=bool(entries),
-                         operating_points=[dict(dataclasses.asdict(p), describe=p.describe(),
-                                                from_kbps=math.ceil(rate.needs_kbps(p) * 10 - 1e-9) / 10)
-                                           for p in rate.frontier(points)]))
-    return rows
 
 
 @cli.command(context_settings=CONTEXT)

@@ -1,11 +1,11 @@
-"""Build ready-to-use models from a name or path: `load_codec` and `load_lm`."""
+"""Build ready-to-use models from a name or path, on a device: `load_codec`, `load_lm`, `pick_device`."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from .errors import WeightsUnavailable, option
+from .errors import DeviceUnavailable, UnsupportedSetting, WeightsUnavailable, option
 from .lm import LanguageModel
 from .model import Codec
 from .weights import DEFAULT_MODEL, LM_FOR, Weights, load_weights, resolve
@@ -70,3 +70,32 @@ def load_lm(name_or_path: str | os.PathLike[str] | None = None) -> LanguageModel
     lm.compatible = frozenset(weights.compatible.get("lm", ()))  # type: ignore[assignment]
     lm.earlier = weights.earlier  # type: ignore[assignment]
     return lm
+
+
+def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.
+
+    Raises UnsupportedSetting for a name that is none of these, DeviceUnavailable for a GPU this
+    machine does not have.
+    """
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    given, cpu, auto = option("--device", spec), option("--device", "cpu"), option("--device", "auto")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            raise UnsupportedSetting(f"{given} is not a device name; use cuda or cuda:N") from None
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"{given}: CUDA is not available here (no GPU, or torch built without CUDA); "
+                                    f"use {cpu} or {auto}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"{given}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                    f"numbered 0 to {torch.cuda.device_count() - 1}")
+        return device
+    raise UnsupportedSetting(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")

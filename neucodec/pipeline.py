@@ -22,7 +22,6 @@ import torch
 from . import audio_io, rate
 from .atomic import atomic_output, check_target, disk_error
 from .errors import (
-    DeviceUnavailable,
     NeucodecError,
     UnknownModel,
     UnsupportedAudio,
@@ -31,7 +30,7 @@ from .errors import (
     WeightsUnavailable,
     option,
 )
-from .hub import load_codec, load_lm
+from .hub import load_codec, load_lm, pick_device
 from .model import Codec
 from .weights import DEFAULT_MODEL, known_names
 
@@ -69,36 +68,7 @@ class FileResult:
         return 8 * self.bytes / max(self.seconds, 1e-9) / 1000
 
 
-# ------------------------------------------------------------------------------------------ devices
-def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.
-
-    Raises UnsupportedSetting for a name that is none of these, DeviceUnavailable for a GPU this
-    machine does not have.
-    """
-    if isinstance(spec, torch.device):
-        return spec
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    given, cpu, auto = option("--device", spec), option("--device", "cpu"), option("--device", "auto")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        try:
-            device = torch.device(spec)
-        except RuntimeError:
-            raise UnsupportedSetting(f"{given} is not a device name; use cuda or cuda:N") from None
-        if not torch.cuda.is_available():
-            raise DeviceUnavailable(f"{given}: CUDA is not available here (no GPU, or torch built without CUDA); "
-                                    f"use {cpu} or {auto}")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceUnavailable(f"{given}: this machine has {torch.cuda.device_count()} GPU(s), "
-                                    f"numbered 0 to {torch.cuda.device_count() - 1}")
-        return device
-    raise UnsupportedSetting(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
-
-
+# ------------------------------------------------------------------------------------------ models
 _CODECS: dict[tuple[str, str], Codec] = {}
 _LMS: dict[str, LanguageModel] = {}
 

@@ -19,7 +19,9 @@ import typing as tp
 
 from .errors import UnsupportedSetting, option
 
-HEADER_BYTES = 160  # a header with the envelope correction's settings, zlib-compressed: 135 bytes measured
+HEADER_BYTES = 240  # per file: the header with the correction's settings (135 bytes measured, zlib-compressed),
+# the end record, index and trailer (84 bytes and 8 per segment)
+RECORD_KBPS = 0.02  # a segment record's head: 24 bytes per 10 s segment
 TOLERANCE = 1.05  # a file may exceed its target by this factor ...
 SLACK_KBPS = 0.1  # ... plus this
 
@@ -47,13 +49,14 @@ def points_from_package(entries: tp.Sequence[dict[str, tp.Any]]) -> list[Operati
 def natural_points(bandwidths: tp.Sequence[float], bits_per_frame: float, lm: bool,
                    envelope: str | None = None) -> list[OperatingPoint]:
     """A model without measured points: each bandwidth is a point whose rate is that of its codes
-    (with the LM, at most that); with `envelope`, they carry that correction at a rate not known."""
+    and their records (with the LM, at most that); with `envelope`, they carry that correction at a
+    rate not known."""
     points = []
     for b in sorted(bandwidths):
-        n_q = max(1, round(b * 1000 / bits_per_frame))
-        points.append(OperatingPoint(n_q, envelope, False, b, b, b))
+        n_q, kbps = max(1, round(b * 1000 / bits_per_frame)), b + RECORD_KBPS
+        points.append(OperatingPoint(n_q, envelope, False, kbps, kbps, b))
         if lm:
-            points.append(OperatingPoint(n_q, envelope, True, b, b, b))
+            points.append(OperatingPoint(n_q, envelope, True, kbps, kbps, b))
     return points
 
 

@@ -13,7 +13,7 @@ import typing as tp
 import numpy as np
 import torch
 
-from . import container, entropy, envelope, streamspec
+from . import container, container_salvage, entropy, envelope, streamspec
 from . import salvage as salvaging
 from .errors import CorruptStream, DamagedStream, NeucodecError
 from .identity import resolve_codec, resolve_lm
@@ -67,7 +67,7 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
     info.header_bytes = prelude.size  # as `read_info` counts them
     codec = resolve_codec(codec, info)
     reader = container.ContainerReader(fi, prelude)
-    plan = salvaging.Salvage(container.SalvageReader(fi, prelude), info, on_lost) if salvage else None
+    plan = salvaging.Salvage(container_salvage.SalvageReader(fi, prelude), info, on_lost) if salvage else None
     decode_segments = entropy.decode_segments if segments_coder is None else segments_coder.decode_segments
     segments = _Segments(reader, info, None if lm is None or info.lm_id is None else resolve_lm(lm, info),
                          decode_segments, plan, codec)

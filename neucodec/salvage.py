@@ -2,7 +2,7 @@
 
 A strict reader stops at the first damage with a `DamagedStream`; `located` names the damaged span in
 seconds and the option that decodes around it. `Salvage` goes on: it turns a
-`container.SalvageReader`'s records into the intact segments and, in place of the lost ones,
+`container_salvage.SalvageReader`'s records into the intact segments and, in place of the lost ones,
 `LostPiece`s with their frame counts, so that `reader.decode_stream(..., salvage=True)` can fill them
 and keep the output's length and timing; `read_info(..., salvage=True)` does the same without decoding.
 Each lost run is described once, in seconds (`report`). Byte layout and rules: docs/FORMAT.md §3, §8.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import typing as tp
 
-from . import container
+from . import container, container_salvage
 from .audio_io import expected_length
 from .errors import CorruptStream, DamagedStream, option
 from .streamspec import OVERLAP, StreamInfo
@@ -84,7 +84,7 @@ class Salvage:
     leaves for the last ones). Counts `segments`, `frames` and `lm_segments` (lost ones included)
     into `info`; `finish` gives the length."""
 
-    def __init__(self, reader: container.SalvageReader, info: StreamInfo, report: Report | None = None) -> None:
+    def __init__(self, reader: container_salvage.SalvageReader, info: StreamInfo, report: Report | None = None) -> None:
         self.reader, self.info = reader, info
         self.report = report or (lambda line: None)
         self.lines: list[str] = []  # every line reported
@@ -114,10 +114,10 @@ class Salvage:
                     self.last_frames = item.frames
                     yield item
                     continue
-                item = container.Lost(item.index, 1, None, item.offset, problem)
+                item = container_salvage.Lost(item.index, 1, None, item.offset, problem)
             yield from self._lost(item)
 
-    def _lost(self, lost: container.Lost) -> tp.Iterator[LostPiece]:
+    def _lost(self, lost: container_salvage.Lost) -> tp.Iterator[LostPiece]:
         info = self.info
         frames = self._frames(lost)
         self.estimated += not lost.exact
@@ -141,11 +141,11 @@ class Salvage:
     def lost_record(self, record: container.SegmentRecord, reason: str) -> LostPiece:
         """An intact record whose payload could not be decoded (its frames were counted when read)."""
         start = self.starts.pop(record.index, 0)
-        lost = container.Lost(record.index, 1, record.frames, record.offset, reason)
+        lost = container_salvage.Lost(record.index, 1, record.frames, record.offset, reason)
         self._describe(record.index, 1, start, [record.frames], lost, unknown_tail=False)
         return LostPiece(record.index, record.frames)
 
-    def _frames(self, lost: container.Lost) -> list[int]:
+    def _frames(self, lost: container_salvage.Lost) -> list[int]:
         """The frames of each segment of a lost run."""
         info, sf = self.info, self.info.segment_frames
         if lost.frames is not None and 1 <= lost.frames <= sf and lost.count in (1, None):
@@ -166,7 +166,7 @@ class Salvage:
             return [sf] * (n - 1) + [rest - (n - 1) * sf]
         return [sf] * max(0, (count or 0) - 1)  # the last one's frames are unknown: it is left out
 
-    def _describe(self, index: int, n: int, start: int, frames: list[int], lost: container.Lost,
+    def _describe(self, index: int, n: int, start: int, frames: list[int], lost: container_salvage.Lost,
                   unknown_tail: bool) -> None:
         info = self.info
         sr, hop = info.sample_rate, info.hop_length
@@ -241,7 +241,7 @@ def read_info(fi: tp.BinaryIO) -> StreamInfo:
     info = _header_info(prelude)
     if prelude.version == 0:
         return info
-    salvage = Salvage(container.SalvageReader(fi, prelude), info)
+    salvage = Salvage(container_salvage.SalvageReader(fi, prelude), info)
     for _ in salvage:
         pass
     salvage.finish()

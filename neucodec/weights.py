@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from . import config as cfg
-from .errors import UnknownModel, WeightsUnavailable
+from .errors import NeucodecError, UnknownModel, WeightsUnavailable
 
 if tp.TYPE_CHECKING:  # torch is imported where tensors are read or written: `neucodec models` needs none
     import torch
@@ -384,3 +385,48 @@ def complete_codebooks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def lm_name_for(weights: Weights) -> str | None:
     return LM_FOR.get(weights.name)
+
+
+def model_table() -> list[dict[str, tp.Any]]:
+    """One row per known model: name, sample rate, channels, causal, bandwidths, weights path or None,
+    envelope-correction table its package opts in to or None, its package's default bandwidth or None,
+    the default file bitrate, and the operating points worth choosing (`rate.frontier`)."""
+    from . import rate
+
+    rows = []
+    for name in known_names():
+        lm_path: str | None = None
+        has_lm = False
+        envelope = default_bandwidth = default_kbps = None
+        entries: list[dict[str, tp.Any]] = []
+        try:
+            path = resolve(name, allow_download=False)
+        except NeucodecError:
+            path = None
+        if name in cfg.OFFICIAL:
+            config = cfg.OFFICIAL[name]()
+            has_lm = name in LM_FOR
+            if has_lm:
+                try:
+                    lm_path = str(resolve(LM_FOR[name], allow_download=False))
+                except NeucodecError:
+                    lm_path = ""
+        else:
+            assert path is not None
+            package = package_info(path)
+            config = package.codec_config
+            has_lm = package.lm_config is not None
+            lm_path = str(path) if has_lm else None
+            envelope, default_bandwidth = package.envelope, package.default_bandwidth
+            entries, default_kbps = package.operating_points, package.default_kbps
+        points, _ = rate.config_points(entries, config, envelope)
+        bandwidth = default_bandwidth or (6.0 if 6.0 in config.bandwidths else min(config.bandwidths))
+        rows.append(dict(name=name, sample_rate=config.sample_rate, channels=config.channels,
+                         causal=config.seanet.causal, bandwidths=list(config.bandwidths),
+                         weights=str(path) if path else None, lm=lm_path if has_lm else None,
+                         envelope=envelope, default_bandwidth=default_bandwidth,
+                         default_kbps=default_kbps or bandwidth, measured=bool(entries),
+                         operating_points=[dict(dataclasses.asdict(p), describe=p.describe(),
+                                                from_kbps=math.ceil(rate.needs_kbps(p) * 10 - 1e-9) / 10)
+                                           for p in rate.frontier(points)]))
+    return rows

@@ -225,7 +225,7 @@ def test_gpu_encode_decodes_on_cpu(recordings: dict[str, Path], tiny_model: Path
 
 
 def test_unknown_bandwidth_fails_before_writing(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedSetting, match=r"bandwidth=0.5 is below .* use bandwidth=1.4 or more"):
+    with pytest.raises(UnsupportedSetting, match=r"bandwidth=0.5 is below .* use bandwidth=1.5 or more"):
         encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=tiny_model, bandwidth=0.5)
     assert not (tmp_path / "a.ecdc").exists()
     assert encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=tiny_model, bandwidth=5).info.n_q == 4

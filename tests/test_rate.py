@@ -5,6 +5,7 @@ import pytest
 
 from neucodec.errors import UnsupportedSetting
 from neucodec.rate import (
+    HEADER_BYTES,
     OperatingPoint,
     choose,
     frontier,
@@ -42,7 +43,7 @@ def test_a_point_fits_on_average_and_at_its_95th_percentile_within_the_tolerance
 def test_channels_and_a_short_file_share_the_target() -> None:
     assert choose(POINTS, 11.4, channels=2) == POINTS[3]  # 12 kbps at the 95th percentile: within 5 % + 0.1
     assert choose(POINTS, 11.3, channels=2) == POINTS[1]
-    assert header_kbps(5.0) == pytest.approx(8 * 160 / 5 / 1000) and header_kbps(None) == 0
+    assert header_kbps(5.0) == pytest.approx(8 * HEADER_BYTES / 5 / 1000) and header_kbps(None) == 0
     assert choose(POINTS, 6.0, seconds=2.0) == POINTS[1]  # the header takes 0.64 kbps of a 2 s file
 
 
@@ -50,7 +51,7 @@ def test_a_target_below_every_point_names_the_minimum() -> None:
     with pytest.raises(UnsupportedSetting, match=r"bandwidth=1 is below .* use bandwidth=1.5 or more"):
         choose(POINTS, 1.0)
     assert minimum_kbps(POINTS, channels=2) == 3.1
-    assert minimum_kbps(POINTS, seconds=10.0) == 1.7  # 1.6 - 0.1 + 0.128 of header
+    assert minimum_kbps(POINTS, seconds=10.0) == 1.7  # 1.6 - 0.1 + 0.192 of header
     with pytest.raises(UnsupportedSetting, match="no operating point below"):
         choose(POINTS, 9.0, below=POINTS[0])
     assert choose(POINTS, 9.0, below=POINTS[5]) == POINTS[3]
