@@ -46,14 +46,14 @@ def points_from_package(entries: tp.Sequence[dict[str, tp.Any]]) -> list[Operati
                            float(e.get("kbps_high", e["kbps"])), float(e["score"])) for e in entries]
 
 
-def natural_points(bandwidths: tp.Sequence[float], bits_per_frame: float, lm: bool,
+def natural_points(bandwidths: tp.Sequence[float], codebook_bps: float, lm: bool,
                    envelope: str | None = None) -> list[OperatingPoint]:
     """A model without measured points: each bandwidth is a point whose rate is that of its codes
     and their records (with the LM, at most that); with `envelope`, they carry that correction at a
     rate not known."""
     points = []
     for b in sorted(bandwidths):
-        n_q, kbps = max(1, round(b * 1000 / bits_per_frame)), b + RECORD_KBPS
+        n_q, kbps = max(1, round(b * 1000 / codebook_bps)), b + RECORD_KBPS
         points.append(OperatingPoint(n_q, envelope, False, kbps, kbps, b))
         if lm:
             points.append(OperatingPoint(n_q, envelope, True, kbps, kbps, b))
@@ -63,7 +63,8 @@ def natural_points(bandwidths: tp.Sequence[float], bits_per_frame: float, lm: bo
 def model_points(codec: tp.Any, envelope: bool | str | None = None) -> tuple[list[OperatingPoint], bool]:
     """The operating points of a loaded codec (`hub.load_codec`) that code with the correction asked
     for (None: as measured, or the package's choice; False: none; True: the package's table; a
-    table name), and whether their rates were measured (else they are the codes' rates alone)."""
+    table name), and whether their rates hold: measured, or exact (the codes alone, no correction of
+    unknown rate). Rate control checks a file against the target only where they hold."""
     return config_points(getattr(codec, "operating_points", None) or [], codec.config,
                          getattr(codec, "envelope_table", None), envelope)
 
@@ -89,9 +90,14 @@ def config_points(entries: tp.Sequence[dict[str, tp.Any]], config: tp.Any, table
             raise UnsupportedSetting(f"no operating points of this model use envelope table {envelope}; "
                                      f"measured: {', '.join(tables)} (bin/fit_rate.py measures more)")
         return measured, True
-    table = (table or "e1" if envelope is True else table) if envelope in (None, True) else envelope or None
-    bits = config.sample_rate / math.prod(config.seanet.ratios) * math.log2(config.quantizer.bins)
-    return natural_points(config.bandwidths, bits, lm=True, envelope=table), table is None
+    if envelope is False:
+        table = None
+    elif isinstance(envelope, str):
+        table = envelope
+    elif envelope is True:
+        table = table or "e1"  # as `streamspec.envelope_settings` picks it
+    bps = config.sample_rate / math.prod(config.seanet.ratios) * math.log2(config.quantizer.bins)
+    return natural_points(config.bandwidths, bps, lm=True, envelope=table), table is None
 
 
 def frontier(points: tp.Sequence[OperatingPoint], lm: bool = False) -> list[OperatingPoint]:

@@ -162,6 +162,8 @@ def _installed(tiny_model: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     for suffix in (".json", ".safetensors"):
         shutil.copy(tiny_model.with_suffix(suffix), cache / tiny_model.with_suffix(suffix).name)
     monkeypatch.setenv("NEUCODEC_CACHE", str(cache))
+    monkeypatch.setattr(pipeline, "_CODECS", {})  # models loaded by name stay this test's
+    monkeypatch.setattr(pipeline, "_LMS", {})
     return tiny_model.stem
 
 
