@@ -81,10 +81,13 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def markdown(points: list[dict], package: Path, clips: Path, n: int) -> str:
-    lines = [f"# Operating points of {package.name}", "",
-             f"`python bin/fit_rate.py {package} --write --markdown docs/rate.md` on {n} dev clips of `{clips}`, "
-             f"{time.strftime('%Y-%m-%d')}. Payload kbps per channel (after the header), mean and 95th percentile; "
-             "ViSQOL (speech mode, 16 kHz) of the decoded clips, mean.", "",
+    counts = {c: sum(1 for p in clips.glob(f"{c}_*.wav")) for c in ("speech", "music", "sfx")}
+    where = str(clips).replace(str(Path.home()), "~")
+    lines = [f"# Operating points of {package.stem} ({neucodec.__version__} weights)", "",
+             f"`python bin/fit_rate.py {package} --write --markdown docs/rate.md` on the {n} dev clips of the "
+             f"training corpus (`{where}`: {counts['speech']} speech, {counts['music']} music, {counts['sfx']} "
+             f"general sounds, 10 s each), {time.strftime('%Y-%m-%d')}. Payload kbps per channel (after the "
+             "header), mean and 95th percentile; ViSQOL (speech mode, 16 kHz) of the decoded clips, mean.", "",
              "| codebooks | envelope | LM | kbps | kbps (p95) | ViSQOL |", "|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: p["kbps"]):
         lines.append(f"| {p['codebooks']} | {p['envelope'] or 'none'} | {'yes' if p['lm'] else 'no'} | "
