@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import torch
 
@@ -59,3 +60,19 @@ def lm_coded_file(codec: Codec, lm: LanguageModel, frames: int = 40, segment_sec
                                  segment_seconds=segment_seconds)
     finally:
         codec.quantizer.encode = real  # type: ignore[method-assign]
+
+
+class Pipe(io.RawIOBase):
+    """A stream that cannot seek and hands out at most `chunk` bytes a read, as a pipe may."""
+
+    def __init__(self, data: bytes, chunk: int = 7) -> None:
+        super().__init__()
+        self.data, self.chunk = io.BytesIO(data), chunk
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        piece = self.data.read(min(len(b), self.chunk))
+        b[: len(piece)] = piece
+        return len(piece)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _bitstream import Pipe
 from neucodec import container as C
 from neucodec.errors import CorruptStream, UnsupportedFormatVersion
 
@@ -30,25 +31,6 @@ def read_all(data: bytes) -> tuple[C.Prelude, list[C.SegmentRecord], C.EndRecord
     records = list(reader)
     assert reader.end is not None
     return prelude, records, reader.end
-
-
-class Pipe(io.RawIOBase):
-    """A non-seekable reader that returns at most 7 bytes per read."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def read(self, n: int = -1) -> bytes:
-        n = 7 if n < 0 else min(n, 7)
-        out = self.data[self.pos: self.pos + n]
-        self.pos += len(out)
-        return out
 
 
 def test_round_trip_and_index() -> None:

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from test_cli import proc
 
-from _bitstream import lm_coded_file, skewed_lm, tiny_codec24, tiny_codec48
+from _bitstream import Pipe, lm_coded_file, skewed_lm, tiny_codec24, tiny_codec48
 from neucodec import container, ecdc, pipeline
 from neucodec.cli import cli
 from neucodec.errors import CorruptStream, DamagedStream
@@ -25,22 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def c24():
     return tiny_codec24()
-
-
-class _Pipe(io.RawIOBase):
-    """A stream that cannot seek and hands out a few bytes at a time, as a pipe may."""
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__()
-        self.data = io.BytesIO(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
-        piece = self.data.read(min(len(b), 13))
-        b[: len(piece)] = piece
-        return len(piece)
 
 
 def _records(data: bytes) -> tuple[list[container.SegmentRecord], container.EndRecord]:
@@ -60,7 +44,7 @@ def _flip(data: bytes, *positions: int) -> bytes:
 
 def _salvaged(data: bytes, codec, lm=None, pipe: bool = False) -> tuple[torch.Tensor, list[str]]:
     lines: list[str] = []
-    fi = io.BufferedReader(_Pipe(data)) if pipe else io.BytesIO(data)
+    fi = io.BufferedReader(Pipe(data, chunk=13)) if pipe else io.BytesIO(data)
     info, chunks = ecdc.decode_stream(fi, codec, lm, salvage=True, on_lost=lines.append)  # type: ignore[arg-type]
     parts = list(chunks)
     return (torch.cat(parts, -1) if parts else torch.zeros(1, 1, 0)), lines
