@@ -29,6 +29,7 @@ import neucodec
 from neucodec import container, envelope
 from neucodec.streamspec import encode_settings
 from neucodec.train.metrics import load_visqol
+from neucodec.weights import package_info
 
 DEFAULT_CLIPS = Path.home() / ".cache/neucodec-train/corpus/dev/clips"
 
@@ -116,7 +117,7 @@ def main() -> None:
     unknown = [t for t in tables if t is not None and t not in envelope.table_names()]
     if unknown:
         p.error(f"unknown envelope tables {unknown}; choose from {envelope.table_names()}")
-    has_lm = bool(json.loads(args.package.read_text()).get("lm"))
+    has_lm = package_info(args.package).lm_config is not None
     rows = measure(args.package, clips, n_qs, tables, has_lm and not args.no_lm)
     points = summary(rows)
     if args.json:

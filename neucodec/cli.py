@@ -283,8 +283,7 @@ def _folder(mode: tp.Literal["encode", "decode"], src: Path, dst: Path, options:
         if mode == "encode":
             target = options.get("bandwidth") or pipeline.default_kbps(codec)
             points, _ = rate.model_points(codec, options.get("envelope"))
-            if target < rate.minimum_kbps(points, lm=bool(options.get("use_lm"))):
-                rate.choose(points, target, lm=bool(options.get("use_lm")))  # names the minimum
+            rate.check_target(points, target, lm=bool(options.get("use_lm")))
             options["bandwidth"] = target
             if options.get("use_lm"):
                 pipeline.get_lm(options.get("model"))

@@ -192,8 +192,7 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         return _encode_once(src, dst, codec, lambda reader: (fixed, lm, None, []), force, progress, notify,
                             segment_seconds, segments_coder, t0)
     points, measured = rate.model_points(codec, envelope)
-    if target < rate.minimum_kbps(points, lm=use_lm):  # below every point, whatever the file: fail before reading
-        rate.choose(points, target, lm=use_lm)
+    rate.check_target(points, target, lm=use_lm)
     _point_settings(codec, points[0], None)  # a correction the model cannot take: fail before reading
     if use_lm and lm is None:
         lm = get_lm(model)
@@ -203,8 +202,9 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
                                                    list[str]]:
         channels = reader.channels if codec.channels == 1 else 1
         wanted, notes = target, []
-        if bandwidth is None and target < rate.minimum_kbps(points, channels, lm=use_lm):  # many channels
-            wanted = rate.minimum_kbps(points, channels, lm=use_lm)
+        low = rate.minimum_kbps(points, channels, lm=use_lm)
+        if bandwidth is None and target < low:  # the default target, too low for this many channels
+            wanted = low
             notes.append(f"{reader.name}: {reader.channels} channels need at least {wanted:g} kbps; coded at that")
         try:
             point = rate.choose(points, wanted, channels=channels, seconds=reader.seconds, lm=use_lm,

@@ -145,11 +145,22 @@ def choose(points: tp.Sequence[OperatingPoint], target_kbps: float, *, channels:
     if not fitting:
         if below is not None:
             raise UnsupportedSetting(f"no operating point below {below.describe()} fits {target_kbps:g} kbps")
-        low = minimum_kbps(points, channels, seconds, lm)
-        raise UnsupportedSetting(f"{option('-b', _kbps(target_kbps))} is below what this model can code "
-                                 f"({channels} channel{'s' if channels > 1 else ''}): use {option('-b', _kbps(low))} "
-                                 "or more")
+        raise _too_low(target_kbps, channels, minimum_kbps(points, channels, seconds, lm))
     return max(fitting, key=lambda p: (p.score, -p.kbps, p.lm))  # asked for the LM: it wins a tie
+
+
+def check_target(points: tp.Sequence[OperatingPoint], target_kbps: float, lm: bool = False) -> None:
+    """Raise UnsupportedSetting, naming the minimum, for a target below every point even for a long
+    mono file: no input could meet it, so it fails before any audio is read."""
+    low = minimum_kbps(points, lm=lm)
+    if target_kbps < low:
+        raise _too_low(target_kbps, 1, low)
+
+
+def _too_low(target_kbps: float, channels: int, low: float) -> UnsupportedSetting:
+    return UnsupportedSetting(f"{option('-b', _kbps(target_kbps))} is below what this model can code "
+                              f"({channels} channel{'s' if channels > 1 else ''}): use {option('-b', _kbps(low))} "
+                              "or more")
 
 
 def within_target(file_bytes: int, seconds: float, target_kbps: float) -> bool:
