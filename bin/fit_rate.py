@@ -50,15 +50,15 @@ def measure(package: Path, clips: list[Path], n_qs: list[int], tables: list[str 
                 t0 = time.time()
                 for clip in clips:
                     out, wav = Path(tmp) / "c.ecdc", Path(tmp) / "c.wav"
-                    res = neucodec.encode_file(clip, out, codec=codec, force=True,
+                    res = neucodec.encode_file(clip, out, model=package, force=True,
                                                settings=encode_settings(codec, bandwidth, table or False))
                     row["kbps"].append(payload_kbps(out, res.seconds))
-                    neucodec.decode_file(out, wav, codec=codec, force=True)
+                    neucodec.decode_file(out, wav, model=package, force=True)
                     ref, sr = sf.read(str(clip), dtype="float32", always_2d=True)
                     dec, _ = sf.read(str(wav), dtype="float32", always_2d=True)
                     row["score"].append(visqol(ref.mean(1), dec.mean(1), sr))
                     if lm_model is not None:
-                        res = neucodec.encode_file(clip, out, codec=codec, lm=lm_model, force=True,
+                        res = neucodec.encode_file(clip, out, model=package, lm=lm_model, force=True,
                                                    settings=encode_settings(codec, bandwidth, table or False, lm_model))
                         lm_row["kbps"].append(payload_kbps(out, res.seconds))
                 print(f"{n_q:2d} codebooks, envelope {table or 'none':4s}: {np.mean(row['kbps']):6.2f} kbps, "

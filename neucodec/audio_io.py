@@ -267,9 +267,10 @@ def expected_length(length: int, in_rate: int, out_rate: int) -> int:
     return length if in_rate == out_rate else round(length * out_rate / in_rate)
 
 
-def fit_length(blocks: tp.Iterable[np.ndarray], length: int | tp.Callable[[], int | None],
-               reserve: int = 4096) -> tp.Iterator[np.ndarray]:
-    """Trim or zero-pad a stream of `[C, t]` blocks to exactly `length` samples.
+def fit_length(blocks: tp.Iterable[tp.Any], length: int | tp.Callable[[], int | None],
+               reserve: int = 4096) -> tp.Iterator[tp.Any]:
+    """Trim or zero-pad a stream of `[C, t]` blocks to exactly `length` samples. Items that are not
+    arrays (the model calls of `neucodec.engine`) pass on at once.
 
     A callable `length` is asked once the blocks are exhausted (None: leave them as they are); until
     then the last `reserve` samples are held back so that the end can still be trimmed.
@@ -280,6 +281,9 @@ def fit_length(blocks: tp.Iterable[np.ndarray], length: int | tp.Callable[[], in
         pending: list[np.ndarray] = []
         held = 0
         for b in blocks:
+            if not isinstance(b, np.ndarray):
+                yield b
+                continue
             channels = b.shape[0]
             pending.append(b)
             held += b.shape[1]
@@ -291,6 +295,9 @@ def fit_length(blocks: tp.Iterable[np.ndarray], length: int | tp.Callable[[], in
         target = length()
         blocks, length = pending, done + held if target is None else target
     for b in blocks:
+        if not isinstance(b, np.ndarray):
+            yield b
+            continue
         channels = b.shape[0]
         b = b[:, : max(0, length - done)]
         done += b.shape[1]

@@ -1,10 +1,10 @@
 """Folder in -> folder out: find the files, mirror the tree, skip existing outputs, run jobs, summarise.
 
 On the CPU the files are spread over worker processes (`jobs`), each loading the model once. On a
-GPU up to `jobs` files run together in this process, sharing the model: their pipelines run in
-lockstep and the codec steps of all of them go through the GPU as one batch (`neucodec.lockstep`),
-so the GPU sees batches, not single files, and each file still gets the codes it would get alone;
-their LM coding runs as one batch on the CPU the same way.
+GPU up to `jobs` files run together in this process, sharing the model: each file's data path yields
+its model calls, and the codec steps of all of them go through the GPU as one batch
+(`neucodec.engine`), so the GPU sees batches, not single files, and each file still gets the codes it
+would get alone; their LM coding runs as one batch on the CPU the same way.
 A file that fails is reported and the rest go on; the summary says how many failed.
 """
 from __future__ import annotations
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-from . import audio_io, errors, lockstep, pipeline
+from . import audio_io, engine, errors, pipeline
 from .atomic import TMP_MARK, Terminated, raise_on_sigterm
 from .errors import NeucodecError
-from .reader import read_header
 
 Mode = tp.Literal["encode", "decode"]
 #: Files batched together on a GPU when `-j` is not given.
@@ -114,10 +113,16 @@ def collisions(jobs: list[Job]) -> dict[Path, list[Path]]:
 
 # ----------------------------------------------------------------------------------------- running
 def _run_one(mode: Mode, job: Job, options: dict[str, tp.Any], progress: bool = False) -> Outcome:
+    return engine.complete(_outcome(mode, job, options, progress))
+
+
+def _outcome(mode: Mode, job: Job, options: dict[str, tp.Any],
+             progress: bool = False) -> tp.Generator[engine.Call, None, Outcome]:
+    """One job's outcome, yielding its model calls."""
     try:
         job.target.parent.mkdir(parents=True, exist_ok=True)
-        fn = pipeline.encode_file if mode == "encode" else pipeline.decode_file
-        result = fn(job.source, job.target, progress=progress, **options)
+        calls = pipeline.encode_calls if mode == "encode" else pipeline.decode_calls
+        result = yield from calls(job.source, job.target, progress=progress, **options)
         return Outcome(job, "done", seconds=result.seconds, bytes=result.bytes, notes=result.notes,
                        damage=result.damage)
     except NeucodecError as e:
@@ -137,13 +142,13 @@ def _init_worker(threads: int, command_line: bool = False) -> None:
 
 def run(jobs: list[Job], mode: Mode, options: dict[str, tp.Any], *, force: bool = False, n_jobs: int = 1,
         progress: bool = True, report: tp.Callable[[Outcome], None] | None = None, batched: bool | None = None,
-        max_batch_samples: int = lockstep.MAX_BATCH_SAMPLES) -> Summary:
+        max_batch_samples: int = engine.MAX_BATCH_SAMPLES) -> Summary:
     """Run the jobs; `report` is called for every finished job (in completion order).
 
     `options` are keyword arguments of `pipeline.encode_file`/`decode_file` (model, bandwidth, device,
     ...); they must be picklable for `n_jobs > 1`. Jobs whose output exists are skipped unless `force`.
     With `n_jobs > 1`, `batched` runs up to `n_jobs` files in this process with their codec steps
-    batched across files (`neucodec.lockstep`, at most `max_batch_samples` samples a batch) instead
+    batched across files (`neucodec.engine`, at most `max_batch_samples` samples a batch) instead
     of in `n_jobs` worker processes; None (the default) batches when the device is CUDA.
     """
     t0 = time.perf_counter()
@@ -174,37 +179,15 @@ def run(jobs: list[Job], mode: Mode, options: dict[str, tp.Any], *, force: bool 
         if n_jobs <= 1 or len(todo) <= 1:
             for job in todo:
                 finished(_run_one(mode, job, options, progress=progress))
-        elif batched:
-            codecs: dict[str, lockstep.SharedCodec] = {}
-            coder = lockstep.SharedCoder()
-            lockstep.run([functools.partial(_run_shared, mode, job, options, codecs, coder) for job in todo],
-                         n_jobs, finished, max_batch_samples)
+        elif batched:  # the files share the codec of each model (`pipeline.get_codec`)
+            engine.run([functools.partial(_outcome, mode, job, options) for job in todo], n_jobs, finished,
+                       max_batch_samples)
         else:
             _run_parallel(todo, mode, options, n_jobs, finished)
     finally:
         if bar is not None:
             bar.close()
     return Summary(outcomes, time.perf_counter() - t0)
-
-
-def _run_shared(mode: Mode, job: Job, options: dict[str, tp.Any], codecs: dict[str, lockstep.SharedCodec],
-                coder: lockstep.SharedCoder) -> Outcome:
-    """`_run_one` with the codec (`codecs`, by model) and the entropy coder shared by all files of a
-    batched run."""
-    shared = None
-    model = options.get("model")
-    try:
-        if model is None and mode == "decode":  # the model the file names
-            with open(job.source, "rb") as f:
-                model = read_header(f).model_id
-        if str(model) not in codecs:
-            device = pipeline.pick_device(options.get("device"))
-            codecs[str(model)] = lockstep.SharedCodec(pipeline.get_codec(model, device))
-        shared = codecs[str(model)]
-    except (NeucodecError, OSError):
-        pass  # left to the pipeline, which meets the same problem and reports it for this file
-    options = dict(options, segments_coder=coder)
-    return _run_one(mode, job, options if shared is None else dict(options, codec=shared))
 
 
 def _run_parallel(todo: list[Job], mode: Mode, options: dict[str, tp.Any], n_jobs: int,

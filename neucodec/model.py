@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import CodecConfig
+from .engine import Call, alone
 from .errors import UnsupportedAudio, UnsupportedSetting
 from .layers import fold_weight_norm
 from .layout import Segment, num_frames, segment_layout  # noqa: F401 - re-exported: the codec's segments
@@ -219,17 +220,20 @@ class Codec(nn.Module):
 
     def encode_stream(self, chunks: tp.Iterable[Tensor], n_q: int) -> tp.Iterator[Tensor]:
         """Causal model: audio chunks [B, C, t] -> code chunks [B, K, f] as soon as frames complete."""
+        return alone(self.encode_calls(chunks, n_q))
+
+    def encode_calls(self, chunks: tp.Iterable[Tensor], n_q: int) -> tp.Iterator[Tensor | Call]:
+        """`encode_stream` with its steps as calls (`neucodec.engine`)."""
         if not self.config.seanet.causal:
             raise ValueError(f"{self.config.name} is not causal and cannot stream; use encode()")
         state: SEANetState | None = None
-        it = steps(chunks, STEP_FRAMES * self.hop_length, TAIL_FRAMES * self.hop_length)
-        chunk = next(it, None)
-        while chunk is not None:
-            following = next(it, None)
-            codes, state = self.encode_step(chunk, state, following is None, n_q)
+        for chunk, final in steps(chunks, STEP_FRAMES * self.hop_length, TAIL_FRAMES * self.hop_length):
+            call = Call.stacked(self, "encode_step", (chunk, state, final, n_q),
+                                chunk.shape[0] * chunk.shape[1] * chunk.shape[-1])
+            yield call
+            codes, state = call.result()
             if codes.shape[-1]:
                 yield codes
-            chunk = following
 
     def encode_step(self, chunk: Tensor, state: SEANetState | None, final: bool,
                     n_q: int) -> tuple[Tensor, SEANetState]:
@@ -241,21 +245,41 @@ class Codec(nn.Module):
 
     def decode_stream(self, chunks: tp.Iterable[Tensor]) -> tp.Iterator[Tensor]:
         """Causal model: code chunks [B, K, f] -> audio chunks [B, C, f * hop] (untrimmed)."""
+        return alone(self.decode_calls(chunks))
+
+    def decode_calls(self, chunks: tp.Iterable[Tensor | Call]) -> tp.Iterator[Tensor | Call]:
+        """`decode_stream` with its steps as calls (`neucodec.engine`); the calls among `chunks` pass on."""
         if not self.config.seanet.causal:
             raise ValueError(f"{self.config.name} is not causal and cannot stream; use decode()")
         state: SEANetState | None = None
-        it = steps(chunks, STEP_FRAMES, TAIL_FRAMES)
-        chunk = next(it, None)
-        while chunk is not None:
-            following = next(it, None)
-            y, state = self.decode_step(chunk, state, following is None)
+        for item in steps(chunks, STEP_FRAMES, TAIL_FRAMES):
+            if isinstance(item, Call):
+                yield item
+                continue
+            codes, final = item
+            call = self.decode_step_call(codes, state, final)
+            yield call
+            y, state = call.result()
             if y.shape[-1]:
                 yield y
-            chunk = following
 
     def decode_step(self, codes: Tensor, state: SEANetState | None, final: bool) -> tuple[Tensor, SEANetState]:
         """One step of `decode_stream`: codes [B, K, f] -> the audio [B, C, t] they complete."""
         return self.decoder.stream(self.quantizer.decode(codes), state, final=final)
+
+    def decode_step_call(self, codes: Tensor, state: SEANetState | None, final: bool) -> Call:
+        """`decode_step` as a call."""
+        return Call.stacked(self, "decode_step", (codes, state, final),
+                            codes.shape[0] * self.channels * codes.shape[-1] * self.hop_length)
+
+    def encode_segments_call(self, x: Tensor, n_q: int) -> Call:
+        """`_encode_segments` (segments [N, C, L]) as a call."""
+        return Call.stacked(self, "_encode_segments", (x, n_q), x.shape[0] * x.shape[1] * x.shape[-1])
+
+    def decode_segments_call(self, codes: Tensor, scale: Tensor | None) -> Call:
+        """`_decode_segments` (codes [N, K, F]) as a call."""
+        return Call.stacked(self, "_decode_segments", (codes, scale),
+                            codes.shape[0] * self.channels * codes.shape[-1] * self.hop_length)
 
     def forward(self, wav: Tensor, n_q: int) -> tuple[Tensor, QuantizedResult]:
         """Training pass on equal-length items [B, C, T]: (reconstruction [B, C, T], quantizer result)."""
@@ -271,26 +295,31 @@ def _cpu_groups(x: Tensor) -> tuple[Tensor, ...]:
     return x.split(SEGMENT_BATCH) if x.device.type == "cpu" else (x,)
 
 
-def steps(chunks: tp.Iterable[Tensor], size: int, tail: int) -> tp.Iterator[Tensor]:
-    """Re-cut a stream of [B, C, t] chunks into pieces of `size` along time; its last `size` or fewer
-    samples go in pieces of size / 2, size / 4, ... (the largest that leaves something over, each
-    at most once) down to `tail`, and a final piece of 1 to `tail`.
+def steps(chunks: tp.Iterable[Tensor | Call], size: int, tail: int) -> tp.Iterator[tuple[Tensor, bool] | Call]:
+    """Re-cut a stream of [B, C, t] chunks into pieces of `size` along time, each with whether it is
+    the stream's last; its last `size` or fewer samples go in pieces of size / 2, size / 4, ... (the
+    largest that leaves something over, each at most once) down to `tail`, and a final piece of 1 to
+    `tail`. Calls (`neucodec.engine`) among the chunks pass on as they come.
 
     The steps then depend only on the stream's length, not on how its input was cut (reading
     blocks, resampling, pipes), and all streams take steps of a few fixed sizes but for their short
-    final one: this is what lets `neucodec.lockstep` batch the steps of files of any lengths.
+    final one: this is what lets `neucodec.engine` batch the steps of files of any lengths.
     A stream of n samples takes about n / size + log2(size / tail) steps: few enough that a CPU
     does not lose time to the per-operation cost of many small steps.
     """
     held: list[Tensor] = []
     have = 0
     for chunk in chunks:
+        if isinstance(chunk, Call):
+            yield chunk
+            continue
         held.append(chunk)
         have += chunk.shape[-1]
         if have > size:  # keep 1 to `size` samples back: the stream may end after them
             x = torch.cat(held, -1)
             n = (have - 1) // size * size
-            yield from x[..., :n].split(size, -1)
+            for piece in x[..., :n].split(size, -1):
+                yield piece, False
             held, have = [x[..., n:]], have - n
     if not have:
         return
@@ -299,9 +328,9 @@ def steps(chunks: tp.Iterable[Tensor], size: int, tail: int) -> tp.Iterator[Tens
     while piece > tail:
         piece //= 2
         if rest.shape[-1] > max(piece, tail):
-            yield rest[..., :piece]
+            yield rest[..., :piece], False
             rest = rest[..., piece:]
-    yield rest
+    yield rest, True
 
 
 def overlap_add(frames: list[Tensor], stride: int) -> Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import audio_io, rate
+from . import audio_io, engine, rate
 from .atomic import atomic_output, check_target, disk_error
 from .errors import (
     NeucodecError,
@@ -36,7 +36,6 @@ from .weights import DEFAULT_MODEL, known_names
 
 if tp.TYPE_CHECKING:
     from .lm import LanguageModel
-    from .lockstep import SharedCoder
     from .streamspec import EncodeSettings, StreamInfo
 
 PathLike = tp.Union[str, "os.PathLike[str]"]
@@ -150,16 +149,11 @@ def _translate(e: BaseException, target: str) -> NeucodecError | None:
 
 
 # ------------------------------------------------------------------------------------------- encode
-def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, bandwidth: float | None = None,
-                use_lm: bool = False, device: str | torch.device = "auto", force: bool = False,
-                progress: bool = False, notify: Notify | None = None, codec: Codec | None = None,
-                lm: LanguageModel | None = None, segment_seconds: float | None = None,
-                segments_coder: SharedCoder | None = None, envelope: bool | str | None = None,
-                settings: EncodeSettings | None = None) -> FileResult:
+def encode_file(src: PathLike, dst: PathLike, **kw: tp.Any) -> FileResult:
     """Compress an audio file (or `-` for stdin) into an .ecdc file (or `-` for stdout).
 
     Args:
-        model: model name or weights path; None is the default model. Ignored when `codec` is given.
+        model: model name or weights path; None is the default model.
         bandwidth: the target bitrate of the whole file in kbps (all channels, header and envelope
             correction included), any value from the model's lowest operating point up; None: the
             package's `default_kbps` (`default_kbps`). Rate control (`neucodec.rate`) picks the
@@ -173,24 +167,32 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         force: replace an existing `dst`.
         progress: show a bar for long files on stderr.
         notify: called with one-line notes (resampling, per-channel bitrate).
-        codec, lm, segments_coder: shared by the files of a batched folder run (`neucodec.batch`).
+        lm: the model's LM, already loaded (`get_lm`).
+        segment_seconds: a causal model's container segment (`writer.encode_stream`).
     Returns:
         FileResult with the stream's StreamInfo, the audio duration and the stream size.
     """
-    from . import rate
+    return engine.complete(encode_calls(src, dst, **kw))
 
+
+def encode_calls(src: PathLike, dst: PathLike, *, model: PathLike | None = None, bandwidth: float | None = None,
+                 use_lm: bool = False, device: str | torch.device = "auto", force: bool = False,
+                 progress: bool = False, notify: Notify | None = None, lm: LanguageModel | None = None,
+                 segment_seconds: float | None = None, envelope: bool | str | None = None,
+                 settings: EncodeSettings | None = None) -> tp.Generator[engine.Call, None, FileResult]:
+    """`encode_file`, yielding its model calls (`neucodec.engine`)."""
     t0 = time.perf_counter()
     src, dst = str(src), str(dst)
     _check_paths(src, dst, force, "an audio", UnsupportedAudio)
     if not _is_stdio(dst) and Path(dst).suffix.lower() in audio_io.AUDIO_EXTENSIONS:
         raise UsageError(f"{dst} is named as audio, but encoding writes an .ecdc file; name it "
                          f"{Path(dst).with_suffix('.ecdc')}")
-    codec = codec or get_codec(model, pick_device(device))
+    codec = get_codec(model, pick_device(device))
     target = default_kbps(codec) if bandwidth is None else float(bandwidth)
     if settings is not None:  # the caller chose the codes and correction: no rate control
         fixed = settings
-        return _encode_once(src, dst, codec, lambda reader: (fixed, lm, None, []), force, progress, notify,
-                            segment_seconds, segments_coder, t0)
+        return (yield from _encode_once(src, dst, codec, lambda reader: (fixed, lm, None, []), force, progress,
+                                        notify, segment_seconds, t0))
     points, measured = rate.model_points(codec, envelope)
     rate.check_target(points, target, lm=use_lm)
     _point_settings(codec, points[0], None)  # a correction the model cannot take: fail before reading
@@ -219,13 +221,13 @@ def encode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None, 
         tried.append(point)
         return _point_settings(codec, point, lm), lm if point.lm else None, point, notes
 
-    result = _encode_once(src, dst, codec, pick, force, progress, notify, segment_seconds, segments_coder, t0)
+    result = yield from _encode_once(src, dst, codec, pick, force, progress, notify, segment_seconds, t0)
     # a file harder than the dev split: step down while a lower point fits (a pipe cannot be read or
     # written twice)
     while measured and not _is_stdio(src) and not _is_stdio(dst) \
             and not rate.within_target(result.bytes, result.seconds, target):
         try:
-            result = _encode_once(src, dst, codec, pick, True, progress, notify, segment_seconds, segments_coder, t0)
+            result = yield from _encode_once(src, dst, codec, pick, True, progress, notify, segment_seconds, t0)
         except UnsupportedSetting:  # no lower point: keep the lowest
             result.notes.append(f"{src}: {result.kbps:.2f} kbps, above the target of {target:g} kbps (the lowest "
                                 "operating point that fits it was not low enough for this file)")
@@ -249,9 +251,9 @@ Pick = tp.Callable[[audio_io.AudioReader],
 
 
 def _encode_once(src: str, dst: str, codec: Codec, pick: Pick, force: bool, progress: bool, notify: Notify | None,
-                 segment_seconds: float | None, segments_coder: SharedCoder | None, t0: float) -> FileResult:
+                 segment_seconds: float | None, t0: float) -> tp.Generator[engine.Call, None, FileResult]:
     """Encode once, with the settings `pick` chooses for the opened input."""
-    from .writer import encode_stream
+    from .writer import encode_calls
 
     with audio_io.open_audio(src) as reader:
         settings, lm, point, notes = pick(reader)
@@ -262,18 +264,17 @@ def _encode_once(src: str, dst: str, codec: Codec, pick: Pick, force: bool, prog
         bar = _Bar(progress, reader.seconds, Path(src).name if not _is_stdio(src) else "stdin")
         chunks = _codec_chunks(reader, codec, bar)
         kwargs: dict[str, tp.Any] = dict(settings=settings, lm=lm, source_sample_rate=reader.sample_rate,
-                                         source_channels=reader.channels, segments_coder=segments_coder,
-                                         source_length=lambda: reader.frames_read)
+                                         source_channels=reader.channels, source_length=lambda: reader.frames_read)
         if segment_seconds is not None:
             kwargs["segment_seconds"] = segment_seconds
         try:
             if _is_stdio(dst):
                 out = _binary_stdout()
-                info = encode_stream(out, codec, chunks, **kwargs)
+                info = yield from encode_calls(out, codec, chunks, **kwargs)
                 out.flush()
             else:
                 with atomic_output(Path(dst), force) as tmp, open(tmp, "wb") as fo:
-                    info = encode_stream(fo, codec, chunks, **kwargs)
+                    info = yield from encode_calls(fo, codec, chunks, **kwargs)
         except (RuntimeError, OSError) as e:
             err = _translate(e, dst)
             if err is None:
@@ -327,11 +328,7 @@ def _codec_chunks(reader: audio_io.AudioReader, codec: Codec, bar: _Bar) -> tp.I
 
 
 # ------------------------------------------------------------------------------------------- decode
-def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
-                device: str | torch.device = "auto", force: bool = False, subtype: str | None = None,
-                sample_rate: int | None = None, progress: bool = False, notify: Notify | None = None,
-                codec: Codec | None = None, lm: LanguageModel | None = None,
-                segments_coder: SharedCoder | None = None, salvage: bool = False) -> FileResult:
+def decode_file(src: PathLike, dst: PathLike, **kw: tp.Any) -> FileResult:
     """Decompress an .ecdc file (or `-` for stdin) into WAV/FLAC (or WAV on stdout for `-`).
 
     The output has the source's sample rate and channel count unless `sample_rate` is given.
@@ -340,16 +337,28 @@ def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
     damaged span, and nothing is written; with `salvage` it is decoded through the damage: each lost
     span becomes silence of its length (every intact segment decodes as in the undamaged file) and is
     named in a line to `notify` and in the result's `damage`.
+
+    Keyword arguments: model, device, force, subtype, sample_rate, progress, notify (as
+    `encode_file`'s), lm (the model's LM, already loaded), salvage.
     """
+    return engine.complete(decode_calls(src, dst, **kw))
+
+
+def decode_calls(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
+                 device: str | torch.device = "auto", force: bool = False, subtype: str | None = None,
+                 sample_rate: int | None = None, progress: bool = False, notify: Notify | None = None,
+                 lm: LanguageModel | None = None, salvage: bool = False) -> tp.Generator[engine.Call, None, FileResult]:
+    """`decode_file`, yielding its model calls (`neucodec.engine`)."""
     from . import salvage as salvaging
     from .errors import DamagedStream
-    from .reader import decode_stream, read_header, read_info
+    from .reader import decode_calls as read_calls
+    from .reader import read_header, read_info
 
     t0 = time.perf_counter()
     src, dst = str(src), str(dst)
     fmt, subtype = audio_io.output_format(dst, subtype)
     _check_paths(src, dst, force, "an .ecdc")
-    on = pick_device(device) if codec is None else codec.device  # an unavailable GPU fails before any reading
+    on = pick_device(device)  # an unavailable GPU fails before any reading
     notes: list[str] = []
     damage: list[str] = []
 
@@ -366,17 +375,15 @@ def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
         if not stdin:  # a file: read the totals first (CRCs only, no decoding) for exact lengths
             known = header = salvaging.read_info(fi) if salvage else read_info(fi)
             fi.seek(0)
-        elif codec is None and model is None:  # a pipe: the header names the model; it is read again below
+        elif model is None:  # a pipe: the header names the model; it is read again below
             recorded = _Recorded(fi)
             header = salvaging.read_header(recorded) if salvage else read_header(recorded)
             fi = recorded.again()
         if lm is None and model is not None and (known is None or known.lm_id):
             lm = _optional_lm(model)
         try:
-            if codec is None:
-                codec = get_codec(model if model is not None else tp.cast("StreamInfo", header).model_id, on)
-            info, chunks = decode_stream(fi, codec=codec, lm=lm, segments_coder=segments_coder, salvage=salvage,
-                                         on_lost=lost)
+            codec = get_codec(model if model is not None else tp.cast("StreamInfo", header).model_id, on)
+            info, chunks = read_calls(fi, codec=codec, lm=lm, salvage=salvage, on_lost=lost)
         except (UnknownModel, WeightsUnavailable) as e:
             if model is not None:
                 raise
@@ -403,13 +410,11 @@ def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
             if _is_stdio(dst):
                 writer = audio_io.AudioWriter(_binary_stdout(), out_rate, channels, fmt, subtype, frames=total)
                 with writer:
-                    for b in blocks:
-                        writer.write(b)
+                    yield from _write(blocks, writer)
             else:
                 with atomic_output(Path(dst), force, suffix=Path(dst).suffix) as tmp:
                     with audio_io.AudioWriter(tmp, out_rate, channels, fmt, subtype) as writer:
-                        for b in blocks:
-                            writer.write(b)
+                        yield from _write(blocks, writer)
         except (RuntimeError, OSError) as e:
             err = _translate(e, dst)
             if err is None:
@@ -431,6 +436,14 @@ def decode_file(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
     final = known if known is not None else info
     return FileResult(src, dst, final, (final.length or 0) / final.sample_rate, int(final.bytes),
                       time.perf_counter() - t0, notes, sample_rate=out_rate, channels=channels, damage=damage)
+
+
+def _write(blocks: tp.Iterable[np.ndarray | engine.Call], writer: audio_io.AudioWriter) -> tp.Iterator[engine.Call]:
+    for b in blocks:
+        if isinstance(b, engine.Call):
+            yield b
+        else:
+            writer.write(b)
 
 
 class _Recorded:
@@ -476,11 +489,14 @@ def _optional_lm(model: PathLike) -> LanguageModel | None:
         return None
 
 
-def _audio_blocks(chunks: tp.Iterable[torch.Tensor], info: StreamInfo, out_rate: int, channels: int,
-                  bar: _Bar) -> tp.Iterator[np.ndarray]:
-    """Decoded `[G, C, t]` chunks -> `[channels, t]` float32 blocks at `out_rate`."""
+def _audio_blocks(chunks: tp.Iterable[torch.Tensor | engine.Call], info: StreamInfo, out_rate: int, channels: int,
+                  bar: _Bar) -> tp.Iterator[np.ndarray | engine.Call]:
+    """Decoded `[G, C, t]` chunks -> `[channels, t]` float32 blocks at `out_rate`; calls pass on."""
     resample = audio_io.Resampler(info.sample_rate, out_rate, channels)
     for chunk in chunks:
+        if isinstance(chunk, engine.Call):
+            yield chunk
+            continue
         x = audio_io.from_groups(chunk.detach().float().cpu().numpy(), channels)
         bar.update(x.shape[1] / info.sample_rate)
         y = resample(x)

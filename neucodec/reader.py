@@ -13,7 +13,7 @@ import typing as tp
 import numpy as np
 import torch
 
-from . import container, container_salvage, entropy, envelope, streamspec
+from . import container, container_salvage, engine, entropy, envelope, streamspec
 from . import salvage as salvaging
 from .errors import CorruptStream, DamagedStream, NeucodecError
 from .identity import resolve_codec, resolve_lm
@@ -24,16 +24,11 @@ from .streamaudio import SegmentCodes, audio, guard
 from .streamspec import StreamInfo
 from .v0reader import decode_v0
 
-if tp.TYPE_CHECKING:
-    from .lockstep import SharedCoder
-
 Tensor = torch.Tensor
 
 
-def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel | None = None, *,
-                  v0_lm_threads: int | None = None, segments_coder: SharedCoder | None = None,
-                  salvage: bool = False, on_lost: tp.Callable[[str], None] | None = None,
-                  ) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
+def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel | None = None,
+                  **kw: tp.Any) -> tuple[StreamInfo, tp.Iterator[Tensor]]:
     """Read an .ecdc stream (v1, v2, or a reference v0 file) and decode it chunk by chunk.
 
     Args:
@@ -45,8 +40,6 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
             LM ran with (their probabilities depend on it; see `neucodec.v0lm`). None: the
             environment variable `NEUCODEC_V0_LM_THREADS`, else this process's torch thread count
             (what the reference tool itself would use here).
-        segments_coder: what decodes the segments' codes: None for `neucodec.entropy`, or a lockstep
-            run's shared view of it (`lockstep.SharedCoder`).
         salvage: decode through damage (`neucodec.salvage`): a lost segment's span becomes silence
             of its length, every intact segment is decoded as it would be in an undamaged stream,
             and the length comes from the segments read when the end record is lost. Without it the
@@ -60,6 +53,15 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
         CorruptStream (DamagedStream for damage that salvage decodes around), UnsupportedFormatVersion,
         ModelMismatch: with a one-line message.
     """
+    info, chunks = decode_calls(fi, codec, lm, **kw)
+    return info, engine.alone(chunks)
+
+
+def decode_calls(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel | None = None, *,
+                 v0_lm_threads: int | None = None, salvage: bool = False,
+                 on_lost: tp.Callable[[str], None] | None = None,
+                 ) -> tuple[StreamInfo, tp.Iterator[Tensor | engine.Call]]:
+    """`decode_stream`, its model calls (`neucodec.engine`) among its chunks."""
     prelude = container.read_prelude(fi, repair_damage=salvage)
     if prelude.version == 0:
         return decode_v0(fi, prelude, codec, lm, v0_lm_threads)
@@ -68,9 +70,8 @@ def decode_stream(fi: tp.BinaryIO, codec: Codec | None = None, lm: LanguageModel
     codec = resolve_codec(codec, info)
     reader = container.ContainerReader(fi, prelude)
     plan = salvaging.Salvage(container_salvage.SalvageReader(fi, prelude), info, on_lost) if salvage else None
-    decode_segments = entropy.decode_segments if segments_coder is None else segments_coder.decode_segments
     segments = _Segments(reader, info, None if lm is None or info.lm_id is None else resolve_lm(lm, info),
-                         decode_segments, plan, codec)
+                         plan, codec)
     codes = iter(segments)
 
     def finish() -> int:
@@ -94,26 +95,25 @@ class _Segments:
     them), corrections of 0 dB."""
 
     def __init__(self, reader: container.ContainerReader, info: StreamInfo, lm: LanguageModel | None,
-                 decode_segments: tp.Callable[..., list[Tensor]], salvage: salvaging.Salvage | None = None,
-                 codec: Codec | None = None) -> None:
-        self.reader, self.info, self.decode_segments = reader, info, decode_segments
+                 salvage: salvaging.Salvage | None = None, codec: Codec | None = None) -> None:
+        self.reader, self.info = reader, info
         self.lm = lm  # loaded when the first LM-coded segment needs it, if not given
         self.salvage, self.codec = salvage, codec
         self._silence: Tensor | None = None
 
-    def __iter__(self) -> tp.Iterator[SegmentCodes]:
+    def __iter__(self) -> tp.Iterator[SegmentCodes | engine.Call]:
         try:
             yield from self._segments()
         except DamagedStream as e:
             raise salvaging.located(e, self.info) from None
 
-    def _segments(self) -> tp.Iterator[SegmentCodes]:
+    def _segments(self) -> tp.Iterator[SegmentCodes | engine.Call]:
         info = self.info
         batch: list[container.SegmentRecord] = []
         for record in self.reader if self.salvage is None else self.salvage:
             if isinstance(record, salvaging.LostPiece):
                 if batch:
-                    yield from self._decode(batch)
+                    yield from (yield from self._decode(batch))
                     batch = []
                 yield self._stand_in(record.frames)
                 continue
@@ -128,10 +128,10 @@ class _Segments:
                 info.payload_bytes += len(record.payload)
             batch.append(record)
             if len(batch) >= entropy.LM_BATCH or record.flags not in container.LM_FLAGS:
-                yield from self._decode(batch)
+                yield from (yield from self._decode(batch))
                 batch = []
         if batch:
-            yield from self._decode(batch)
+            yield from (yield from self._decode(batch))
 
     def _stand_in(self, frames: int) -> SegmentCodes:
         """What decodes in place of a lost segment of `frames` frames."""
@@ -146,20 +146,24 @@ class _Segments:
             steps = np.zeros((G * info.channels, info.envelope.grid.bands, tiles), np.int8)
         return SegmentCodes(self._silence[None, :, None].expand(G, K, frames).clone(), None, steps, lost=True)
 
-    def _decode(self, records: list[container.SegmentRecord]) -> list[SegmentCodes]:
+    def _decode(self, records: list[container.SegmentRecord]) -> tp.Generator[engine.Call, None, list[SegmentCodes]]:
         """The codes of intact records; with salvage, a stand-in for each one that fails."""
         if self.salvage is None:
-            return self._decode_checked(records)
+            return (yield from self._decode_checked(records))
         try:
-            return self._decode_checked(records)
+            return (yield from self._decode_checked(records))
         except (NeucodecError, ValueError, RuntimeError, IndexError, OverflowError, struct.error) as e:
             if len(records) > 1:  # which of them: one at a time
-                return [c for r in records for c in self._decode([r])]
+                out = []
+                for r in records:
+                    out += yield from self._decode([r])
+                return out
             reason = e.reason if isinstance(e, DamagedStream) else "undecodable payload"
             piece = self.salvage.lost_record(records[0], reason)
             return [self._stand_in(piece.frames)]
 
-    def _decode_checked(self, records: list[container.SegmentRecord]) -> list[SegmentCodes]:
+    def _decode_checked(self, records: list[container.SegmentRecord]
+                        ) -> tp.Generator[engine.Call, None, list[SegmentCodes]]:
         info = self.info
         G, K = info.groups, info.n_q
         todo, scales, corrections = [], [], []
@@ -180,7 +184,9 @@ class _Segments:
             corrections.append(steps)
         if self.lm is None and any(t[0] in container.LM_FLAGS for t in todo):
             self.lm = resolve_lm(None, info)
-        codes = self.decode_segments(todo, self.lm, info.bits_per_code, span=info.lm_span)
+        call = engine.decode_segments(todo, self.lm, info.bits_per_code, info.lm_span)
+        yield call
+        codes = call.result()
         out = []
         for r, c, sc, steps in zip(records, codes, scales, corrections):
             if entropy.codes_crc32(c) != r.codes_crc:
@@ -195,11 +201,9 @@ def _silence_codes(codec: Codec, n_q: int) -> Tensor:
     """The codes [n_q] a causal codec's encoder settles on for digital silence: a lost span decoded
     with them leaves the decoder's state nearer a real one than code 0 does, so the audio after it
     meets an undamaged decode's sooner (docs/FORMAT.md §8)."""
-    base = getattr(codec, "codec", codec)  # a lockstep run's shared codec: the codec itself
     try:
-        with torch.inference_mode():
-            zeros = torch.zeros(1, base.channels, base.sample_rate // 4, device=base.device)
-            codes = torch.cat(list(base.encode_stream([zeros], n_q)), -1)
+        zeros = torch.zeros(1, codec.channels, codec.sample_rate // 4, device=codec.device)
+        codes = torch.cat(list(codec.encode_stream([zeros], n_q)), -1)
         return codes[0, :, -1].cpu().long()
     except (RuntimeError, ValueError, NeucodecError):  # pragma: no cover - any valid codes will do
         return torch.zeros(n_q, dtype=torch.long)

@@ -17,15 +17,12 @@ import typing as tp
 import numpy as np
 import torch
 
-from . import container, entropy, envelope, exactlm, streamspec
+from . import container, engine, entropy, envelope, exactlm, streamspec
 from .errors import NeucodecError, UnsupportedAudio, UnsupportedSetting, option
 from .identity import model_identity
 from .lm import LanguageModel
 from .model import Codec, num_frames, segment_layout
 from .streamspec import EncodeSettings, EnvelopeSpec, StreamInfo, encode_settings
-
-if tp.TYPE_CHECKING:
-    from .lockstep import SharedCoder
 
 Tensor = torch.Tensor
 #: Frames of a segment with the envelope correction, at least: the streaming decoder that measures
@@ -33,11 +30,7 @@ Tensor = torch.Tensor
 MIN_CORRECTED_FRAMES = 8
 
 
-def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *, bandwidth: float | None = None,
-                  lm: LanguageModel | None, source_sample_rate: int, source_channels: int,
-                  segment_seconds: float = 10.0, progress: tp.Callable[[int], None] | None = None,
-                  segments_coder: SharedCoder | None = None, source_length: tp.Callable[[], int] | None = None,
-                  correct_envelope: bool | str | None = False, settings: EncodeSettings | None = None) -> StreamInfo:
+def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], **kw: tp.Any) -> StreamInfo:
     """Encode audio chunks into an .ecdc stream written to `fo` (which need not seek).
 
     Args:
@@ -50,8 +43,6 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
         segment_seconds: causal codecs: length of a container segment (unit of damage and of
             random access; the LM restarts at each).
         progress: called with the number of samples of each chunk consumed.
-        segments_coder: what codes the segments' codes: None for `neucodec.entropy`, or a lockstep
-            run's shared view of it (`lockstep.SharedCoder`, which codes several files' segments at once).
         source_length: called once the chunks are exhausted: samples per channel of the original file,
             stored so that decoding restores its exact length after resampling. Not needed when the
             source rate is the codec's.
@@ -64,6 +55,15 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
     Returns:
         the `StreamInfo` of the written stream (length, segments and bytes filled in).
     """
+    return engine.complete(encode_calls(fo, codec, chunks, **kw))
+
+
+def encode_calls(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *, bandwidth: float | None = None,
+                 lm: LanguageModel | None, source_sample_rate: int, source_channels: int,
+                 segment_seconds: float = 10.0, progress: tp.Callable[[int], None] | None = None,
+                 source_length: tp.Callable[[], int] | None = None, correct_envelope: bool | str | None = False,
+                 settings: EncodeSettings | None = None) -> tp.Generator[engine.Call, None, StreamInfo]:
+    """`encode_stream`, yielding its model calls (`neucodec.engine`); returns the `StreamInfo`."""
     if settings is None:
         settings = encode_settings(codec, bandwidth, correct_envelope)
     n_q, spec = settings.n_q, settings.envelope
@@ -98,28 +98,31 @@ def encode_stream(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *,
         segment_length=cfg.segment_length, segment_stride=cfg.segment_stride, scales=bool(cfg.normalize),
         coder=coder, envelope=spec)
     writer = container.ContainerWriter(fo, info.header(), info.format_version)
-    encode_segments = entropy.encode_segments if segments_coder is None else segments_coder.encode_segments
-    sink = _SegmentSink(writer, info, None if lm is None else exactlm.exact(lm), encode_segments)
+    sink = _SegmentSink(writer, info, None if lm is None else exactlm.exact(lm))
     audio = _Chunks(codec, first, it, progress)
     meter = None if spec is None else _EnvelopeMeter(codec, spec)
-    with torch.inference_mode():
-        if causal:
-            buf: list[Tensor] = []
-            have = 0
-            for codes in codec.encode_stream(audio if meter is None else meter.watch(audio), n_q):
-                buf.append(codes)
-                have += codes.shape[-1]
-                while have >= seg_frames:
-                    allc = torch.cat(buf, -1)
-                    segment = allc[..., :seg_frames]
-                    sink.add(segment, None, b"" if meter is None else meter.segment(segment, False))
-                    buf, have = [allc[..., seg_frames:]], have - seg_frames
-            if have:
-                segment = torch.cat(buf, -1)
-                sink.add(segment, None, b"" if meter is None else meter.segment(segment, True))
-        else:
-            _encode_overlap(codec, audio, n_q, sink)
-    sink.flush()
+    if causal:
+        buf: list[Tensor] = []
+        have = 0
+        for codes in codec.encode_calls(audio if meter is None else meter.watch(audio), n_q):
+            if isinstance(codes, engine.Call):
+                yield codes
+                continue
+            buf.append(codes)
+            have += codes.shape[-1]
+            while have >= seg_frames:
+                allc = torch.cat(buf, -1)
+                segment = allc[..., :seg_frames]
+                correction = b"" if meter is None else (yield from meter.segment(segment, False))
+                yield from sink.add(segment, None, correction)
+                buf, have = [allc[..., seg_frames:]], have - seg_frames
+        if have:
+            segment = torch.cat(buf, -1)
+            correction = b"" if meter is None else (yield from meter.segment(segment, True))
+            yield from sink.add(segment, None, correction)
+    else:
+        yield from _encode_overlap(codec, audio, n_q, sink)
+    yield from sink.flush()
     length = audio.samples
     if causal and info.frames != num_frames(length, codec.hop_length):
         raise NeucodecError(f"internal error: {info.frames} frames for {length} samples")
@@ -177,24 +180,25 @@ class _Chunks:
 class _SegmentSink:
     """Collects finished segments, codes them in batches and writes them."""
 
-    def __init__(self, writer: container.ContainerWriter, info: StreamInfo, lm: exactlm.ExactLM | None,
-                 encode_segments: tp.Callable[..., list[entropy.CodedSegment]]) -> None:
-        self.writer, self.info, self.lm, self.encode_segments = writer, info, lm, encode_segments
+    def __init__(self, writer: container.ContainerWriter, info: StreamInfo, lm: exactlm.ExactLM | None) -> None:
+        self.writer, self.info, self.lm = writer, info, lm
         self.pending: list[tuple[Tensor, Tensor | None, bytes]] = []
         self.batch = entropy.LM_BATCH if lm is not None else 1
 
-    def add(self, codes: Tensor, scales: Tensor | None, correction: bytes = b"") -> None:
+    def add(self, codes: Tensor, scales: Tensor | None, correction: bytes = b"") -> tp.Iterator[engine.Call]:
         """One segment's codes [G, K, F], volume scales [G] and coded envelope correction."""
         self.pending.append((codes.detach().cpu(), None if scales is None else scales.detach().cpu().float(),
                              correction))
         if len(self.pending) >= self.batch:
-            self.flush()
+            yield from self.flush()
 
-    def flush(self) -> None:
+    def flush(self) -> tp.Iterator[engine.Call]:
         if not self.pending:
             return
-        coded = self.encode_segments([c for c, _, _ in self.pending], self.lm, self.info.bits_per_code,
-                                     span=self.info.lm_span)
+        call = engine.encode_segments([c for c, _, _ in self.pending], self.lm, self.info.bits_per_code,
+                                      self.info.lm_span)
+        yield call
+        coded: list[entropy.CodedSegment] = call.result()
         for (codes, scales, correction), seg in zip(self.pending, coded):
             prefix = b"" if scales is None else np.ascontiguousarray(scales.numpy(), dtype="<f4").tobytes()
             self.writer.write_segment(prefix + correction + seg.payload, codes.shape[-1], codes.shape[0], seg.flags,
@@ -206,7 +210,7 @@ class _SegmentSink:
         self.pending = []
 
 
-def _encode_overlap(codec: Codec, audio: _Chunks, n_q: int, sink: _SegmentSink) -> None:
+def _encode_overlap(codec: Codec, audio: _Chunks, n_q: int, sink: _SegmentSink) -> tp.Iterator[engine.Call]:
     """Segmented codec: cut the stream into its overlapping segments and encode them a few at a time:
     full segments as soon as their samples are in, the shorter last ones each alone at the end."""
     seg_len = tp.cast(int, codec.config.segment_length)
@@ -217,11 +221,13 @@ def _encode_overlap(codec: Codec, audio: _Chunks, n_q: int, sink: _SegmentSink) 
     written = 0
     ready: list[Tensor] = []
 
-    def run(batch: list[Tensor]) -> None:
+    def run(batch: list[Tensor]) -> tp.Iterator[engine.Call]:
         G = batch[0].shape[0]
-        codes, scales = codec._encode_segments(torch.cat(batch, 0), n_q)
+        call = codec.encode_segments_call(torch.cat(batch, 0), n_q)
+        yield call
+        codes, scales = call.result()
         for i in range(len(batch)):
-            sink.add(codes[i * G:(i + 1) * G], None if scales is None else scales[i * G:(i + 1) * G])
+            yield from sink.add(codes[i * G:(i + 1) * G], None if scales is None else scales[i * G:(i + 1) * G])
 
     for chunk in audio:
         buf = chunk if buf.numel() == 0 else torch.cat([buf, chunk], -1)
@@ -230,17 +236,17 @@ def _encode_overlap(codec: Codec, audio: _Chunks, n_q: int, sink: _SegmentSink) 
             next_offset += stride
             written += 1
             if len(ready) >= entropy.LM_BATCH:
-                run(ready)
+                yield from run(ready)
                 ready = []
         drop = next_offset - buf_start
         if drop > 0:
             buf = buf[..., drop:].clone()
             buf_start = next_offset
     if ready:
-        run(ready)
+        yield from run(ready)
     length = audio.samples
     for seg in segment_layout(length, codec.hop_length, seg_len, stride)[written:] if length else []:
-        run([buf[..., seg.offset - buf_start: seg.offset - buf_start + seg.length]])
+        yield from run([buf[..., seg.offset - buf_start: seg.offset - buf_start + seg.length]])
 
 
 class _EnvelopeMeter:
@@ -259,11 +265,13 @@ class _EnvelopeMeter:
             self.inputs.append(chunk.detach().cpu())
             yield chunk
 
-    def segment(self, codes: Tensor, final: bool) -> bytes:
+    def segment(self, codes: Tensor, final: bool) -> tp.Generator[engine.Call, None, bytes]:
         """The coded correction of the next segment's codes [G, K, F] (its input must have been seen).
         The decoder holds back nothing but a first step of under 8 frames, unless `final`: segments
         are longer (`MIN_CORRECTED_FRAMES`)."""
-        decoded, self.state = self.codec.decode_step(codes, self.state, final)
+        call = self.codec.decode_step_call(codes, self.state, final)
+        yield call
+        decoded, self.state = call.result()
         x = torch.cat(self.inputs, -1) if self.inputs else torch.zeros(codes.shape[0], self.codec.channels, 0)
         n = min(x.shape[-1], codes.shape[-1] * self.codec.hop_length)  # the last segment: what is left
         self.inputs = [x[..., n:]]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from neucodec import config as cfg
+from neucodec import model
 from neucodec.errors import UnsupportedAudio, UnsupportedSetting
 from neucodec.model import Codec, OverlapAdd, Segment, overlap_add, segment_layout
 from reference import randomize
@@ -37,6 +38,24 @@ def test_bandwidth_rule_and_prefix_property() -> None:
         assert torch.equal(codes, full[:, :k])  # residual quantization is a prefix code
     with pytest.raises(UnsupportedSetting, match="does not support 5 kbps"):
         codec.encode(wav, 5.0)
+
+
+def test_steps_depend_only_on_the_length() -> None:
+    x = torch.arange(1000.0).view(1, 1, -1)
+
+    def sizes(chunks: list[torch.Tensor]) -> list[int]:
+        pieces = list(model.steps(chunks, 128, 16))
+        assert [final for _, final in pieces] == [False] * (len(pieces) - 1) + [True] * bool(pieces)
+        return [p.shape[-1] for p, _ in pieces]
+
+    for cut in (7, 100, 333, 1000):
+        assert sizes(list(x.split(cut, -1))) == [128] * 7 + [64, 32, 8]  # 1000 = 7 * 128 + 104
+        assert torch.equal(torch.cat([p for p, _ in model.steps(x.split(cut, -1), 128, 16)], -1), x)
+    assert sizes([x[..., :128]]) == [64, 32, 16, 16]
+    assert sizes([x[..., :129]]) == [128, 1]
+    assert sizes([x[..., :20]]) == [16, 4]
+    assert sizes([x[..., :5]]) == [5]
+    assert sizes([]) == []
 
 
 def test_streaming_encode_matches_one_pass_and_decode_stream_matches() -> None:

@@ -138,8 +138,9 @@ def test_disk_full_is_reported(recordings: dict[str, Path], tiny_model: Path, tm
 
     def full(fo, *a, **k):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
+        yield  # a generator, as the writer's
 
-    monkeypatch.setattr(writer, "encode_stream", full)
+    monkeypatch.setattr(writer, "encode_calls", full)
     with pytest.raises(OutputError, match="disk full"):
         encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=tiny_model)
     assert list(tmp_path.iterdir()) == []

@@ -299,7 +299,7 @@ def test_one_damaged_byte_in_the_header(c24) -> None:
 
 
 def test_salvage_in_a_batched_folder(speech: Path, tiny_model: Path, tmp_path: Path) -> None:
-    """Files decoded together in lockstep salvage as they do alone."""
+    """Files decoded together, their model calls batched, salvage as they do alone."""
     from neucodec import batch
 
     src = tmp_path / "in"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from _bitstream import tiny_codec24, tiny_codec48
-from neucodec import ecdc, streamaudio
+from neucodec import ecdc, engine, streamaudio
 from neucodec.model import EncodedAudio
 from neucodec.streamaudio import SegmentCodes
 
@@ -23,12 +23,13 @@ def test_a_causal_stream_is_cut_to_its_length_after_its_last_segment() -> None:
         calls.append(len(calls))
         return 12345
 
-    chunks = list(streamaudio.audio(iter([SegmentCodes(codes[..., :25], None, None),
-                                          SegmentCodes(codes[..., 25:], None, None)]), codec, info, finish))
+    chunks = list(engine.alone(streamaudio.audio(iter([SegmentCodes(codes[..., :25], None, None),
+                                                       SegmentCodes(codes[..., 25:], None, None)]),
+                                                 codec, info, finish)))
     audio = torch.cat(chunks, -1)
     assert calls == [0] and audio.shape == (1, 1, 12345)
     assert torch.allclose(audio, codec.decode(EncodedAudio(codes, None, 12345)), atol=1e-5)
-    assert list(streamaudio.audio(iter([]), codec, info, finish)) == [] and calls == [0, 1]  # no segments
+    assert list(engine.alone(streamaudio.audio(iter([]), codec, info, finish))) == [] and calls == [0, 1]  # no segments
 
 
 def test_segments_are_overlap_added_as_the_codec_does() -> None:
@@ -40,6 +41,6 @@ def test_segments_are_overlap_added_as_the_codec_does() -> None:
     for i, seg in enumerate(codec.segments(T)):
         segments.append(SegmentCodes(encoded.codes[..., start: start + seg.frames], encoded.scales[:, i], None))
         start += seg.frames
-    chunks = list(streamaudio.audio(iter(segments), codec, info, lambda: T))
+    chunks = list(engine.alone(streamaudio.audio(iter(segments), codec, info, lambda: T)))
     assert [c.shape[-1] for c in chunks[:-1]] == [47520, 47520]
     assert torch.allclose(torch.cat(chunks, -1), codec.decode(encoded), atol=1e-5)

@@ -12,6 +12,7 @@ import torch
 from _bitstream import skewed_lm, tiny_codec24, tiny_codec48
 from neucodec import config, ecdc
 from neucodec.container import v0_header_bytes
+from neucodec.engine import Call
 from neucodec.errors import CorruptStream, ModelMismatch, NeucodecError, WeightsUnavailable
 from neucodec.lm import LanguageModel
 from neucodec.model import Codec
@@ -98,20 +99,20 @@ def decode_codes(data: bytes, ours: Codec, lm: LanguageModel | None,
                  **kw: tp.Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Decode with neucodec, recording the codes each segment hands to the codec."""
     seen: list[torch.Tensor] = []
-    stream, segments = ours.decode_stream, ours._decode_segments
+    stream, segments = ours.decode_calls, ours._decode_segments
 
-    def spy_stream(pieces: tp.Iterable[torch.Tensor]) -> tp.Iterator[torch.Tensor]:
-        return stream(seen.append(p) or p for p in pieces)  # type: ignore[func-returns-value]
+    def spy_stream(pieces: tp.Iterable[tp.Any]) -> tp.Iterator[tp.Any]:
+        return stream(p if isinstance(p, Call) else seen.append(p) or p for p in pieces)  # type: ignore[func-returns-value]
 
     def spy_segments(codes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         seen.append(codes)
         return segments(codes, scale)
 
-    ours.decode_stream, ours._decode_segments = spy_stream, spy_segments  # type: ignore[method-assign]
+    ours.decode_calls, ours._decode_segments = spy_stream, spy_segments  # type: ignore[method-assign]
     try:
         _, audio = ecdc.decode_bytes(data, ours, lm, **kw)
     finally:
-        del ours.decode_stream, ours._decode_segments
+        del ours.decode_calls, ours._decode_segments
     return audio, seen
 
 

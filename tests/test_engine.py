@@ -1,4 +1,4 @@
-"""lockstep: folders run with their codec steps batched across files give the files of a one-by-one run."""
+"""engine: folders run with their model calls batched across files give the files of a one-by-one run."""
 from __future__ import annotations
 
 import shutil
@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from neucodec import batch, entropy, load_codec, model
+from neucodec import batch, engine, entropy, load_codec
 from neucodec.atomic import TMP_MARK
 from neucodec.ecdc import decode_bytes
 from neucodec.model import Codec
@@ -19,19 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = ("encode_step", "decode_step", "_encode_segments", "_decode_segments")
 CODER = ("encode_segments", "decode_segments")  # entropy: LM coding, batched across files too
-
-
-def test_steps_depend_only_on_the_length() -> None:
-    x = torch.arange(1000.0).view(1, 1, -1)
-    for cut in (7, 100, 333, 1000):
-        pieces = list(model.steps(x.split(cut, -1), 128, 16))
-        assert [p.shape[-1] for p in pieces] == [128] * 7 + [64, 32, 8]  # 1000 = 7 * 128 + 104
-        assert torch.equal(torch.cat(pieces, -1), x)
-    assert [p.shape[-1] for p in model.steps([x[..., :128]], 128, 16)] == [64, 32, 16, 16]
-    assert [p.shape[-1] for p in model.steps([x[..., :129]], 128, 16)] == [128, 1]
-    assert [p.shape[-1] for p in model.steps([x[..., :20]], 128, 16)] == [16, 4]
-    assert [p.shape[-1] for p in model.steps([x[..., :5]], 128, 16)] == [5]
-    assert list(model.steps([], 128, 16)) == []
 
 
 @pytest.fixture
@@ -80,9 +67,9 @@ def _outputs(folder: Path, ext: str) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("which, use_lm, cap", [
-    pytest.param("tiny_model", False, batch.lockstep.MAX_BATCH_SAMPLES, id="causal"),
+    pytest.param("tiny_model", False, engine.MAX_BATCH_SAMPLES, id="causal"),
     pytest.param("tiny_model", True, 100_000, id="causal-lm-small-batches"),
-    pytest.param("tiny_stereo_model", False, batch.lockstep.MAX_BATCH_SAMPLES, id="segmented"),
+    pytest.param("tiny_stereo_model", False, engine.MAX_BATCH_SAMPLES, id="segmented"),
 ])
 def test_batched_folder_gives_the_files_of_a_one_by_one_run(
         which: str, use_lm: bool, cap: int, recordings: dict[str, Path], tmp_path: Path,
@@ -97,6 +84,7 @@ def test_batched_folder_gives_the_files_of_a_one_by_one_run(
                             dict(model=weights, device="cpu", use_lm=use_lm), progress=False, **kw)
         assert [o.job.source.name for o in summary.failed] == ["broken.wav"], [o.error for o in summary.failed]
         assert "not audio" in (summary.failed[0].error or "") and summary.count("done") == 10
+        assert not torch.is_inference_mode_enabled()  # the generators' steps left no mode behind
         runs[name] = {k: sum(v) for k, v in calls.items()}, {k: len(v) for k, v in calls.items()}
     alone, batched = _outputs(tmp_path / "alone", ".ecdc"), _outputs(tmp_path / "batched", ".ecdc")
     assert alone.keys() == batched.keys() and len(alone) == 10
