@@ -284,7 +284,6 @@ def _folder(mode: tp.Literal["encode", "decode"], src: Path, dst: Path, options:
             target = options.get("bandwidth") or pipeline.default_kbps(codec)
             points, _ = rate.model_points(codec, options.get("envelope"))
             rate.check_target(points, target, lm=bool(options.get("use_lm")))
-            options["bandwidth"] = target
             if options.get("use_lm"):
                 pipeline.get_lm(options.get("model"))
     jobs_list = batch.plan(src, dst, mode, audio_ext)

@@ -159,6 +159,19 @@ def test_folder_tree_with_broken_file(recordings: dict[str, Path], tiny_model: P
     assert sf.info(str(tmp_path / "dec" / "a" / "three.flac")).channels == 2
 
 
+def test_folder_gives_many_channels_the_default_target_as_a_file_gets_it(tiny_model: Path, tmp_path: Path) -> None:
+    """Without -b, a file whose channels need more than the default target is coded at their minimum,
+    in a folder as alone."""
+    src = tmp_path / "in"
+    src.mkdir()
+    sf.write(src / "five.wav", 0.1 * np.random.default_rng(0).standard_normal((12000, 5)).astype(np.float32), 24000)
+    code, text = run("encode", src / "five.wav", tmp_path / "alone.ecdc", "-m", tiny_model)
+    assert code == 0 and "5 channels need at least" in text, text
+    code, text = run("encode", src, tmp_path / "out", "-m", tiny_model, "-j", "1")
+    assert code == 0 and "encoded 1 file" in text, text
+    assert (tmp_path / "out" / "five.ecdc").read_bytes() == (tmp_path / "alone.ecdc").read_bytes()
+
+
 def test_pipes_stream_end_to_end(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
     """`encode - - | decode - -` with real processes and pipes: WAV in, WAV out."""
     enc = proc("encode", "-", "-", "-m", tiny_model, "-q", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
