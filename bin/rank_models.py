@@ -33,8 +33,7 @@ import torch
 
 from neucodec import load_codec
 from neucodec.train.data import CORPUS_RATE, INT16_SCALE, load_corpus
-from neucodec.train.metrics import load_visqol
-from neucodec.train.solver import dev_scores_per_clip
+from neucodec.train.metrics import dev_scores_per_clip, load_visqol
 
 
 def main() -> None:

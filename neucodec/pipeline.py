@@ -4,12 +4,13 @@ Encode: `audio_io.open_audio` -> blocks -> resample/regroup for the codec -> `wr
 -> atomic write. Decode: `reader.decode_stream` -> regroup -> resample back to the source rate ->
 `audio_io.AudioWriter` -> atomic write. Both stream in blocks, so `-` (stdin/stdout) works with bounded
 memory and a causal model produces output before its input ends. The codec runs on the chosen device;
-the entropy-coding LM always runs on the CPU so files decode the same everywhere.
+the entropy-coding LM always runs on the CPU so files decode the same everywhere. `encode_calls` and
+`decode_calls` are the same paths yielding their model calls, which a folder run batches across
+files (`neucodec.engine`).
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ from .errors import (
 )
 from .hub import load_codec, load_lm, pick_device
 from .model import Codec
+from .probe import Recorded
 from .weights import DEFAULT_MODEL, known_names
 
 if tp.TYPE_CHECKING:
@@ -376,7 +378,7 @@ def decode_calls(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
             known = header = salvaging.read_info(fi) if salvage else read_info(fi)
             fi.seek(0)
         elif model is None:  # a pipe: the header names the model; it is read again below
-            recorded = _Recorded(fi)
+            recorded = Recorded(fi)
             header = salvaging.read_header(recorded) if salvage else read_header(recorded)
             fi = recorded.again()
         if lm is None and model is not None and (known is None or known.lm_id):
@@ -444,41 +446,6 @@ def _write(blocks: tp.Iterable[np.ndarray | engine.Call], writer: audio_io.Audio
             yield b
         else:
             writer.write(b)
-
-
-class _Recorded:
-    """A pipe whose bytes are kept as they are read, so that a reader can start again from its first byte."""
-
-    def __init__(self, pipe: tp.BinaryIO) -> None:
-        self.pipe, self.kept = pipe, bytearray()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.pipe.read(size)
-        self.kept += data
-        return data
-
-    def again(self) -> tp.BinaryIO:
-        """The pipe from its first byte: the kept bytes, then the rest."""
-        return tp.cast(tp.BinaryIO, io.BufferedReader(_Replay(bytes(self.kept), self.pipe)))
-
-
-class _Replay(io.RawIOBase):
-    def __init__(self, head: bytes, rest: tp.BinaryIO) -> None:
-        super().__init__()
-        self.head, self.rest = memoryview(head), rest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: tp.Any) -> int:
-        if len(self.head):
-            n = min(len(b), len(self.head))
-            b[:n] = self.head[:n]
-            self.head = self.head[n:]
-            return n
-        data = self.rest.read(len(b))
-        b[:len(data)] = data
-        return len(data)
 
 
 def _optional_lm(model: PathLike) -> LanguageModel | None:

@@ -1,9 +1,11 @@
 """An .ecdc stream's header and totals, checked, without decoding it and without torch: `read_header`,
 `read_info` (what `neucodec info` prints), for neucodec's files and the reference encodec tool's
-version-0 files. `neucodec.reader` decodes; byte layout: docs/FORMAT.md.
+version-0 files, and a pipe that can be read again from its first byte once its header is read
+(`Recorded`). `neucodec.reader` decodes; byte layout: docs/FORMAT.md.
 """
 from __future__ import annotations
 
+import io
 import math
 import struct
 import typing as tp
@@ -102,3 +104,38 @@ def v0_info(h: dict[str, tp.Any]) -> StreamInfo:
         layout=OVERLAP if segmented else STREAM, segment_frames=150 if segmented else max(1, -(-al // HOP)),
         segment_length=sr if segmented else None, segment_stride=int(0.99 * sr) if segmented else None,
         scales=segmented, coder={"name": "encodec-arithmetic-v0"} if use_lm else None, length=al)
+
+
+class Recorded:
+    """A pipe whose bytes are kept as they are read, so that a reader can start again from its first byte."""
+
+    def __init__(self, pipe: tp.BinaryIO) -> None:
+        self.pipe, self.kept = pipe, bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.pipe.read(size)
+        self.kept += data
+        return data
+
+    def again(self) -> tp.BinaryIO:
+        """The pipe from its first byte: the kept bytes, then the rest."""
+        return tp.cast(tp.BinaryIO, io.BufferedReader(_Replay(bytes(self.kept), self.pipe)))
+
+
+class _Replay(io.RawIOBase):
+    def __init__(self, head: bytes, rest: tp.BinaryIO) -> None:
+        super().__init__()
+        self.head, self.rest = memoryview(head), rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: tp.Any) -> int:
+        if len(self.head):
+            n = min(len(b), len(self.head))
+            b[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        data = self.rest.read(len(b))
+        b[:len(data)] = data
+        return len(data)

@@ -40,11 +40,10 @@ from .losses import (
     frame_comb_loss,
     hinge_discriminator_loss,
     hinge_generator_loss,
-    mel_distance,
     relative_feature_loss,
     si_snr,
 )
-from .metrics import VisqolSpeech, load_visqol
+from .metrics import VisqolSpeech, dev_scores, load_visqol
 from .progress import bar, log_line
 from .widen import latent_dim, widen_latent
 
@@ -75,6 +74,7 @@ class TrainConfig:
     quantizer_start: int = 0  # steps of plain autoencoder before the RVQ is switched on
     kmeans_batches: int = 16  # batches of latents for the k-means initialisation of the codebooks
     bypass_prob: float = 0.0  # probability that a step bypasses the quantizer (the plain autoencoder)
+    latent_noise: float = 0.0  # on bypassed steps, Gaussian noise of this times the latent's RMS is added (`_noisy`)
     reinit_codebooks: int = 0  # step at which the codebooks are k-means-initialised afresh (0: never)
     diag_clips: int = 4  # dev speech clips for the latent diagnostics at each evaluation (0: none)
     seed: int = 0
@@ -125,6 +125,18 @@ class TrainConfig:
         return cls(codec=codec, **data)
 
 
+def _noisy(scale: float, quantizer: nn.Module, inputs: tuple[tp.Any, ...], out: tp.Any) -> tp.Any:
+    """Quantizer forward hook: a bypassed training step's latent through a channel of finite SNR,
+    noise of `scale` times the batch latent's RMS (detached, so scaling the latent up does not
+    escape it). Information then pays per dimension, and spreading it over more dimensions
+    carries more: pressure to raise the latent's rank, which the bare autoencoder lacks."""
+    if not quantizer.training or out.n_q:
+        return out
+    z = out.quantized
+    rms = z.detach().pow(2).mean().sqrt()
+    return dataclasses.replace(out, quantized=z + scale * rms * torch.randn_like(z))
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -146,6 +158,8 @@ class Solver:
             for p in (*self.codec.encoder.parameters(), *self.codec.quantizer.parameters()):
                 p.requires_grad_(False)
         self.disc = MultiScaleSTFTDiscriminator(config.codec.channels, config.disc_filters).to(self.device)
+        if config.latent_noise:
+            self.codec.quantizer.register_forward_hook(functools.partial(_noisy, config.latent_noise))
         self.model: nn.Module = self.codec
         self.disc_model: nn.Module = self.disc
         if self.world > 1:
@@ -414,52 +428,6 @@ class Solver:
         codec_config, settings = carried(self.cfg.codec, self.parents[0] if self.parents else None)
         return save_release(path, self.cfg.codec.name, self.codec, codec_config, lm, lm_config, meta,
                             parents=self.parents, **settings)
-
-
-@torch.no_grad()
-def dev_scores(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.Sequence[float],
-               visqol: VisqolSpeech | None, visqol_for: tp.Callable[[str, int, float], bool]) -> dict[str, float]:
-    """Means over `clips` of SI-SNR and mel distance per category (the file name's prefix) and
-    bandwidth, keys `{category}_{bandwidth}k_{metric}`, coding with `codec`'s encoder, quantizer and
-    decoder (no container, no LM); ViSQOL too where `visqol_for(category, index of the clip within
-    its category, bandwidth)` says so and a scorer is given."""
-    return {k: float(np.mean(v)) for k, v in dev_scores_per_clip(codec, clips, bandwidths, visqol, visqol_for).items()}
-
-
-def dev_scores_per_clip(codec: Codec, clips: tp.Sequence[Path], bandwidths: tp.Sequence[float],
-                        visqol: VisqolSpeech | None,
-                        visqol_for: tp.Callable[[str, int, float], bool],
-                        correct: str | None = None) -> dict[str, list[float]]:
-    """`dev_scores` before the means: each key's scores in the order of `clips`. With `correct` (an
-    envelope table), of the decoded audio with its envelope correction on that table's grid applied
-    (`neucodec.envelope`), as a file of one segment carries it, and the correction's rate coded with
-    that table (`..._envelope_kbps`)."""
-    out: dict[str, list[float]] = {}
-    per_category: dict[str, int] = {}
-    grid, table = (envelope.table_grid(correct), envelope.table(correct)) if correct is not None else (None, None)
-    for path in clips:
-        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-        wav = torch.from_numpy(x.mean(1))[None, None].to(codec.device)
-        cat = path.stem.split("_")[0]
-        index = per_category.get(cat, 0)
-        per_category[cat] = index + 1
-        z = codec.encoder(wav)
-        for bw in bandwidths:
-            q = codec.quantizer(z, codec.config.n_q_for_bandwidth(bw))
-            y = codec.decoder(q.quantized)[..., : wav.shape[-1]]
-            key = f"{cat}_{bw:g}k"
-            if grid is not None:
-                ref, dec = wav.flatten().double().cpu().numpy(), y.flatten().double().cpu().numpy()
-                steps = envelope.measure(ref, dec, grid)
-                y = torch.from_numpy(envelope.apply(dec, steps, grid)).to(y).view_as(y)
-                coded = envelope.encode_steps(steps[None], table)
-                out.setdefault(f"{key}_envelope_kbps", []).append(8 * len(coded) * sr / len(x) / 1000)
-            out.setdefault(f"{key}_si_snr", []).append(float(si_snr(y, wav).mean()))
-            out.setdefault(f"{key}_mel", []).append(mel_distance(y, wav, codec.sample_rate))
-            if visqol is not None and visqol_for(cat, index, bw):
-                out.setdefault(f"{key}_visqol", []).append(visqol(
-                    wav.flatten().cpu().numpy(), y.flatten().float().cpu().numpy(), codec.sample_rate))
-    return out
 
 
 def append_csv(path: Path, row: dict[str, tp.Any]) -> None:

@@ -94,6 +94,23 @@ def test_commitment_mean_and_quantizer_bypass(tmp_path: Path) -> None:
     assert not torch.equal(grads[False], grads[True])
 
 
+def test_latent_noise_on_bypassed_training_steps_only(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    s = _solver(tmp_path, latent_noise=0.5)
+    x = s.batches.next()
+    with torch.no_grad():
+        z = s.codec.encoder(x)
+        s.codec.train()
+        noise = s.codec.quantizer(z, 0).quantized - z
+        assert float(noise.std() / z.pow(2).mean().sqrt()) == pytest.approx(0.5, rel=0.1)
+        s.codec.eval()
+        assert torch.equal(s.codec.quantizer(z, 0).quantized, z)  # evaluation, diagnostics: the latent itself
+        s.codec.train()
+        q = s.codec.quantizer(z, 4)  # a quantized step: the codes' vectors, no noise
+        torch.testing.assert_close(q.quantized, s.codec.quantizer.decode(q.codes), rtol=0, atol=1e-6)
+    assert _solver(tmp_path / "off").codec.quantizer._forward_hooks == {}
+
+
 def test_codebooks_are_initialised_afresh_at_reinit_step(tmp_path: Path) -> None:
     s = _solver(tmp_path, reinit_codebooks=3)
     seen = []

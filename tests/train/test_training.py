@@ -495,7 +495,7 @@ def test_dev_scores_with_the_envelope_correction_score_what_files_carry(tmp_path
     """`rank_models.py --envelope`: the corrected audio of a tiny random codec is far closer to its
     input's envelope, so its mel distance drops; the keys and clip order are those of the plain scores."""
     from _bitstream import tiny_codec24
-    from neucodec.train.solver import dev_scores_per_clip
+    from neucodec.train.metrics import dev_scores_per_clip
 
     codec = tiny_codec24()
     t = np.arange(24000) / 24000
