@@ -1,29 +1,27 @@
 #!/usr/bin/env python3
-"""Quality report: neucodec against Opus and Codec2 on the dev clips, metrics + real bitrates -> docs/quality.md.
+"""Quality report: neucodec against Opus and Codec2 on the dev clips, at measured file bitrates -> docs/quality.md.
 
-For every dev clip (speech, music, general sounds; 24 kHz mono) and every system -- neucodec at
-each `--bandwidths` point as `neucodec encode` writes it (with the envelope correction, where the
-model takes one) and without the correction, Opus (opusenc, hard CBR, 60 ms frames) at the same
-targets, Codec2 1200 and 3200 -- the clip is coded, decoded and scored:
+Every dev clip (speech, music, general sounds; 24 kHz mono) is coded, decoded and scored by:
 
-* ViSQOL v3 speech mode (visqol-python, lattice mapper) at 16 kHz, for every category (on music
-  and general sounds it is still speech mode: a rough similarity score, not a music MOS;
-  `neucodec.train.metrics`, shared with the training evaluation);
-* PESQ wideband (16 kHz) and STOI, speech only;
-* log-mel distance: mean |log10(1e-5 + mel(x_hat)) - log10(1e-5 + mel(x))| over 80 HTK mel bands
-  of a normalised STFT (n_fft 1024, hop 256, Hann) at 24 kHz (`neucodec.train.losses.mel_distance`);
-* SI-SNR in dB.
+* neucodec at each `--bandwidths` target, as `neucodec encode -b X` (and `-b X --lm`) writes it:
+  `neucodec.encode_file(..., bandwidth=X)`, where rate control picks the codebooks, the envelope
+  correction and the LM so that the file meets X; then `neucodec.decode_file`;
+* Opus (opusenc, hard CBR, 60 ms frames) at `--opus` rates; Codec2 1200 and 3200.
 
-The degraded signal is aligned to the reference (cross-correlation of the waveforms, or of their
-envelopes when the normalised peak is below 0.3) before STOI, mel distance and SI-SNR; PESQ and
-ViSQOL align internally. Bitrates are measured, not nominal: file kbps counts every byte of the
-.ecdc / .opus / .c2 file, payload kbps only the coded data (ecdc segment payloads; Opus audio
-packets without Ogg pages and header packets; Codec2 frames without the 7-byte header). The LM
-column is the .ecdc size with LM entropy coding, "n/a" when the model ships no LM.
+Scores: ViSQOL v3 speech mode (visqol-python, lattice mapper) at 16 kHz for every category (on music
+and general sounds still speech mode: a rough similarity score; `neucodec.train.metrics`); PESQ-WB
+(16 kHz) and STOI, speech only; log-mel distance (80 HTK bands, n_fft 1024, hop 256, 24 kHz;
+`neucodec.train.losses.mel_distance`); SI-SNR. The decoded signal is aligned to the reference
+(cross-correlation of the waveforms, or of their envelopes when the normalised peak is below 0.3)
+before STOI, mel distance and SI-SNR; PESQ and ViSQOL align internally.
 
-    python bin/bench_quality.py --model ~/.cache/neucodec-train/release/neucodec_24khz.json
-    python bin/bench_quality.py --limit 1 --bandwidths 6        # quick check
-    python bin/bench_quality.py --envelope-table e3 --out /tmp/q.md --plots '/tmp/q_*.png'   # another table
+Bitrates are measured: file kbps counts every byte of the .ecdc / .opus / .c2 file. The
+*Opus-equivalent bitrate* of a neucodec row is, per category and metric, the file rate at which
+Opus reaches neucodec's mean score (Opus's mean scores per rate made monotone, then interpolated
+linearly; `opus_equivalent_rate`), divided by neucodec's mean file rate.
+
+    python bin/bench_quality.py --threads 1
+    python bin/bench_quality.py --limit 1 --bandwidths 6 --opus 6 12 --out /tmp/q.md --plots '/tmp/q_*.png'
 
 Needs the `eval` extra (pesq, pystoi, visqol-python[all], matplotlib) and opus-tools, codec2, sox.
 """
@@ -31,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import collections
 import dataclasses
 import datetime
 import io
@@ -64,6 +63,14 @@ MAX_LAG_SECONDS = 0.1
 CODEC2_MODES = (1200, 3200)
 CODEC2_HEADER_BYTES = 7
 OPUS_FRAME_MS = 60
+BANDWIDTHS = (1.5, 3.0, 4.5, 6.0, 8.0, 12.0, 16.0)
+OPUS_RATES = (1.5, 3.0, 4.5, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
+# (category, metric, higher is better, column title) of the Opus-equivalent table
+METRICS = (("speech", "visqol", True, "ViSQOL"), ("speech", "pesq", True, "PESQ-WB"), ("speech", "stoi", True, "STOI"),
+           ("speech", "mel", False, "mel"), ("music", "visqol", True, "ViSQOL"), ("music", "mel", False, "mel"),
+           ("sfx", "visqol", True, "ViSQOL"), ("sfx", "mel", False, "mel"))
+BAR_TARGETS = (1.5, 3.0, 6.0, 12.0)  # Opus-equivalent ratio >= 1 on every metric at these -b ...
+BAR_RATIO, BAR_PESQ_TARGET, BAR_PESQ_RATIO = 1.0, 6.0, 1.3  # ... and >= 1.3 on speech PESQ-WB at -b 6
 
 
 # ---------------------------------------------------------------- pure helpers (tested)
@@ -179,6 +186,62 @@ def nanmean(values: tp.Iterable[float]) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
+
+def opus_equivalent_rate(rates: tp.Sequence[float], scores: tp.Sequence[float], score: float,
+                         higher_is_better: bool = True) -> tuple[float, float]:
+    """The rate at which a reference codec reaches `score`, from its mean score at each rate.
+
+    The curve is made monotone (the best score at this rate or any lower one) and interpolated
+    linearly between measured rates. A NaN score (e.g. silent output, which ViSQOL and PESQ cannot
+    score) reaches nothing. Returns (low, high) bounds of the rate, equal when interpolated;
+    (rates[-1], inf) when `score` is beyond every rate's; (0, rates[0]) when the lowest rate already
+    reaches it; (r_nan, r) between a rate that reaches nothing and the next. (nan, nan) for a NaN
+    `score` or no rates.
+    """
+    if math.isnan(score) or not len(rates):
+        return math.nan, math.nan
+    sign = 1.0 if higher_is_better else -1.0
+    pairs = sorted(zip(rates, scores))
+    best, curve = -math.inf, []
+    for r, s in pairs:
+        if not math.isnan(s):
+            best = max(best, sign * s)
+        curve.append((r, best))
+    want = sign * score
+    for i, (r, s) in enumerate(curve):
+        if s >= want:
+            if i == 0:
+                return 0.0, r
+            r0, s0 = curve[i - 1]
+            if s0 == -math.inf:
+                return r0, r
+            x = r0 + (want - s0) / (s - s0) * (r - r0)
+            return x, x
+    return curve[-1][0], math.inf
+
+
+def ratio_text(low: float, high: float, digits: int = 2) -> str:
+    """A ratio or its bounds as the report shows them: '1.34', '> 2.10', '< 0.61', '1.52–2.43'."""
+    if math.isnan(low):
+        return "—"
+    if low == high:
+        return f"{low:.{digits}f}"
+    if math.isinf(high):
+        return f"> {low:.{digits}f}"
+    if low <= 0:
+        return f"< {high:.{digits}f}"
+    return f"{low:.{digits}f}–{high:.{digits}f}"
+
+
+def meets(low: float, high: float, bar: float) -> bool | None:
+    """Whether a ratio known to lie in [low, high] is at least `bar`: True, False, or None (undecided)."""
+    if math.isnan(low):
+        return None
+    if low >= bar:
+        return True
+    return False if high < bar else None
+
+
 # ---------------------------------------------------------------- systems
 @dataclasses.dataclass
 class Coded:
@@ -187,21 +250,23 @@ class Coded:
     audio: np.ndarray
     file_bytes: int
     payload_bytes: int
-    lm_file_bytes: int | None = None
-    lm_payload_bytes: int | None = None
+    point: str | None = None  # neucodec: the operating point rate control chose
+    notes: list[str] = dataclasses.field(default_factory=list)  # neucodec: the encoder's notes
 
 
 @dataclasses.dataclass
 class System:
-    """A codec at one operating point: `run(clip path, clip audio [T]) -> Coded`."""
+    """A codec at one setting: `run(clip path) -> Coded`."""
 
-    name: str  # "neucodec", "opus", "codec2"
+    name: str  # "neucodec", "neucodec --lm", "opus", "codec2"
     target_kbps: float
-    run: tp.Callable[[Path, np.ndarray], Coded]
+    run: tp.Callable[[Path], Coded]
 
     @property
     def label(self) -> str:
-        return f"{self.name} @ {self.target_kbps:g} kbps"
+        if self.name.startswith("neucodec"):
+            return f"`-b {self.target_kbps:g}{self.name[len('neucodec'):]}`"
+        return f"{'Opus' if self.name == 'opus' else 'Codec2'} {self.target_kbps:g}"
 
 
 def _sh(cmd: str) -> None:
@@ -217,7 +282,7 @@ def _read24(path: Path) -> np.ndarray:
 
 
 def opus_system(kbps_target: float, tmp: Path) -> System:
-    def run(path: Path, wav: np.ndarray) -> Coded:
+    def run(path: Path) -> Coded:
         coded, out = tmp / "x.opus", tmp / "opus.wav"
         _sh(f"opusenc --quiet --bitrate {kbps_target:g} --hard-cbr --framesize {OPUS_FRAME_MS} "
             f"{shlex.quote(str(path))} {coded}")
@@ -228,7 +293,7 @@ def opus_system(kbps_target: float, tmp: Path) -> System:
 
 
 def codec2_system(mode: int, tmp: Path) -> System:
-    def run(path: Path, wav: np.ndarray) -> Coded:
+    def run(path: Path) -> Coded:
         coded, out = tmp / "x.c2", tmp / "c2.wav"
         raw = "-t raw -r 8000 -e signed -b 16 -c 1"
         # -D: no dither (sox adds random dither when it writes 16 bits: a new score every run)
@@ -239,50 +304,46 @@ def codec2_system(mode: int, tmp: Path) -> System:
     return System("codec2", mode / 1000, run)
 
 
-NEUCODEC = "neucodec"  # as `neucodec encode` writes it: with the envelope correction where the model takes one
-PLAIN = "neucodec, no envelope"
+def neucodec_system(model: Path, lm: tp.Any, bandwidth: float, tmp: Path, envelope: str | None = None) -> System:
+    """neucodec as `neucodec encode -b BANDWIDTH [--lm]` writes it (`lm`: the loaded LM, or None for
+    no LM) and `neucodec decode` reads it; `envelope`: only points with that correction table."""
+    import neucodec
 
+    def run(path: Path) -> Coded:
+        coded, out = tmp / "x.ecdc", tmp / "neucodec.wav"
+        res = neucodec.encode_file(path, coded, model=model, bandwidth=bandwidth, use_lm=lm is not None, lm=lm,
+                                   envelope=envelope, force=True, device="cpu")
+        neucodec.decode_file(coded, out, model=model, lm=lm, subtype="FLOAT", force=True, device="cpu")
+        data = coded.read_bytes()
+        notes = [n.split(": ", 1)[-1] for n in res.notes]  # without the clip's path
+        return Coded(_read24(out), len(data), ecdc_payload_bytes(data), res.point.describe() if res.point else None,
+                     notes)
+    return System("neucodec" + (" --lm" if lm is not None else ""), bandwidth, run)
 
-def neucodec_system(codec: tp.Any, lm: tp.Any, bandwidth: float, envelope: str | bool, name: str) -> System:
-    """neucodec at `bandwidth`; `envelope`: the correction's table, or False for none."""
-    from neucodec import ecdc
-
-    def run(path: Path, wav: np.ndarray) -> Coded:
-        x = torch.from_numpy(wav).view(1, 1, -1)
-        with torch.no_grad():
-            data = ecdc.encode_bytes(codec, x, bandwidth, correct_envelope=envelope)
-            _, y = ecdc.decode_bytes(data, codec)
-            coded = Coded(y.reshape(-1).numpy().astype(np.float32), len(data), ecdc_payload_bytes(data))
-            if lm is not None:
-                lm_data = ecdc.encode_bytes(codec, x, bandwidth, lm=lm, correct_envelope=envelope)
-                coded.lm_file_bytes, coded.lm_payload_bytes = len(lm_data), ecdc_payload_bytes(lm_data)
-        return coded
-    return System(name, bandwidth, run)
-
-
-def speed(codec: tp.Any, lm: tp.Any, clips: list[tuple[str, Path]], envelope: str | bool, bandwidth: float = 6.0,
+def speed(model: Path, lm: tp.Any, clips: list[tuple[str, Path]], tmp: Path, bandwidth: float = 6.0,
           seconds: float = 60.0, rounds: int = 2) -> dict[str, float]:
-    """Real-time factors (audio s per compute s, best of `rounds`) of `encode_bytes` and
-    `decode_bytes` at `bandwidth` on `seconds` of the dev clips joined: as `neucodec encode` codes
-    (`envelope`: with the correction on that table), without the correction ("plain_"), and with the
-    LM ("lm_")."""
-    from neucodec import ecdc
+    """Real-time factors (audio s per compute s, best of `rounds`) of `encode_file` and `decode_file`
+    at `-b bandwidth` on `seconds` of the dev clips joined: as `neucodec encode` codes, without the
+    envelope correction ("plain_", `--no-envelope`), and with the LM ("lm_", `--lm`)."""
+    import neucodec
 
+    src, coded, out = tmp / "joined.wav", tmp / "speed.ecdc", tmp / "speed.wav"
     audio = np.concatenate([_read24(path) for _, path in clips])
-    x = torch.from_numpy(np.resize(audio, int(seconds * SAMPLE_RATE))).view(1, 1, -1)
-    out: dict[str, float] = {}
-    variants = [("", None, envelope)] + [("plain_", None, False)] * bool(envelope) \
-        + [("lm_", lm, envelope)] * (lm is not None)
-    for tag, model_lm, correct in variants:
-        best_enc = best_dec = float("inf")
+    sf.write(str(src), np.resize(audio, int(seconds * SAMPLE_RATE)), SAMPLE_RATE, subtype="FLOAT")
+    rtf: dict[str, float] = {}
+    variants = [("", None, None), ("plain_", False, None)] + [("lm_", None, lm)] * (lm is not None)
+    for tag, envelope, model_lm in variants:
+        best_enc = best_dec = math.inf
         for _ in range(rounds):
             t = time.perf_counter()
-            data = ecdc.encode_bytes(codec, x, bandwidth, lm=model_lm, correct_envelope=correct)
+            neucodec.encode_file(src, coded, model=model, bandwidth=bandwidth, use_lm=model_lm is not None,
+                                 lm=model_lm, envelope=envelope, force=True, device="cpu")
             t1 = time.perf_counter()
-            ecdc.decode_bytes(data, codec, model_lm)
+            neucodec.decode_file(coded, out, model=model, lm=model_lm, force=True, device="cpu")
             best_enc, best_dec = min(best_enc, t1 - t), min(best_dec, time.perf_counter() - t1)
-        out[f"{tag}encode"], out[f"{tag}decode"] = seconds / best_enc, seconds / best_dec
-    return out
+        rtf[f"{tag}encode"], rtf[f"{tag}decode"] = seconds / best_enc, seconds / best_dec
+    return rtf
+
 
 
 # ---------------------------------------------------------------- metrics
@@ -359,7 +420,7 @@ def load_model(spec: str | None) -> tuple[tp.Any, tp.Any, dict[str, tp.Any]]:
     info = {"source": str(source), "model_id": codec.model_id, "fingerprint": codec.fingerprint,
             "n_q": codec.n_q, "blank_codebooks": blank,
             "training": weights.metadata, "lm": None if lm is None else f"{lm.model_id} ({lm.fingerprint})",
-            "bandwidths": list(codec.config.bandwidths)}
+            "bandwidths": list(codec.config.bandwidths), "path": str(path)}
     return codec, lm, info
 
 
@@ -384,199 +445,249 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def summarise(rows: list[dict[str, tp.Any]]) -> dict[tuple[str, str], dict[str, float]]:
-    """Mean of every number per (category, system label), plus the clip count."""
+SCORES = ("file_kbps", "payload_kbps", "visqol", "pesq", "stoi", "mel", "si_snr")
+RANK = {"neucodec": 0, "neucodec --lm": 1, "opus": 2, "codec2": 3}
+
+
+def summarise(rows: list[dict[str, tp.Any]]) -> dict[tuple[str, str], dict[str, tp.Any]]:
+    """Per (category, system label): the mean of every score, the clip count, the system's name and
+    target, and how often each operating point was chosen."""
     groups: dict[tuple[str, str], list[dict[str, tp.Any]]] = {}
     for r in rows:
         groups.setdefault((r["category"], r["system"]), []).append(r)
     out = {}
     for key, rs in groups.items():
-        means: dict[str, float] = {"clips": len(rs)}
-        for k in ("file_kbps", "payload_kbps", "lm_file_kbps", "lm_payload_kbps", "visqol", "pesq", "stoi",
-                  "mel", "si_snr", "target_kbps"):
-            means[k] = nanmean(r.get(k, float("nan")) for r in rs)
-        means["name"] = rs[0]["name"]  # type: ignore[assignment]
+        means: dict[str, tp.Any] = {k: nanmean(r.get(k, math.nan) for r in rs) for k in SCORES}
+        means.update(clips=len(rs), name=rs[0]["name"], target_kbps=rs[0]["target_kbps"],
+                     points=collections.Counter(r["point"] for r in rs if r.get("point")),
+                     notes=collections.Counter(n for r in rs for n in r.get("notes", ())))
         out[key] = means
     return out
 
 
-def _order(summary: dict[tuple[str, str], dict[str, tp.Any]], cat: str) -> list[str]:
-    rank = {NEUCODEC: 0, PLAIN: 1, "opus": 2, "codec2": 3}
-    labels = [lab for c, lab in summary if c == cat]
-    return sorted(labels, key=lambda lab: (rank.get(summary[(cat, lab)]["name"], 9),
-                                           summary[(cat, lab)]["target_kbps"]))
+def _labels(summary: dict[tuple[str, str], dict[str, tp.Any]], names: tp.Container[str] = RANK) -> list[str]:
+    """System labels in report order: neucodec by target, with the LM, Opus, Codec2."""
+    first = {lab: s for (_, lab), s in summary.items()}
+    return sorted((lab for lab, s in first.items() if s["name"] in names),
+                  key=lambda lab: (RANK.get(first[lab]["name"], 9), first[lab]["target_kbps"]))
 
 
-def table(summary: dict[tuple[str, str], dict[str, tp.Any]], cat: str, has_lm: bool) -> str:
-    head = ("| codec @ target | kbps file (no LM) | kbps payload (no LM) | kbps file (LM) | kbps payload (LM) "
-            "| ViSQOL | PESQ-WB | STOI | mel dist ↓ | SI-SNR dB |")
-    lines = [head, "|" + "---|" * 10]
-    for lab in _order(summary, cat):
-        s = summary[(cat, lab)]
-        is_neu = s["name"] in (NEUCODEC, PLAIN)
-        lm_file = _fmt(s["lm_file_kbps"]) if is_neu and has_lm else ("n/a" if is_neu else "—")
-        lm_pay = _fmt(s["lm_payload_kbps"]) if is_neu and has_lm else ("n/a" if is_neu else "—")
-        lines.append(f"| {lab} | {_fmt(s['file_kbps'])} | {_fmt(s['payload_kbps'])} | {lm_file} | {lm_pay} "
-                     f"| {_fmt(s['visqol'])} | {_fmt(s['pesq'])} | {_fmt(s['stoi'])} | {_fmt(s['mel'], 3)} "
-                     f"| {_fmt(s['si_snr'], 1)} |")
+Ratios = dict[tuple[str, str, str], tuple[float, float]]  # (category, metric, neucodec label) -> bounds
+
+
+def equivalent_ratios(summary: dict[tuple[str, str], dict[str, tp.Any]]) -> Ratios:
+    """(category, metric, neucodec label) -> bounds of its Opus-equivalent ratio: the file rate at which
+    Opus reaches neucodec's mean score over neucodec's mean file rate."""
+    out = {}
+    for cat, metric, higher, _ in METRICS:
+        opus = [s for (c, _), s in summary.items() if c == cat and s["name"] == "opus"]
+        rates, scores = [s["file_kbps"] for s in opus], [s[metric] for s in opus]
+        for (c, lab), s in summary.items():
+            if c == cat and s["name"].startswith("neucodec"):
+                low, high = opus_equivalent_rate(rates, scores, s[metric], higher)
+                out[(cat, metric, lab)] = (low / s["file_kbps"], high / s["file_kbps"])
+    return out
+
+
+def _point_text(counts: collections.Counter[str]) -> str:
+    if not counts:
+        return "—"
+    (top, n), *others = counts.most_common()
+    return top + "".join(f"; {p} on {k} clip{'s' if k > 1 else ''}" for p, k in others)
+
+
+def equivalent_table(summary: dict[tuple[str, str], dict[str, tp.Any]],
+                     ratios: Ratios) -> str:
+    cats = [c for c in CATEGORIES if any(k[0] == c for k in summary)]
+    cols = [m for m in METRICS if m[0] in cats]
+    heads = [f"{cat}: {title}" if i == 0 or cols[i - 1][0] != cat else title
+             for i, (cat, _, _, title) in enumerate(cols)]
+    lines = ["| `-b` | chosen point | file kbps: " + " / ".join(cats) + " | " + " | ".join(heads) + " |",
+             "|" + "---|" * (3 + len(cols))]
+    for lab in _labels(summary, ("neucodec", "neucodec --lm")):
+        points: collections.Counter[str] = collections.Counter()
+        for c in cats:
+            points.update(summary[(c, lab)]["points"])
+        rates = " / ".join(_fmt(summary[(c, lab)]["file_kbps"]) for c in cats)
+        cells = [ratio_text(*ratios.get((cat, metric, lab), (math.nan, math.nan))) for cat, metric, _, _ in cols]
+        lines.append(f"| {lab} | {_point_text(points)} | {rates} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def bar_verdict(summary: dict[tuple[str, str], dict[str, tp.Any]], bandwidth: float = 6.0) -> list[str]:
-    """One line per category (speech, music): does neucodec, as `neucodec encode` writes it (without
-    the LM) at the highest bandwidth whose real payload is no larger than Opus's at `bandwidth`, beat
-    Opus at `bandwidth`?"""
+def bar_verdict(summary: dict[tuple[str, str], dict[str, tp.Any]],
+                ratios: Ratios) -> list[str]:
+    """One line per neucodec variant (without, with the LM): the bar's cells that fail or are undecided."""
+    titles = {(c, m): f"{c} {t}" for c, m, _, t in METRICS}
     lines = []
-    for cat in ("speech", "music"):
-        opus = summary.get((cat, f"opus @ {bandwidth:g} kbps"))
-        fits = sorted((s["payload_kbps"], lab) for (c, lab), s in summary.items()
-                      if c == cat and s["name"] == NEUCODEC and opus and s["payload_kbps"] <= opus["payload_kbps"])
-        neu = summary[(cat, fits[-1][1])] if fits else None
-        if neu is None or opus is None:
-            lines.append(f"* **{CATEGORY_TITLES[cat]}:** not measured (run with speech/music clips, Opus at "
-                         f"{bandwidth:g} kbps and a neucodec bandwidth that fits in it).")
+    for name in ("neucodec", "neucodec --lm"):
+        labs = {s["target_kbps"]: lab for (_, lab), s in summary.items() if s["name"] == name}
+        if not labs:
             continue
-        v_win = neu["visqol"] > opus["visqol"]
-        m_win = neu["mel"] < opus["mel"]
-        verdict = ("**beats**" if v_win and m_win
-                   else "**does not beat**" if not (v_win or m_win) else "**splits with**")
-        lines.append(
-            f"* **{CATEGORY_TITLES[cat]}:** neucodec {neu['target_kbps']:g} kbps {verdict} Opus {bandwidth:g} kbps — "
-            f"ViSQOL {_fmt(neu['visqol'])} vs {_fmt(opus['visqol'])} ({'better' if v_win else 'not better'}), "
-            f"mel distance {_fmt(neu['mel'], 3)} vs {_fmt(opus['mel'], 3)} ({'better' if m_win else 'not better'}); "
-            f"real payload {_fmt(neu['payload_kbps'])} vs {_fmt(opus['payload_kbps'])} kbps.")
+        fail, open_, missing = [], [], [b for b in BAR_TARGETS if b not in labs]
+        for b in BAR_TARGETS:
+            for cat, metric, _, _ in METRICS:
+                if (cat, metric, labs.get(b)) not in ratios:
+                    continue
+                low, high = ratios[(cat, metric, labs[b])]
+                bar = BAR_PESQ_RATIO if (cat, metric, b) == ("speech", "pesq", BAR_PESQ_TARGET) else BAR_RATIO
+                ok = meets(low, high, bar)
+                cell = f"`-b {b:g}` {titles[(cat, metric)]} {ratio_text(low, high)}"
+                cell += f" < {bar:g}" if bar != 1 and ok is False else ""
+                if ok is False:
+                    fail.append(cell)
+                elif ok is None:
+                    open_.append(cell)
+        verdict = "**not met**" if fail else "**undecided**" if open_ else "**met**"
+        what = "; ".join(part for part in (
+            ", ".join(fail),
+            ", ".join(open_) and ("undecided: " if fail else "") + ", ".join(open_),
+            missing and "not measured: " + ", ".join(f"`-b {b:g}`" for b in missing)) if part)
+        lines.append(f"* **{'With `--lm`' if name.endswith('lm') else 'Without the LM'}:** {verdict}"
+                     + (f" ({what})." if what else "."))
     return lines
 
 
-def plot(summary: dict[tuple[str, str], dict[str, tp.Any]], metric: str, ylabel: str, path: Path,
-         has_lm: bool) -> None:
+def scores_table(summary: dict[tuple[str, str], dict[str, tp.Any]]) -> str:
+    cats = [c for c in CATEGORIES if any(k[0] == c for k in summary)]
+    cols = [(c, m) for c in cats for m in (("file_kbps", "visqol", "pesq", "stoi", "mel", "si_snr") if c == "speech"
+                                          else ("file_kbps", "visqol", "mel"))]
+    title = {"file_kbps": "kbps", "visqol": "ViSQOL", "pesq": "PESQ-WB", "stoi": "STOI", "mel": "mel ↓",
+             "si_snr": "SI-SNR"}
+    digits = {"mel": 3, "si_snr": 1}
+    heads = [f"{c}: {title[m]}" if m == "file_kbps" else title[m] for c, m in cols]
+    lines = ["| system | " + " | ".join(heads) + " |", "|" + "---|" * (1 + len(cols))]
+    for lab in _labels(summary):
+        cells = [_fmt(summary[(c, lab)][m], digits.get(m, 2)) if (c, lab) in summary else "—" for c, m in cols]
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[tuple[str, str], dict[str, tp.Any]], path: Path) -> None:
+    """ViSQOL and mel distance against file kbps, a column per category."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cats = [c for c in CATEGORIES if any(k[0] == c for k in summary)]
-    fig, axes = plt.subplots(1, len(cats), figsize=(4.6 * len(cats), 3.8), squeeze=False)
-    styles = {NEUCODEC: ("tab:blue", "o"), PLAIN: ("lightsteelblue", "o"), "opus": ("tab:orange", "s"),
-              "codec2": ("tab:green", "^")}
-    for ax, cat in zip(axes[0], cats):
-        for name, (color, marker) in styles.items():
-            pts = sorted((s["payload_kbps"], s[metric], s.get("lm_payload_kbps")) for (c, _), s in summary.items()
-                         if c == cat and s["name"] == name)
-            if not pts:
-                continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, label=name)
-            if name == NEUCODEC and has_lm:
-                ax.plot([p[2] for p in pts], [p[1] for p in pts], color=color, marker=marker, ls="--",
-                        mfc="none", label="neucodec + LM")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([1, 1.5, 3, 6, 12])
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlabel("real payload bitrate (kbps)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(CATEGORY_TITLES[cat] + (" (speech-mode ViSQOL)" if metric == "visqol" and cat != "speech" else ""))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, len(cats), figsize=(4.4 * len(cats), 6.6), squeeze=False)
+    styles = {"neucodec": dict(color="tab:blue", marker="o"),
+              "neucodec --lm": dict(color="tab:blue", marker="o", ls="--", mfc="none"),
+              "opus": dict(color="tab:orange", marker="s"), "codec2": dict(color="tab:green", marker="^")}
+    for row, (metric, ylabel) in enumerate((("visqol", "ViSQOL (speech mode) ↑"), ("mel", "log-mel distance ↓"))):
+        for ax, cat in zip(axes[row], cats):
+            for name, style in styles.items():
+                pts = sorted((s["file_kbps"], s[metric]) for (c, _), s in summary.items()
+                             if c == cat and s["name"] == name)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([1.5, 3, 6, 12, 24])
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set_xlabel("file bitrate (kbps)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(CATEGORY_TITLES[cat])
+            ax.grid(True, alpha=0.3)
+            if metric == "mel":
+                ax.set_ylim(0, min(1.5, ax.get_ylim()[1]))
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def plot_path(args: argparse.Namespace) -> Path:
+    """Where the plot goes: `--plots` with its '*' replaced by 'rate'."""
+    return Path(args.plots.replace("*", "rate"))
+
+
 def write_report(args: argparse.Namespace, model: dict[str, tp.Any], clips: list[tuple[str, Path]],
-                 summary: dict[tuple[str, str], dict[str, tp.Any]], plots: dict[str, Path], seconds: float,
-                 command: str, rtf: dict[str, float], load: float) -> str:
-    train = model["training"] or {}
-    how_trained = train.get("history") or \
-        f"batch {train.get('batch_size', '?')} × {train.get('segment_seconds', '?')} s"
-    has_lm = model["lm"] is not None
+                 summary: dict[tuple[str, str], dict[str, tp.Any]], seconds: float, command: str,
+                 rtf: dict[str, float], load: float) -> str:
+    ratios = equivalent_ratios(summary)
     counts = ", ".join(f"{sum(c == cat for c, _ in clips)} {cat}" for cat in CATEGORIES)
     out_dir = Path(args.out).resolve().parent
+    plot_file = plot_path(args)
+    card = os.path.relpath(ROOT / "docs/model-card.md", out_dir)
+    bars = ", ".join(f"{b:g}" for b in BAR_TARGETS)
     parts = [
         "# Quality report",
         "",
-        "Objective quality of neucodec against Opus and Codec2 on held-out dev clips, with measured bitrates. "
+        "neucodec against Opus and Codec2 on held-out dev clips, every figure at the file's measured bitrate. "
         "Generated by `bin/bench_quality.py`; do not edit by hand.",
         "",
         f"* **Command:** `{command}`",
         f"* **Date:** {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
-        f"({seconds / 60:.1f} min on {args.threads} thread(s))",
-        f"* **Model:** `{model['model_id']}`, fingerprint `{model['fingerprint']}` (`{_home(model['source'])}`)",
-        f"* **Training behind the weights:** {train.get('steps', '?')} steps, {train.get('train_hours', '?')} h "
-        f"({how_trained})",
-        f"* **Entropy-coding LM:** {model['lm'] or 'none in this package (LM bitrates n/a)'}",
-        f"* **Envelope correction:** {_envelope_line(model['envelope'])}",
+        f"({seconds / 60:.0f} min on {args.threads} thread(s))",
+        f"* **Model:** `{model['model_id']}`, fingerprint `{model['fingerprint']}` (`{_home(model['source'])}`; "
+        f"training: [model card]({card})); LM: {model['lm'] or 'none (no `--lm` rows)'}"
+        + (f"; only points with the `{args.envelope_table}` correction" if args.envelope_table else ""),
         *_blank_warning(model["blank_codebooks"], model["n_q"]),
         f"* **Clips:** {counts} × 10 s, 24 kHz mono, from `{_home(str(args.clips))}` (held out from training).",
-        f"* **Speed** ({args.threads} thread(s), 60 s of the clips joined, 6 kbps, best of 2; "
-        f"load average {load:.1f} at the start): encode {rtf['encode']:.0f}×, decode {rtf['decode']:.0f}× real time"
-        + (f"; without the envelope correction encode {rtf['plain_encode']:.0f}×, decode {rtf['plain_decode']:.0f}×"
-           if "plain_encode" in rtf else "")
-        + (f"; with the LM encode {rtf['lm_encode']:.0f}×, decode {rtf['lm_decode']:.0f}×"
-           if "lm_encode" in rtf else "")
-        + ".",
+        f"* **Speed** (`-b 6`, 60 s of the clips joined, best of 2, load average {load:.1f} at the start): "
+        f"encode {rtf['encode']:.0f}×, decode {rtf['decode']:.0f}× real time; `--no-envelope` "
+        f"{rtf['plain_encode']:.0f}× / {rtf['plain_decode']:.0f}×"
+        + (f"; `--lm` {rtf['lm_encode']:.0f}× / {rtf['lm_decode']:.0f}×" if "lm_encode" in rtf else "") + ".",
         "",
-        "## Bar: neucodec vs Opus 6 kbps, at no more real payload",
+        "## Opus-equivalent bitrate",
         "",
-        *bar_verdict(summary),
+        "Per category and metric: the file rate Opus needs for neucodec's mean score, divided by neucodec's "
+        "mean file rate; above 1, neucodec needs fewer bits. `> x`: neucodec scores better than Opus at "
+        "its highest rate; `< x`: Opus's lowest rate already scores better; `x–y`: between an Opus rate that "
+        "decodes to silence and the next. `-b` is the target; *chosen point*: what rate control picked.",
         "",
-    ]
-    for cat in CATEGORIES:
-        if any(c == cat for c, _ in summary):
-            n = sum(c == cat for c, _ in clips)
-            note = "" if cat == "speech" else " ViSQOL is speech mode here too (a rough similarity score)."
-            parts += [f"## {CATEGORY_TITLES[cat]} ({n} clip{'s' if n != 1 else ''}, means)", "",
-                      table(summary, cat, has_lm), ""]
-            if note:
-                parts += [note.strip(), ""]
-    parts += ["## Rate–distortion plots", ""]
-    for metric, path in plots.items():
-        parts.append(f"![{metric} vs bitrate]({os.path.relpath(path.resolve(), out_dir)})")
-        parts.append("")
-    parts += [
+        equivalent_table(summary, ratios),
+        "",
+        *_notes(summary),
+        f"Bar: at least {BAR_RATIO:.1f} on every metric at `-b` {bars}, and {BAR_PESQ_RATIO:.1f} on speech PESQ-WB "
+        f"at `-b {BAR_PESQ_TARGET:g}`.",
+        "",
+        *bar_verdict(summary, ratios),
+        "",
+        "## Scores (means over clips)",
+        "",
+        scores_table(summary),
+        "",
+        f"![ViSQOL and mel distance vs file bitrate]({os.path.relpath(plot_file.resolve(), out_dir)})",
+        "",
         "## How the numbers are made",
         "",
-        "* **Systems.** neucodec: `neucodec.ecdc.encode_bytes` / `decode_bytes` at each bandwidth, "
-        "without and (when the package has one) with the LM; *neucodec* as `neucodec encode` writes it, with "
-        "the envelope correction (counted in its bitrates), *neucodec, no envelope* without. "
-        "The bar compares the highest neucodec bandwidth whose real payload without the LM is no larger "
-        "than Opus's. "
-        f"Opus: `opusenc --quiet --bitrate B --hard-cbr --framesize {OPUS_FRAME_MS}` on the 24 kHz clip, "
-        f"`opusdec --quiet --rate {SAMPLE_RATE} --no-dither --float`. "
-        "Codec2 (1.0.5): `sox -D` (no dither) to 8 kHz raw, `c2enc MODE` / `c2dec MODE`, `sox -D` back to 24 kHz.",
-        "* **Bitrates** are measured over the clip's duration. *File* counts every byte (.ecdc header, "
-        "segment framing, CRCs and index; Ogg pages and Opus header packets; the Codec2 7-byte header). "
-        "*Payload* counts only coded audio: ecdc segment payloads, Opus audio packets, Codec2 frames. "
-        "Compare payload with payload.",
-        "* **ViSQOL** v3 speech mode (visqol-python, deep-lattice mapper), both signals resampled to 16 kHz "
-        "with soxr; MOS-LQO 1–5, identical signals score ≈ 4.7.",
-        "* **PESQ-WB** (ITU-T P.862.2, `pesq` package) at 16 kHz; **STOI** (`pystoi`, classic) at 24 kHz. "
-        "Speech only.",
-        "* **Mel distance** (lower is better): mean over frames and bands of "
-        "|log10(1e-5 + M(x̂)) − log10(1e-5 + M(x))|, M = 80-band HTK mel filterbank on the magnitude of a "
-        "normalised STFT (n_fft 1024, hop 256, Hann, reflect padding) at 24 kHz "
-        "(`neucodec.train.losses.mel_distance`).",
-        "* **SI-SNR** in dB; meaningless for Codec2 and low-rate Opus, which do not keep the waveform.",
-        f"* **Alignment.** Before STOI, mel distance and SI-SNR the decoded signal is shifted onto the "
-        f"reference by the lag (within ±{MAX_LAG_SECONDS * 1000:.0f} ms) that maximises the waveform "
-        "cross-correlation, or the envelope cross-correlation when the normalised waveform peak is below 0.3. "
-        "PESQ and ViSQOL align internally.",
-        "* **Scores are means over clips**; a score that cannot be computed (silent output) is left out "
-        "of the mean and shown as — when no clip has one.",
-        "* **Opus below 6 kbps is unusable** (hard CBR at 1.5 kbps with 60 ms frames decodes to silence; "
-        "3 kbps is a narrow-band smear); it is listed for completeness. Codec2 covers 1.2 and 3.2 kbps.",
+        "* **neucodec:** `neucodec.encode_file(clip, out, bandwidth=B[, use_lm=True])`, as `neucodec encode -b B "
+        "[--lm]`: rate control picks the codebooks, envelope correction and LM that score best within B for a "
+        "file of this length (header and index take 0.14–0.2 kbps of a 10 s file), then `neucodec.decode_file`. "
+        f"**Opus:** `opusenc --bitrate B --hard-cbr --framesize {OPUS_FRAME_MS}` on the 24 kHz clip, "
+        f"`opusdec --rate {SAMPLE_RATE} --no-dither --float`; below 3 kbps it decodes to silence (ViSQOL, PESQ "
+        "and STOI cannot score it: such a rate reaches no score). "
+        "**Codec2** (1.0.5): `sox -D` to 8 kHz raw, `c2enc MODE` / `c2dec MODE`, `sox -D` back to 24 kHz.",
+        "* **Bitrates** are file bitrates over the clip's duration: every byte of the .ecdc file (header, "
+        "correction, framing, index), of the .opus file (Ogg pages, header packets) and of the .c2 file.",
+        "* **Opus-equivalent rate:** Opus's mean score per file rate, made monotone (the best at that rate or "
+        "below), interpolated linearly at neucodec's mean score (`opus_equivalent_rate`).",
+        "* **ViSQOL** v3 speech mode (visqol-python, lattice mapper) at 16 kHz (soxr), MOS-LQO 1–5, identical "
+        "signals ≈ 4.7; on music and general sounds a rough similarity score. **PESQ-WB** (`pesq`, 16 kHz) and "
+        "**STOI** (`pystoi`, classic, 24 kHz): speech only. **Mel distance** (lower is better): mean "
+        "|log10(1e-5 + M(x̂)) − log10(1e-5 + M(x))|, M = 80 HTK mel bands of a normalised STFT (n_fft 1024, "
+        "hop 256, Hann) at 24 kHz. **SI-SNR** in dB, meaningless for codecs that do not keep the waveform.",
+        f"* **Alignment:** before STOI, mel distance and SI-SNR the decoded signal is shifted by the lag (within "
+        f"±{MAX_LAG_SECONDS * 1000:.0f} ms) that maximises the waveform cross-correlation, or the envelope's when "
+        "the normalised peak is below 0.3. PESQ and ViSQOL align internally. A score that cannot be computed "
+        "is left out of the mean (— when no clip has one).",
         "",
     ]
     return "\n".join(parts)
 
 
-def _envelope_line(settings: dict[str, tp.Any] | None) -> str:
-    if not settings:
-        return "none (the model takes none)"
-    tile_hz, tile_ms = settings["bins"] * 50, settings["hops"] * 10  # STFT bins of 50 Hz, hops of 10 ms
-    wider = "".join(f", {w * 50} Hz from {b * 50} Hz" for b, w in settings.get("wider") or ())
-    return (f"table `{settings['table']}`, {settings['bands']} bands of {tile_hz} Hz × {tile_ms} ms tiles{wider}, "
-            f"{settings['step_db']:g} dB steps (rows *neucodec*)")
+def _notes(summary: dict[tuple[str, str], dict[str, tp.Any]]) -> list[str]:
+    """The encoder's notes per neucodec row, with the number of clips each came on, and a blank line."""
+    lines = []
+    for lab in _labels(summary, ("neucodec", "neucodec --lm")):
+        notes: collections.Counter[str] = collections.Counter()
+        for (_, label), s in summary.items():
+            if label == lab:
+                notes.update(s["notes"])
+        lines += [f"{lab}: the encoder noted \"{n}\" ({k} clip{'s' if k > 1 else ''})." for n, k in notes.items()]
+    return [" ".join(lines), ""] if lines else []
 
 
 def _blank_warning(blank: list[int], n_q: int) -> list[str]:
@@ -607,76 +718,68 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model name or release .json / checkpoint path "
                    f"(default: the packaged default, else {_home(str(FALLBACK_MODEL))})")
     p.add_argument("--clips", type=Path, default=DEFAULT_CLIPS, help="folder of dev clips (+ clips.json)")
-    p.add_argument("--bandwidths", type=float, nargs="+", default=[1.5, 3.0, 4.5, 6.0, 12.0])
+    p.add_argument("--bandwidths", type=float, nargs="+", default=list(BANDWIDTHS), metavar="KBPS",
+                   help="neucodec targets (`-b`), each also with `--lm` when the model has an LM")
+    p.add_argument("--opus", type=float, nargs="+", default=list(OPUS_RATES), metavar="KBPS", help="Opus bitrates")
+    p.add_argument("--no-lm", action="store_true", help="no `--lm` rows")
     p.add_argument("--out", type=Path, default=ROOT / "docs/quality.md")
-    p.add_argument("--plots", default=str(ROOT / "docs/quality_*.png"), help="'*' becomes visqol / mel")
+    p.add_argument("--plots", default=str(ROOT / "docs/quality_*.png"), help="the plot; '*' becomes 'rate'")
     p.add_argument("--json", type=Path, default=None, help="also write per-clip results here")
     p.add_argument("--limit", type=int, default=None, help="at most N clips per category")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--envelope-table", default=None, metavar="NAME",
-                   help="the envelope correction's table, as `neucodec encode --envelope-table` [default: the model's]")
+                   help="only operating points with this envelope correction table "
+                   "(as `neucodec encode --envelope-table`)")
     args = p.parse_args(argv)
     if "*" not in args.plots:
-        p.error("--plots needs a '*' (replaced by the metric name)")
+        p.error("--plots needs a '*' (replaced by 'rate')")
     torch.set_num_threads(args.threads)
     command = "python bin/bench_quality.py " + " ".join(_quote(_home(a)) for a in (argv or sys.argv[1:]))
 
     t0 = time.time()
-    codec, lm, model = load_model(args.model)
-    bad = [b for b in args.bandwidths if b not in codec.config.bandwidths]
-    if bad:
-        p.error(f"bandwidths {bad} not supported by {model['model_id']} ({codec.config.bandwidths})")
+    _, lm, model = load_model(args.model)
+    if args.no_lm:
+        lm = None
     clips = find_clips(args.clips.expanduser(), args.limit)
     load = os.getloadavg()[0]
-    from neucodec import ecdc
-
-    spec = ecdc.use_envelope(codec, args.envelope_table)  # as `neucodec encode` decides
-    envelope: str | bool = spec.table if spec else False
-    model["envelope"] = None if spec is None else spec.to_header()
-    rtf = speed(codec, lm, clips, envelope)
-    print("speed (x real time): " + ", ".join(f"{k} {v:.1f}" for k, v in rtf.items()), flush=True)
     metrics = Metrics()
-    nan = float("nan")
     rows: list[dict[str, tp.Any]] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        systems = [neucodec_system(codec, lm, b, envelope, NEUCODEC) for b in args.bandwidths]
-        systems += [neucodec_system(codec, lm, b, False, PLAIN) for b in args.bandwidths if envelope]
-        systems += [opus_system(b, tmp) for b in args.bandwidths]
+        path = Path(model["path"])
+        rtf = speed(path, lm, clips, tmp)
+        print("speed (x real time): " + ", ".join(f"{k} {v:.1f}" for k, v in rtf.items()), flush=True)
+        systems = [neucodec_system(path, None, b, tmp, args.envelope_table) for b in args.bandwidths]
+        systems += [neucodec_system(path, lm, b, tmp, args.envelope_table) for b in args.bandwidths if lm is not None]
+        systems += [opus_system(b, tmp) for b in args.opus]
         systems += [codec2_system(m, tmp) for m in CODEC2_MODES]
-        for cat, path in clips:
-            ref = _read24(path)
+        for cat, clip in clips:
+            ref = _read24(clip)
             seconds = len(ref) / SAMPLE_RATE
             for system in systems:
                 t = time.time()
-                coded = system.run(path, ref)
+                coded = system.run(clip)
                 row: dict[str, tp.Any] = {
-                    "clip": path.name, "category": cat, "system": system.label, "name": system.name,
-                    "target_kbps": system.target_kbps,
+                    "clip": clip.name, "category": cat, "system": system.label, "name": system.name,
+                    "target_kbps": system.target_kbps, "point": coded.point, "notes": coded.notes,
                     "file_kbps": kbps(coded.file_bytes, seconds), "payload_kbps": kbps(coded.payload_bytes, seconds),
-                    "lm_file_kbps": kbps(coded.lm_file_bytes, seconds) if coded.lm_file_bytes else nan,
-                    "lm_payload_kbps": kbps(coded.lm_payload_bytes, seconds) if coded.lm_payload_bytes else nan,
                 }
                 row.update(metrics.score(ref, coded.audio, cat))
                 rows.append(row)
-                print(f"{path.name:14s} {system.label:24s} {row['payload_kbps']:6.2f} kbps  "
-                      f"visqol {_fmt(row['visqol'])}  mel {_fmt(row['mel'], 3)}  si-snr {_fmt(row['si_snr'], 1)}  "
+                print(f"{clip.name:14s} {system.label:18s} {row['file_kbps']:6.2f} kbps  "
+                      f"visqol {_fmt(row['visqol'])}  mel {_fmt(row['mel'], 3)}  {coded.point or ''}  "
                       f"({time.time() - t:.1f} s)", flush=True)
 
     summary = summarise(rows)
-    has_lm = lm is not None
-    plots = {}
-    for metric, ylabel in (("visqol", "ViSQOL MOS-LQO (speech mode) ↑"), ("mel", "log-mel distance ↓")):
-        path = Path(args.plots.replace("*", metric))
-        plot(summary, metric, ylabel, path, has_lm)
-        plots[metric] = path
-    report = write_report(args, model, clips, summary, plots, time.time() - t0, command, rtf, load)
+    plot(summary, plot_path(args))
+    report = write_report(args, model, clips, summary, time.time() - t0, command, rtf, load)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     if args.json is not None:
         args.json.write_text(json.dumps({"model": model, "rows": rows}, indent=1, default=float) + "\n")
-    print("\n".join(bar_verdict(summary)))
-    print(f"wrote {args.out} and {', '.join(str(p) for p in plots.values())}")
+    print(equivalent_table(summary, equivalent_ratios(summary)))
+    print("\n".join(bar_verdict(summary, equivalent_ratios(summary))))
+    print(f"wrote {args.out} and {plot_path(args)}")
     return 0
 
 

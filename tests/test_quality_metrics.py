@@ -1,8 +1,10 @@
-"""Pure helpers of bin/bench_quality.py: alignment, SI-SNR, bitrate maths, Ogg packet sizes, ecdc payload."""
+"""Pure helpers of bin/bench_quality.py: alignment, SI-SNR, bitrate maths, Ogg packet sizes, ecdc payload,
+Opus-equivalent rates."""
 from __future__ import annotations
 
 import importlib.util
 import io
+import math
 import struct
 import sys
 import types
@@ -128,3 +130,45 @@ def test_ecdc_payload_bytes_is_the_packed_codes(bq: types.ModuleType, tiny_model
 def test_nanmean(bq: types.ModuleType) -> None:
     assert bq.nanmean([1.0, float("nan"), 3.0]) == 2.0
     assert np.isnan(bq.nanmean([float("nan")]))
+
+
+OPUS_RATES = [2.5, 4.0, 7.0, 13.0]  # file kbps of Opus at 1.5, 3, 6, 12 (1.5 decodes to silence)
+OPUS_VISQOL = [float("nan"), 1.5, 1.4, 3.5]  # not monotone: 7 kbps scores below 4 kbps
+
+
+def test_opus_equivalent_rate_interpolates_the_monotone_curve(bq: types.ModuleType) -> None:
+    assert bq.opus_equivalent_rate(OPUS_RATES, OPUS_VISQOL, 2.5) == pytest.approx((10.0, 10.0))
+    # 7 kbps reaches only the 1.5 of 4 kbps (running best): 1.5 -> 3.5 between 7 and 13 kbps
+    assert bq.opus_equivalent_rate(OPUS_RATES, OPUS_VISQOL, 1.6) == pytest.approx((7.3, 7.3))
+    assert bq.opus_equivalent_rate(OPUS_RATES[::-1], OPUS_VISQOL[::-1], 2.5) == pytest.approx((10.0, 10.0))
+    assert bq.opus_equivalent_rate(OPUS_RATES, OPUS_VISQOL, 3.5) == (13.0, 13.0)
+
+
+def test_opus_equivalent_rate_bounds(bq: types.ModuleType) -> None:
+    assert bq.opus_equivalent_rate(OPUS_RATES, OPUS_VISQOL, 3.6) == (13.0, math.inf)  # beyond Opus's best
+    assert bq.opus_equivalent_rate(OPUS_RATES, OPUS_VISQOL, 1.2) == (2.5, 4.0)  # after the silent rate
+    assert bq.opus_equivalent_rate(OPUS_RATES[1:], OPUS_VISQOL[1:], 1.2) == (0.0, 4.0)  # below the lowest
+    assert all(math.isnan(v) for v in bq.opus_equivalent_rate(OPUS_RATES, OPUS_VISQOL, float("nan")))
+    assert all(math.isnan(v) for v in bq.opus_equivalent_rate([], [], 1.0))
+
+
+def test_opus_equivalent_rate_lower_is_better(bq: types.ModuleType) -> None:
+    mel = [2.2, 0.8, 0.6, 0.3]
+    assert bq.opus_equivalent_rate(OPUS_RATES, mel, 0.45, higher_is_better=False) == pytest.approx((10.0, 10.0))
+    assert bq.opus_equivalent_rate(OPUS_RATES, mel, 1.5, higher_is_better=False) == pytest.approx((3.25, 3.25))
+    assert bq.opus_equivalent_rate(OPUS_RATES, mel, 0.2, higher_is_better=False) == (13.0, math.inf)
+    assert bq.opus_equivalent_rate(OPUS_RATES, mel, 2.5, higher_is_better=False) == (0.0, 2.5)
+
+
+def test_ratio_text_and_bar(bq: types.ModuleType) -> None:
+    assert bq.ratio_text(1.344, 1.344) == "1.34"
+    assert bq.ratio_text(2.1, math.inf) == "> 2.10"
+    assert bq.ratio_text(0.0, 0.61) == "< 0.61"
+    assert bq.ratio_text(1.52, 2.43) == "1.52–2.43"
+    assert bq.ratio_text(math.nan, math.nan) == "—"
+    assert bq.meets(1.3, 1.3, 1.3) is True
+    assert bq.meets(2.1, math.inf, 1.0) is True
+    assert bq.meets(0.0, 0.61, 1.0) is False
+    assert bq.meets(0.0, 2.4, 1.0) is None  # Opus's lowest rate already scores better: undecided
+    assert bq.meets(0.9, 0.9, 1.0) is False
+    assert bq.meets(math.nan, math.nan, 1.0) is None
