@@ -12,6 +12,7 @@ float32, so it decodes only where the LM's float kernels give the writer's bits;
 files pin the compressed header of FORMAT.md §2 (earlier files keep their plain JSON headers).
 `packed_source_length_24khz.ecdc` pins the end record's source-length residue (FORMAT.md §3) of a
 file resampled from 44.1 kHz: it must decode to exactly 66,151 samples at 44.1 kHz.
+`shipped_{model}_{fingerprint}.ecdc` is a file of each model shipped in the package (`shipped`).
 `envelope_lm_2groups_24khz.ecdc` pins format version 2: envelope corrections (table "e1", FORMAT.md
 §4.5) in LM-coded segments of two channel groups; `envelope_e3_2groups_24khz.ecdc` the table "e3" (the
 default model's in neucodec 0.16.0) in plain segments, `envelope_e4_2groups_24khz.ecdc` the table "e4"
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import typing as tp
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +102,37 @@ def main() -> None:
             expected["files"][name]["source_length"] = info.source_length
         print(name, len(data), "bytes", info.segments, "segments", info.lm_segments, "LM-coded")
     expected["files"]["lm_mono_24khz.ecdc"]["machine_bound"] = True
+    shipped(expected.setdefault("shipped", {}))
     path.write_text(json.dumps(expected, indent=2) + "\n")
+
+
+def shipped(expected: dict[str, dict[str, tp.Any]]) -> None:
+    """A file of each shipped model (3 s of the example speech, `-b 6 --lm`), which a plain decode
+    must read in every later version: through the model, or its decode side once it is no longer
+    the default (bin/archive_model.py)."""
+    import tempfile
+
+    import soundfile as sf
+
+    from neucodec import pipeline
+    from neucodec.weights import release_names
+
+    x, sr = sf.read(ROOT / "docs/examples/speech.flac", dtype="float32", always_2d=True)
+    for model in release_names():
+        fingerprint = load_codec(model).fingerprint
+        name = f"shipped_{model}_{fingerprint[:8]}.ecdc"
+        if name in expected:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            sf.write(f"{tmp}/in.wav", x[: 3 * sr], sr)
+            pipeline.encode_file(f"{tmp}/in.wav", OUT / name, model=model, bandwidth=6.0, use_lm=True)
+            result = pipeline.decode_file(OUT / name, f"{tmp}/out.wav", subtype="FLOAT")
+            audio, _ = sf.read(f"{tmp}/out.wav", dtype="float32", always_2d=True)
+        data = (OUT / name).read_bytes()
+        expected[name] = {"model": model, "fingerprint": fingerprint, "sha256": hashlib.sha256(data).hexdigest(),
+                          "length": result.info.length, "segments": result.info.segments,
+                          "lm_segments": result.info.lm_segments, "audio_rms": float(np.sqrt((audio ** 2).mean()))}
+        print(name, len(data), "bytes", result.info.segments, "segments", result.info.lm_segments, "LM-coded")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import typing as tp
 
 import torch
 
+from . import archive
 from .errors import DeviceUnavailable, UnsupportedSetting, WeightsUnavailable, option
+from .identity import reads
 from .lm import LanguageModel
 from .model import Codec
 from .weights import DEFAULT_MODEL, LM_FOR, Weights, load_weights, resolve
@@ -38,7 +41,10 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
     if weights.codec_config is None:
         raise WeightsUnavailable(f"{weights.source} holds LM weights, not a codec; pass a codec checkpoint")
     codec = Codec(weights.codec_config)
-    _strict(codec, weights.state, str(weights.source))
+    state = weights.state
+    if weights.decode_only:  # no encoder: it keeps its initial weights, and the writer refuses the codec
+        state = {**{k: v for k, v in codec.state_dict().items() if k.startswith("encoder.")}, **state}
+    _strict(codec, state, str(weights.source))
     codec.prepare_for_inference().to(device)
     codec.model_id = weights.name  # type: ignore[assignment]
     codec.fingerprint = weights.fingerprint  # type: ignore[assignment]
@@ -48,7 +54,17 @@ def load_codec(name_or_path: str | os.PathLike[str] | None = None, device: str |
     codec.default_bandwidth = weights.default_bandwidth  # type: ignore[assignment]
     codec.operating_points = weights.operating_points  # type: ignore[assignment]
     codec.default_kbps = weights.default_kbps  # type: ignore[assignment]
+    codec.decode_only = weights.decode_only  # type: ignore[assignment]
     return codec
+
+
+def load_codec_for(name: str, fingerprint: str | None, device: str | torch.device = "cpu") -> Codec:
+    """The codec that decodes a file of model `name` whose weights were `fingerprint`: the installed
+    `name` when it reads them, else an earlier default's decode side (`neucodec.archive`) that does,
+    else the installed one (whose check then says which release reads the file)."""
+    codec = load_codec(name, device)
+    side = None if reads(codec, fingerprint) else archive.find(name, tp.cast(str, fingerprint))
+    return codec if side is None else load_codec(side, device)
 
 
 def load_lm(name_or_path: str | os.PathLike[str] | None = None) -> LanguageModel:
@@ -70,6 +86,13 @@ def load_lm(name_or_path: str | os.PathLike[str] | None = None) -> LanguageModel
     lm.compatible = frozenset(weights.compatible.get("lm", ()))  # type: ignore[assignment]
     lm.earlier = weights.earlier  # type: ignore[assignment]
     return lm
+
+
+def load_lm_for(name: str, fingerprint: str | None) -> LanguageModel:
+    """`load_codec_for` for the entropy-coding LM."""
+    lm = load_lm(name)
+    side = None if reads(lm, fingerprint) else archive.find(name, tp.cast(str, fingerprint), "lm")
+    return lm if side is None else load_lm(side)
 
 
 def pick_device(spec: str | torch.device | None = "auto") -> torch.device:

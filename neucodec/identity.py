@@ -36,12 +36,18 @@ def model_identity(model: torch.nn.Module) -> tuple[str, str]:
     return str(mid), fp
 
 
+def reads(model: torch.nn.Module, wanted: str | None) -> bool:
+    """Whether the model holds (or, by its `compatible` list, reads) the file's weights `wanted` (a
+    fingerprint; None: any)."""
+    return wanted is None or wanted == model_identity(model)[1] or wanted in getattr(model, "compatible", ())
+
+
 def check_weights(model: torch.nn.Module, kind: tp.Literal["model", "LM"], name: str | None,
                   wanted: str | None) -> str:
-    """The model's id, after checking it holds (or, by its `compatible` list, reads) the file's weights
-    `wanted` (a fingerprint; None: any). ModelMismatch names the release or weights that read the file."""
+    """The model's id, after checking it reads the file's weights `wanted` (`reads`). ModelMismatch
+    names the release or weights that read the file."""
     mid, fp = model_identity(model)
-    if wanted is None or wanted == fp or wanted in getattr(model, "compatible", ()):
+    if reads(model, wanted):
         return mid
     what = "encoded" if kind == "model" else "entropy-coded"
     release = getattr(model, "earlier", {}).get(wanted)
@@ -59,8 +65,8 @@ def check_weights(model: torch.nn.Module, kind: tp.Literal["model", "LM"], name:
 def resolve_codec(codec: Codec | None, info: StreamInfo) -> Codec:
     """The codec that decodes the stream: `codec`, checked, or the one its header names (`hub.load_codec`)."""
     if codec is None:
-        from .hub import load_codec
-        codec = load_codec(info.model_id)
+        from .hub import load_codec_for
+        codec = load_codec_for(info.model_id, info.model_fingerprint)
     mid = check_weights(codec, "model", info.model_id, info.model_fingerprint)
     if (codec.sample_rate, codec.channels, codec.hop_length) != (info.sample_rate, info.channels, info.hop_length) \
             or codec.n_q < info.n_q:
@@ -74,7 +80,7 @@ def resolve_lm(lm: LanguageModel | None, info: StreamInfo) -> LanguageModel:
     if info.lm_id is None:
         raise CorruptStream("a segment is LM-coded but the header names no LM (file damaged)")
     if lm is None:
-        from .hub import load_lm
-        lm = load_lm(info.lm_id)
+        from .hub import load_lm_for
+        lm = load_lm_for(info.lm_id, info.lm_fingerprint)
     check_weights(lm, "LM", info.lm_id, info.lm_fingerprint)
     return lm

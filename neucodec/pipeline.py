@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import audio_io, engine, rate
+from . import archive, audio_io, engine, rate
 from .atomic import atomic_output, check_target, disk_error
 from .errors import (
     NeucodecError,
@@ -32,6 +32,7 @@ from .errors import (
     option,
 )
 from .hub import load_codec, load_lm, pick_device
+from .identity import reads
 from .model import Codec
 from .probe import Recorded
 from .weights import DEFAULT_MODEL, known_names
@@ -74,15 +75,19 @@ _CODECS: dict[tuple[str, str], Codec] = {}
 _LMS: dict[str, LanguageModel] = {}
 
 
-def get_codec(model: PathLike | None, device: torch.device) -> Codec:
-    """The codec for a model name or path on `device`, loaded once per process."""
+def get_codec(model: PathLike | None, device: torch.device, fingerprint: str | None = None) -> Codec:
+    """The codec for a model name or path on `device`, loaded once per process; with the
+    `fingerprint` of a file's weights that it does not read, an earlier default's decode side that
+    does, where one is installed (`neucodec.archive`)."""
     key = (str(model or DEFAULT_MODEL), str(device))
     if model is None and DEFAULT_MODEL not in known_names():
         raise WeightsUnavailable(f"the default model {DEFAULT_MODEL} is not installed; pass {option('-m/--model')} "
                                  "with a model name from `neucodec models` or a weights path")
     if key not in _CODECS:
         _CODECS[key] = load_codec(key[0], device=device)
-    return _CODECS[key]
+    codec = _CODECS[key]
+    side = None if reads(codec, fingerprint) else archive.find(key[0], tp.cast(str, fingerprint))
+    return codec if side is None else get_codec(side, device)
 
 
 def get_lm(model: PathLike | None) -> LanguageModel:
@@ -384,7 +389,8 @@ def decode_calls(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
         if lm is None and model is not None and (known is None or known.lm_id):
             lm = _optional_lm(model)
         try:
-            codec = get_codec(model if model is not None else tp.cast("StreamInfo", header).model_id, on)
+            codec = get_codec(model, on) if model is not None else \
+                get_codec(tp.cast("StreamInfo", header).model_id, on, tp.cast("StreamInfo", header).model_fingerprint)
             info, chunks = read_calls(fi, codec=codec, lm=lm, salvage=salvage, on_lost=lost)
         except (UnknownModel, WeightsUnavailable) as e:
             if model is not None:

@@ -69,6 +69,8 @@ class Weights:
     #: when none is asked for (`default_kbps`)
     operating_points: list[dict[str, tp.Any]] = dataclasses.field(default_factory=list)
     default_kbps: float | None = None
+    #: a decode side (`neucodec.archive`): no encoder; `fingerprint` is that of the weights it stands in for
+    decode_only: bool = False
 
 
 def cache_dir() -> Path:
@@ -226,6 +228,7 @@ class Package:
     default_bandwidth: float | None
     operating_points: list[dict[str, tp.Any]] = dataclasses.field(default_factory=list)
     default_kbps: float | None = None
+    decodes: str | None = None  # a decode side: the fingerprint of the weights whose files it decodes
 
 
 def package_info(path: Path) -> Package:
@@ -257,10 +260,14 @@ def package_info(path: Path) -> Package:
     kbps = meta.get("default_kbps")
     if kbps is not None and (isinstance(kbps, bool) or not isinstance(kbps, (int, float)) or kbps <= 0):
         raise WeightsUnavailable(f"{path}: 'default_kbps' must be a positive number of kbps")
+    decodes = meta.get("decodes")
+    if decodes is not None and not isinstance(decodes, str):
+        raise WeightsUnavailable(f"{path}: 'decodes' must be the fingerprint of the weights it stands in for")
     return Package(meta["name"], codec_config, cfg.lm_from_dict(meta["lm"]) if meta.get("lm") else None,
                    path.with_name(meta.get("weights", path.with_suffix(".safetensors").name)),
                    meta.get("training", {}), compatible, earlier, envelope,
-                   None if bandwidth is None else float(bandwidth), points, None if kbps is None else float(kbps))
+                   None if bandwidth is None else float(bandwidth), points, None if kbps is None else float(kbps),
+                   decodes)
 
 
 def _load_release(path: Path) -> Weights:
@@ -274,9 +281,10 @@ def _load_release(path: Path) -> Weights:
     codec_state = complete_codebooks(
         {k[len("codec."):]: v.float() for k, v in tensors.items() if k.startswith("codec.")})
     lm_state = {k[len("lm."):]: v.float() for k, v in tensors.items() if k.startswith("lm.")}
-    return Weights(package.name, codec_state, digest[:16], path, package.codec_config, package.lm_config,
-                   lm_state or None, package.training, package.compatible, package.earlier, package.envelope,
-                   package.default_bandwidth, package.operating_points, package.default_kbps)
+    return Weights(package.name, codec_state, package.decodes or digest[:16], path, package.codec_config,
+                   package.lm_config, lm_state or None, package.training, package.compatible, package.earlier,
+                   package.envelope, package.default_bandwidth, package.operating_points, package.default_kbps,
+                   decode_only=package.decodes is not None)
 
 
 def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.CodecConfig,

@@ -64,6 +64,9 @@ def encode_calls(fo: tp.BinaryIO, codec: Codec, chunks: tp.Iterable[Tensor], *, 
                  source_length: tp.Callable[[], int] | None = None, correct_envelope: bool | str | None = False,
                  settings: EncodeSettings | None = None) -> tp.Generator[engine.Call, None, StreamInfo]:
     """`encode_stream`, yielding its model calls (`neucodec.engine`); returns the `StreamInfo`."""
+    if getattr(codec, "decode_only", False):
+        raise UnsupportedSetting(f"{codec.model_id} ({codec.fingerprint}) is an earlier model's decode side: it "
+                                 "decodes its files but encodes none; encode with an installed model")
     if settings is None:
         settings = encode_settings(codec, bandwidth, correct_envelope)
     n_q, spec = settings.n_q, settings.envelope

@@ -47,3 +47,20 @@ def test_golden_decodes_bit_exact(name: str) -> None:
     # the file). The audio is not hashed: float kernels legitimately change with the torch build,
     # the thread count and our own speed work (e.g. fused 1x1 convolutions); it must stay close.
     assert abs(float(audio.pow(2).mean().sqrt()) - exp["audio_rms"]) < 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED.get("shipped", {})))
+def test_files_of_every_shipped_model_decode_with_a_plain_decode(name: str, tmp_path: Path) -> None:
+    """A file of each model neucodec has shipped decodes as `neucodec decode FILE OUT` does: with the
+    model it names, or, once that is no longer the default, its decode side (`neucodec.archive`)."""
+    import soundfile as sf
+
+    from neucodec import pipeline
+
+    exp = EXPECTED["shipped"][name]
+    assert hashlib.sha256((GOLDEN / name).read_bytes()).hexdigest() == exp["sha256"], "never regenerate it"
+    result = pipeline.decode_file(GOLDEN / name, tmp_path / "out.wav", subtype="FLOAT")
+    assert (result.info.length, result.info.segments, result.info.lm_segments) == \
+        (exp["length"], exp["segments"], exp["lm_segments"])
+    audio, _ = sf.read(tmp_path / "out.wav", dtype="float32", always_2d=True)
+    assert abs(float((audio.astype("float64") ** 2).mean() ** 0.5) - exp["audio_rms"]) < 1e-4
