@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from _bitstream import tiny_codec24
 from neucodec import batch, engine, entropy, load_codec
 from neucodec.atomic import TMP_MARK
 from neucodec.ecdc import decode_bytes
@@ -154,3 +155,26 @@ def test_gpu_folder_batched_like_one_by_one(tiny_model: Path, recordings: dict[s
         error = float(((a - b) ** 2).sum()) / max(float((a ** 2).sum()), 1e-12)
         assert error < 0.1, (key, error)  # a few flipped codes, not a different signal
     assert same >= len(alone) // 2
+
+
+def test_a_failing_batch_is_retried_call_by_call() -> None:
+    """Stacked calls that fail together run again one at a time: only the file at fault fails."""
+    codec = tiny_codec24()
+    good = torch.randint(0, 1024, (1, 4, 12), generator=torch.Generator().manual_seed(0))
+    bad = good.clone()
+    bad[0, 0, 3] = 5000  # no such code: the codebook lookup fails
+
+    def one_file(codes: torch.Tensor) -> tp.Generator[engine.Call, None, tp.Any]:
+        call = codec.decode_step_call(codes, None, True)
+        yield call
+        try:
+            return call.result()[0]
+        except (IndexError, RuntimeError) as e:  # this file's failure, as the pipeline would report it
+            return e
+
+    results: list[tp.Any] = []
+    engine.run([lambda: one_file(good), lambda: one_file(bad)], 2, results.append)
+    audio, error = results
+    assert isinstance(error, (IndexError, RuntimeError))
+    with torch.inference_mode():
+        assert torch.equal(audio, codec.decode_step(good, None, True)[0])
