@@ -3,14 +3,15 @@
 A decode side is a release package without the encoder: the decoder, the codebooks and the LM of
 the weights it stands in for, whose fingerprint (what their files carry) its JSON names (`decodes`),
 with their `compatible` list. `write_decode_side` makes one from a release package
-(`bin/archive_model.py`); `hub.load_codec_for` and `hub.load_lm_for` reach for one (`find`) when
-the installed model of a file's name cannot read it. Decode sides are looked for in the cache
+(`bin/archive_model.py`); `hub.load_codec_for`, `hub.load_lm_for` and `pipeline.get_codec` reach for one
+(`stand_in`) when the installed model of a file's name cannot read it. Decode sides are looked for in the cache
 folder's `archive/` and in the package's `models/archive/`.
 """
 from __future__ import annotations
 
 import json
 import os
+import typing as tp
 from pathlib import Path
 
 from .weights import PACKAGED_DIR, cache_dir, package_info, sha256
@@ -33,6 +34,15 @@ def find(name: str, fingerprint: str, part: str = "codec") -> Path | None:
             if package.name == name and fingerprint in (package.decodes, *package.compatible.get(part, ())):
                 return path
     return None
+
+
+def stand_in(model: tp.Any, name: str, fingerprint: str | None, part: str = "codec") -> Path | None:
+    """The decode side to load instead of the loaded `model` (of the installed `name`) for a file of
+    the weights `fingerprint`: None when `model` reads that file itself (`identity.reads`) or no
+    decode side does."""
+    from .identity import reads
+
+    return None if fingerprint is None or reads(model, fingerprint) else find(name, fingerprint, part)
 
 
 def write_decode_side(package: Path, folder: Path) -> Path:

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import os
-import typing as tp
 
 import torch
 
 from . import archive
 from .errors import DeviceUnavailable, UnsupportedSetting, WeightsUnavailable, option
-from .identity import reads
 from .lm import LanguageModel
 from .model import Codec
 from .weights import DEFAULT_MODEL, LM_FOR, Weights, load_weights, resolve
@@ -63,7 +61,7 @@ def load_codec_for(name: str, fingerprint: str | None, device: str | torch.devic
     `name` when it reads them, else an earlier default's decode side (`neucodec.archive`) that does,
     else the installed one (whose check then says which release reads the file)."""
     codec = load_codec(name, device)
-    side = None if reads(codec, fingerprint) else archive.find(name, tp.cast(str, fingerprint))
+    side = archive.stand_in(codec, name, fingerprint)
     return codec if side is None else load_codec(side, device)
 
 
@@ -91,7 +89,7 @@ def load_lm(name_or_path: str | os.PathLike[str] | None = None) -> LanguageModel
 def load_lm_for(name: str, fingerprint: str | None) -> LanguageModel:
     """`load_codec_for` for the entropy-coding LM."""
     lm = load_lm(name)
-    side = None if reads(lm, fingerprint) else archive.find(name, tp.cast(str, fingerprint), "lm")
+    side = archive.stand_in(lm, name, fingerprint, "lm")
     return lm if side is None else load_lm(side)
 
 

@@ -32,7 +32,6 @@ from .errors import (
     option,
 )
 from .hub import load_codec, load_lm, pick_device
-from .identity import reads
 from .model import Codec
 from .probe import Recorded
 from .weights import DEFAULT_MODEL, known_names
@@ -86,7 +85,7 @@ def get_codec(model: PathLike | None, device: torch.device, fingerprint: str | N
     if key not in _CODECS:
         _CODECS[key] = load_codec(key[0], device=device)
     codec = _CODECS[key]
-    side = None if reads(codec, fingerprint) else archive.find(key[0], tp.cast(str, fingerprint))
+    side = archive.stand_in(codec, key[0], fingerprint)
     return codec if side is None else get_codec(side, device)
 
 
