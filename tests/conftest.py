@@ -38,6 +38,28 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> tp.Iterator[None]:
     torch.set_num_threads(before)
 
 
+def copy_package(package: Path, folder: Path) -> str:
+    """Copy a release package (its .json and .safetensors) into `folder`; its name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(package.with_suffix(suffix), folder / package.with_suffix(suffix).name)
+    return package.stem
+
+
+@pytest.fixture
+def model_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A fresh $NEUCODEC_CACHE to install packages in (`copy_package`), so that files name them and
+    decode without `model`; the models loaded by name stay this test's."""
+    from neucodec import pipeline
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("NEUCODEC_CACHE", str(cache))
+    monkeypatch.setattr(pipeline, "_CODECS", {})
+    monkeypatch.setattr(pipeline, "_LMS", {})
+    return cache
+
+
 def _export(folder: Path, name: str, config: CodecConfig, with_lm: bool, envelope: str | None = None) -> Path:
     torch.manual_seed(0)
     codec = Codec(config)

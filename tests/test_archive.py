@@ -1,13 +1,12 @@
 """archive: an earlier default's decode side keeps its files decoding after the default changes."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 import torch
-from conftest import TINY_RVQ, TINY_SEANET
+from conftest import TINY_RVQ, TINY_SEANET, copy_package
 
 from neucodec import archive, pipeline
 from neucodec.config import CodecConfig, LMConfig, SEANetConfig
@@ -31,15 +30,9 @@ def _release(folder: Path, seed: int) -> Path:
 
 
 def test_files_of_an_earlier_default_decode_through_its_decode_side(
-        recordings: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        recordings: dict[str, Path], tmp_path: Path, model_cache: Path) -> None:
     old, new = _release(tmp_path / "old", 0), _release(tmp_path / "new", 1)
-    cache = tmp_path / "cache"  # the installed `tiny_24khz` is the new model
-    cache.mkdir()
-    for suffix in (".json", ".safetensors"):
-        shutil.copy(new.with_suffix(suffix), cache / new.with_suffix(suffix).name)
-    monkeypatch.setenv("NEUCODEC_CACHE", str(cache))
-    monkeypatch.setattr(pipeline, "_CODECS", {})
-    monkeypatch.setattr(pipeline, "_LMS", {})
+    copy_package(new, model_cache)  # the installed `tiny_24khz` is the new model
     files = {}
     for lm in (False, True):
         files[lm] = tmp_path / f"old_lm{lm}.ecdc"
@@ -48,7 +41,7 @@ def test_files_of_an_earlier_default_decode_through_its_decode_side(
         with pytest.raises(ModelMismatch, match="cannot read"):  # no decode side installed yet
             pipeline.decode_file(files[lm], tmp_path / "x.wav")
 
-    side = archive.write_decode_side(old, cache / "archive")
+    side = archive.write_decode_side(old, model_cache / "archive")
     assert side.name.startswith("tiny_24khz-") and archive.find("tiny_24khz", load_codec(old).fingerprint) == side
     tensors = side.with_suffix(".safetensors").stat().st_size
     assert tensors < old.with_suffix(".safetensors").stat().st_size  # no encoder

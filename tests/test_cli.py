@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
+from conftest import copy_package
 
 from neucodec.cli import cli
 
@@ -323,9 +324,7 @@ def test_closed_stdout_exits_141_quietly(recordings: dict[str, Path], tiny_model
 def test_piped_decode_without_a_model_takes_it_from_the_header(recordings: dict[str, Path], tiny_model: Path,
                                                                tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    cache.mkdir()
-    for suffix in (".json", ".safetensors"):
-        shutil.copy(tiny_model.with_suffix(suffix), cache / tiny_model.with_suffix(suffix).name)
+    copy_package(tiny_model, cache)
     ecdc = _encoded(recordings["wav_mono"], tiny_model, tmp_path)
     with open(ecdc, "rb") as f:
         p = proc("decode", "-", tmp_path / "o.wav", "--device", "cpu", stdin=f, stderr=subprocess.PIPE,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import copy_package
 
 from neucodec import audio_io, decode_file, encode_file, pipeline
 from neucodec.errors import (
@@ -156,21 +157,9 @@ def test_devices() -> None:
             pipeline.pick_device("cuda:0")
 
 
-def _installed(tiny_model: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    """Install the tiny package in a fresh cache folder, so that files name it and decode without `model`."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    for suffix in (".json", ".safetensors"):
-        shutil.copy(tiny_model.with_suffix(suffix), cache / tiny_model.with_suffix(suffix).name)
-    monkeypatch.setenv("NEUCODEC_CACHE", str(cache))
-    monkeypatch.setattr(pipeline, "_CODECS", {})  # models loaded by name stay this test's
-    monkeypatch.setattr(pipeline, "_LMS", {})
-    return tiny_model.stem
-
-
 def test_decode_runs_on_the_device_asked_for_without_a_model(recordings: dict[str, Path], tiny_model: Path,
-                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    name = _installed(tiny_model, monkeypatch, tmp_path)
+                                                             tmp_path: Path, model_cache: Path) -> None:
+    name = copy_package(tiny_model, model_cache)
     encode_file(recordings["wav_mono"], tmp_path / "a.ecdc", model=name, device="cpu")
     pipeline._CODECS.clear()
     decode_file(tmp_path / "a.ecdc", tmp_path / "a.wav", device="cpu")  # the model the file names, on the CPU
@@ -184,8 +173,8 @@ def test_decode_runs_on_the_device_asked_for_without_a_model(recordings: dict[st
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_decode_without_a_model(recordings: dict[str, Path], tiny_model: Path, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    name = _installed(tiny_model, monkeypatch, tmp_path)
+                                    model_cache: Path) -> None:
+    name = copy_package(tiny_model, model_cache)
     encode_file(recordings["wav_mono"], tmp_path / "g.ecdc", model=name, device="cpu")
     pipeline._CODECS.clear()
     result = decode_file(tmp_path / "g.ecdc", tmp_path / "g.wav", device="cuda")
