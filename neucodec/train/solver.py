@@ -34,6 +34,7 @@ from .diagnostics import latent_report
 from .discriminators import MultiScaleSTFTDiscriminator
 from .losses import (
     Balancer,
+    CompressedComplexLoss,
     LogStftLoss,
     MultiScaleMelLoss,
     SpectralNsimLoss,
@@ -172,6 +173,7 @@ class Solver:
         self.nsim_loss = SpectralNsimLoss(config.codec.sample_rate).to(self.device) if config.weights.get("nsim") \
             else None  # optional: made only when it has a weight
         self.stft_loss = LogStftLoss(floor=config.mel_floor).to(self.device) if config.weights.get("stft") else None
+        self.cplx_loss = CompressedComplexLoss().to(self.device) if config.weights.get("cplx") else None
         self.balancer = Balancer(config.weights) if config.balancer else None
         self.step = 0
         self.seconds = 0.0  # training wall time, accumulated across resumes
@@ -298,6 +300,8 @@ class Solver:
             losses["nsim"] = score(lambda y: self.nsim_loss(y, wav))
         if self.stft_loss is not None:  # fine-frequency log magnitudes: harmonics against noise
             losses["stft"] = score(lambda y: self.stft_loss(y, wav))
+        if self.cplx_loss is not None:  # compressed complex spectra: every band's waveform, phase included
+            losses["cplx"] = score(lambda y: self.cplx_loss(y, wav))
         if c.weights.get("comb"):  # a pattern stamped on every code frame: a buzz at the frame rate
             losses["comb"] = score(lambda y: frame_comb_loss(y, wav, self.codec.hop_length))
         metrics: dict[str, float] = {}
