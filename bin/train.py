@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--export", type=Path, help="write a release package here at every checkpoint")
     p.add_argument("--latent-dim", type=int,
                    help="the codec's latent dimension; wider than --init-from's widens it, function-preserving")
+    p.add_argument("--whiten-latent", action="store_true",
+                   help="starting from --init-from: whiten its latent, same function (train/widen.py)")
     p.add_argument("--max-hours", type=float, help="stop (after a checkpoint) after this long")
     args = p.parse_args()
 
@@ -62,6 +64,9 @@ def main() -> None:
     elif parent is not None:
         solver.init_from_release(parent)
         print(f"initialised from {args.init_from} (step {solver.step})", flush=True)
+        if args.whiten_latent:
+            solver.whiten_latent()
+            print("latent whitened, codebooks initialised afresh", flush=True)
     solver.parents = [parent] if parent is not None else []  # exports say which of its files they read
     def request_stop(signum: int, frame: object) -> None:  # SIGTERM / Ctrl-C: finish the step, save, export
         solver.stop_requested = True

@@ -46,7 +46,7 @@ from .losses import (
 )
 from .metrics import VisqolSpeech, dev_scores, load_visqol
 from .progress import bar, log_line
-from .widen import latent_dim, widen_latent
+from .widen import latent_dim, whiten_latent, widen_latent
 
 Tensor = torch.Tensor
 
@@ -252,6 +252,18 @@ class Solver:
                 for b in (book.embed, book.embed_avg, book.cluster_size):
                     dist.broadcast(b, 0)
             residual = residual - book.decode(book.encode(residual))
+
+    def whiten_latent(self) -> None:
+        """Whiten the latent (`widen.whiten_latent`) as the encoder gives it on `kmeans_batches`
+        batches, initialise the codebooks afresh and restart the codec's optimizer."""
+        with torch.no_grad():
+            z = torch.cat([self.codec.encoder(self.batches.next().to(self.device))
+                           for _ in range(self.cfg.kmeans_batches)])
+        state = {k: v.cpu() for k, v in self.codec.state_dict().items()}
+        self.codec.load_state_dict(whiten_latent(state, z.transpose(1, 2).reshape(-1, z.shape[1]).cpu()))
+        self.opt = torch.optim.Adam(self.codec.parameters(), lr=self.cfg.lr, betas=self.cfg.betas)
+        with torch.no_grad():
+            self.init_codebooks()
 
     # ------------------------------------------------------------------ one step
     def draw_n_q(self) -> int:

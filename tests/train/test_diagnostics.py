@@ -1,4 +1,4 @@
-"""Latent diagnostics (`neucodec.train.diagnostics`), latent widening (`neucodec.train.widen`) and
+"""Latent diagnostics (`neucodec.train.diagnostics`), latent widening and whitening (`neucodec.train.widen`) and
 the quantizer knobs of the training step that the diagnostics are meant to judge."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from neucodec.model import Codec
 from neucodec.train.diagnostics import band_correlation, latent_report, pca_rank
 from neucodec.train.solver import Solver, TrainConfig
-from neucodec.train.widen import latent_dim, widen_latent
+from neucodec.train.widen import latent_dim, whiten_latent, widen_latent
 
 from .test_training import TINY, _batches
 
@@ -65,6 +65,25 @@ def test_widening_the_latent_keeps_the_codec_function_and_codes() -> None:
         assert torch.equal(wide.quantizer.encode(zw, 4), codec.quantizer.encode(z, 4))
     with pytest.raises(ValueError, match="cannot widen"):
         widen_latent(wide.state_dict(), 16)
+
+
+def test_whitening_the_latent_keeps_the_decoder_function_and_evens_the_variances() -> None:
+    torch.manual_seed(0)
+    codec = Codec(TINY).eval()
+    x = torch.randn(2, 1, 9600) * 0.1
+    with torch.no_grad():
+        z = codec.encoder(x)
+        frames = z.transpose(1, 2).reshape(-1, z.shape[1])
+        codec.quantizer._codebook(0).embed[0] = frames[7]  # a codeword on a latent frame
+        white = Codec(TINY).eval()
+        white.load_state_dict(whiten_latent(codec.state_dict(), frames, floor=1e-8))
+        zw = white.encoder(x)
+        torch.testing.assert_close(white.decoder(zw), codec.decoder(z), rtol=0, atol=1e-5)
+        white_frames = zw.transpose(1, 2).reshape(-1, z.shape[1])
+        spread, before = (torch.linalg.eigvalsh(torch.cov(f.T)) for f in (white_frames, frames))
+        assert float(spread.max() / spread.min()) < 1.01 < float(before.max() / before.min())
+        assert float(spread.sum()) == pytest.approx(float(before.sum()), rel=1e-3)  # same total variance
+        torch.testing.assert_close(white.quantizer._codebook(0).embed[0], white_frames[7], rtol=0, atol=1e-5)
 
 
 def _solver(tmp_path: Path, **kw: object) -> Solver:
@@ -122,3 +141,11 @@ def test_codebooks_are_initialised_afresh_at_reinit_step(tmp_path: Path) -> None
         seen.append(float((after - before).abs().max()))
     # an EMA step moves the entries by ~1 % of their distance to the batch means; k-means replaces them
     assert seen[3] > 5 * max(seen[1], seen[2], seen[4])
+
+
+def test_solver_whitens_the_latent_and_trains_on(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    s = _solver(tmp_path)
+    s.whiten_latent()
+    assert bool(s.codec.quantizer._codebook(0).inited.item())
+    assert np.isfinite(s.train_step(s.batches.next())["mel"])
