@@ -81,6 +81,14 @@ def summary(rows: list[dict]) -> list[dict]:
              "score": round(float(np.mean(r["score"])), 3)} for r in rows]
 
 
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """The package's points with those measured again replaced, in rate order."""
+    def key(p: dict) -> tuple:
+        return p["codebooks"], p["envelope"], p["lm"]
+    fresh = {key(p) for p in new}
+    return sorted([p for p in old if key(p) not in fresh] + new, key=lambda p: (p["kbps"], key(p)[0]))
+
+
 def markdown(points: list[dict], package: Path, clips: Path, n: int) -> str:
     counts = {c: sum(1 for p in clips.glob(f"{c}_*.wav")) for c in ("speech", "music", "sfx")}
     where = str(clips).replace(str(Path.home()), "~")
@@ -100,10 +108,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("package", type=Path, help="a model package (.json)")
     p.add_argument("--clips", type=Path, default=DEFAULT_CLIPS)
-    p.add_argument("--tables", nargs="*", default=["none", "e2", "e4"], help="envelope tables ('none': without)")
+    p.add_argument("--tables", nargs="*", default=["none", "e1", "e2", "e4"], help="envelope tables ('none': without)")
+    p.add_argument("--codebooks", nargs="*", type=int, help="codebook counts to measure (default: one per bandwidth)")
     p.add_argument("--no-lm", action="store_true", help="leave out the LM's points")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--write", action="store_true", help="store the points in the package's JSON")
+    p.add_argument("--write", action="store_true",
+                   help="store the points in the package's JSON, replacing those measured again and keeping the rest")
     p.add_argument("--markdown", type=Path, help="write the table here")
     p.add_argument("--json", type=Path, help="write every clip's figures here")
     args = p.parse_args()
@@ -113,6 +123,10 @@ def main() -> None:
         p.error(f"no clips in {args.clips}; build the corpus (bin/build_corpus.py) or pass --clips")
     codec = neucodec.load_codec(args.package)
     n_qs = sorted({codec.n_q_for_bandwidth(b) for b in codec.config.bandwidths})
+    if args.codebooks:
+        if not set(args.codebooks) <= set(n_qs):
+            p.error(f"--codebooks: the model's bandwidths code {n_qs} codebooks")
+        n_qs = sorted(set(args.codebooks))
     tables = [None if t == "none" else t for t in args.tables]
     unknown = [t for t in tables if t is not None and t not in envelope.table_names()]
     if unknown:
@@ -122,12 +136,13 @@ def main() -> None:
     points = summary(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
-    if args.markdown:
-        args.markdown.write_text(markdown(points, args.package, args.clips, len(clips)))
     if args.write:
         package = json.loads(args.package.read_text())
+        points = merged(package.get("operating_points", []), points)
         package["operating_points"] = points
         args.package.write_text(json.dumps(package, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(points, args.package, args.clips, len(clips)))
     print(markdown(points, args.package, args.clips, len(clips)))
 
 

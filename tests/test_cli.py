@@ -129,7 +129,7 @@ def test_models_lists_official_and_cache(tmp_path: Path) -> None:
     assert rows["neucodec_24khz"]["default_kbps"] == 6.0 and rows["neucodec_24khz"]["measured"]
     assert [p["codebooks"] for p in rows["encodec_24khz"]["operating_points"]] == [2, 4, 8, 16, 32]
     text = run("models")[1]
-    assert "neucodec_24khz (default): 24 kHz, 1 ch, streaming; codes at 1.5, 3, 4.5, 6, 12, 24 kbps; -b 6 by " \
+    assert "neucodec_24khz (default): 24 kHz, 1 ch, streaming; codes at 1.5, 3, 4.5, 6, 9, 12, 24 kbps; -b 6 by " \
         "default" in text and "-> 4 codebooks + e4 correction (about 5.49 kbps)" in text
     code, text = run("download", "encodec_24khz")  # offline in tests
     assert code == 1 and "neucodec: error" in text
