@@ -114,9 +114,6 @@ class TrainConfig:
             return 1.0
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.decay_start) / self.decay_steps)))
 
-    def to_dict(self) -> dict[str, tp.Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, tp.Any]) -> TrainConfig:
         data = dict(data)
@@ -127,10 +124,8 @@ class TrainConfig:
 
 
 def _noisy(scale: float, quantizer: nn.Module, inputs: tuple[tp.Any, ...], out: tp.Any) -> tp.Any:
-    """Quantizer forward hook: a bypassed training step's latent through a channel of finite SNR,
-    noise of `scale` times the batch latent's RMS (detached, so scaling the latent up does not
-    escape it). Information then pays per dimension, and spreading it over more dimensions
-    carries more: pressure to raise the latent's rank, which the bare autoencoder lacks."""
+    """Quantizer forward hook: a bypassed step's latent plus noise of `scale` times its RMS (detached):
+    a channel of finite SNR, in which spreading information over more dimensions carries more."""
     if not quantizer.training or out.n_q:
         return out
     z = out.quantized
@@ -192,7 +187,7 @@ class Solver:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {
-            "config": json.dumps(self.cfg.to_dict()), "step": self.step, "seconds": self.seconds,
+            "config": json.dumps(dataclasses.asdict(self.cfg)), "step": self.step, "seconds": self.seconds,
             "codec": self.codec.state_dict(), "disc": self.disc.state_dict(),
             "opt": self.opt.state_dict(), "disc_opt": self.disc_opt.state_dict(),
             "balancer": json.dumps(self.balancer.state_dict()) if self.balancer else "",
@@ -241,10 +236,15 @@ class Solver:
 
     # ------------------------------------------------------------------ quantizer init
     @torch.no_grad()
-    def init_codebooks(self) -> None:
-        """k-means on latents of `kmeans_batches` batches, residual layer by residual layer."""
+    def latent_frames(self) -> Tensor:
+        """The encoder's latent frames [N, dim] on `kmeans_batches` batches."""
         z = torch.cat([self.codec.encoder(self.batches.next().to(self.device)) for _ in range(self.cfg.kmeans_batches)])
-        residual = z.transpose(1, 2).reshape(-1, z.shape[1])
+        return z.transpose(1, 2).reshape(-1, z.shape[1])
+
+    @torch.no_grad()
+    def init_codebooks(self) -> None:
+        """k-means on latent frames, residual layer by residual layer."""
+        residual = self.latent_frames()
         for i in range(self.codec.n_q):
             book = self.codec.quantizer._codebook(i)
             book.init_from(residual)
@@ -254,16 +254,11 @@ class Solver:
             residual = residual - book.decode(book.encode(residual))
 
     def whiten_latent(self) -> None:
-        """Whiten the latent (`widen.whiten_latent`) as the encoder gives it on `kmeans_batches`
-        batches, initialise the codebooks afresh and restart the codec's optimizer."""
-        with torch.no_grad():
-            z = torch.cat([self.codec.encoder(self.batches.next().to(self.device))
-                           for _ in range(self.cfg.kmeans_batches)])
+        """Whiten the latent (`widen.whiten_latent`), initialise the codebooks afresh, restart the optimizer."""
         state = {k: v.cpu() for k, v in self.codec.state_dict().items()}
-        self.codec.load_state_dict(whiten_latent(state, z.transpose(1, 2).reshape(-1, z.shape[1]).cpu()))
+        self.codec.load_state_dict(whiten_latent(state, self.latent_frames().cpu()))
         self.opt = torch.optim.Adam(self.codec.parameters(), lr=self.cfg.lr, betas=self.cfg.betas)
-        with torch.no_grad():
-            self.init_codebooks()
+        self.init_codebooks()
 
     # ------------------------------------------------------------------ one step
     def draw_n_q(self) -> int:
