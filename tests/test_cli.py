@@ -206,10 +206,16 @@ def _writing_into(pid: int, folder: Path) -> bool:
     return any(link.startswith(str(folder) + "/") for link in links)
 
 
+def _catches_sigint() -> None:
+    """As in a terminal: a suite started in the background (`cmd &`) passes SIGINT on ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_leaves_no_output(tiny_model: Path, tmp_path: Path) -> None:
     """Ctrl-C while stdin is still open: exit 130 and no output file, not even a temporary one."""
     out = tmp_path / "o.ecdc"
-    p = proc("encode", "-", out, "-m", tiny_model, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = proc("encode", "-", out, "-m", tiny_model, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+             preexec_fn=_catches_sigint)
     assert p.stdin is not None
     x = (np.random.default_rng(0).standard_normal(24000) * 0.1).astype(np.float32)
     header = __import__("neucodec.audio_io", fromlist=["wav_header"]).wav_header(24000, 1, "PCM_16", None)
