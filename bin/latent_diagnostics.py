@@ -37,8 +37,9 @@ def load_any(model: str | None) -> Codec:
 
 
 def markdown(report: dict[str, float], n_qs: list[str]) -> str:
-    lines = [f"latent PCA rank: {report['rank90']:.0f} dims hold 90 % of its energy, {report['rank99']:.0f} hold 99 %",
-             "", "| codebooks | " + " | ".join(band_name(b) + " Hz" for b in BANDS_HZ) + " |",
+    lines = [f"latent PCA rank: {report['rank90']:.0f} dims hold 90 % of its energy, {report['rank99']:.0f} hold 99 %; "
+             f"as the decoder reads it: {report['read_rank90']:.0f} and {report['read_rank99']:.0f}", "",
+             "| codebooks | " + " | ".join(band_name(b) + " Hz" for b in BANDS_HZ) + " |",
              "|---" * (len(BANDS_HZ) + 1) + "|"]
     for q in n_qs:
         cells = [f"{report[f'corr_{q}_{band_name(b)}']:.2f}" for b in BANDS_HZ]

@@ -91,7 +91,7 @@ def _apply_weight_norm(conv: nn.Module) -> None:
     conv.weight_v = nn.Parameter(weight.clone())
 
 
-def _effective_weight(conv: nn.Module) -> Tensor:
+def effective_weight(conv: nn.Module) -> Tensor:
     if "weight" in conv._parameters:
         return conv._parameters["weight"]
     return torch._weight_norm(conv.weight_v, conv.weight_g, 0)
@@ -101,7 +101,7 @@ def fold_weight_norm(module: nn.Module) -> nn.Module:
     """Compute g * v / |v| once and keep it as a plain `weight` (for inference; changes keys)."""
     for sub in module.modules():
         if "weight_g" in sub._parameters:
-            weight = _effective_weight(sub).detach()
+            weight = effective_weight(sub).detach()
             del sub._parameters["weight_g"], sub._parameters["weight_v"]
             sub._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
     return module
@@ -116,14 +116,14 @@ class _Conv1d(nn.Conv1d):
     """Conv1d computed as a channels-last 2-D convolution (see the module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.conv2d(_as_2d(x), _as_2d(_effective_weight(self)), self.bias, (1, self.stride[0]),
+        y = F.conv2d(_as_2d(x), _as_2d(effective_weight(self)), self.bias, (1, self.stride[0]),
                      0, (1, self.dilation[0]), self.groups)
         return y.squeeze(2)
 
 
 class _ConvTranspose1d(nn.ConvTranspose1d):
     def forward(self, x: Tensor, bias: bool = True) -> Tensor:  # type: ignore[override]
-        y = F.conv_transpose2d(_as_2d(x), _as_2d(_effective_weight(self)), self.bias if bias else None,
+        y = F.conv_transpose2d(_as_2d(x), _as_2d(effective_weight(self)), self.bias if bias else None,
                                (1, self.stride[0]), 0, 0, self.groups, 1)
         return y.squeeze(2)
 
@@ -229,7 +229,7 @@ class SConv1d(nn.Module):
 
     def weight_matrix(self) -> tuple[Tensor, Tensor]:
         """(weight [out, in], bias [out]) of a pointwise conv."""
-        return _effective_weight(self.conv.conv)[..., 0], self.conv.conv.bias
+        return effective_weight(self.conv.conv)[..., 0], self.conv.conv.bias
 
     def stream(self, x: Tensor, state: ConvState | None, final: bool) -> tuple[Tensor, ConvState]:
         """Causal chunked forward: windows are computed as soon as they are complete."""

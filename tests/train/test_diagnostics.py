@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from neucodec.model import Codec
-from neucodec.train.diagnostics import band_correlation, latent_report, pca_rank
+from neucodec.train.diagnostics import band_correlation, latent_report, pca_rank, read_rank
 from neucodec.train.solver import Solver, TrainConfig
 from neucodec.train.widen import latent_dim, whiten_latent, widen_latent
 
@@ -43,6 +43,7 @@ def test_latent_report_on_a_tiny_model() -> None:
     rng = np.random.default_rng(2)
     report = latent_report(codec, [rng.normal(size=4800).astype(np.float32) * 0.1], n_qs=(None, 2, 8))
     assert 1 <= report["rank90"] <= report["rank99"] <= TINY.seanet.dimension
+    assert 1 <= report["read_rank90"] <= report["read_rank99"] <= TINY.seanet.dimension
     assert "corr_none_0-0.5k" in report and "corr_2_6-8k" in report
     assert not any(k.startswith("corr_8_") for k in report)  # more codebooks than the model has: skipped
 
@@ -84,6 +85,9 @@ def test_whitening_the_latent_keeps_the_decoder_function_and_evens_the_variances
         assert float(spread.max() / spread.min()) < 1.01 < float(before.max() / before.min())
         assert float(spread.sum()) == pytest.approx(float(before.sum()), rel=1e-3)  # same total variance
         torch.testing.assert_close(white.quantizer._codebook(0).embed[0], white_frames[7], rtol=0, atol=1e-5)
+        fractions = (0.5, 0.9, 0.99)  # the decoder reads the same latent; PCA sees a new basis
+        assert read_rank(white, white_frames.numpy(), fractions) == read_rank(codec, frames.numpy(), fractions)
+        assert pca_rank(white_frames.numpy(), fractions) != pca_rank(frames.numpy(), fractions)
 
 
 def _solver(tmp_path: Path, **kw: object) -> Solver:

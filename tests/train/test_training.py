@@ -374,9 +374,9 @@ def test_eval_without_visqol_says_so_once(tmp_path: Path, monkeypatch: pytest.Mo
     s = _solver(tmp_path)
     s.dev_clips = _dev_clips(tmp_path / "clips")
     first, second = s.evaluate(), s.evaluate()
-    scores = [k for k in first if not k.startswith(("rank", "corr_"))]  # the rest: latent diagnostics
+    scores = [k for k in first if not k.startswith(("rank", "read_rank", "corr_"))]  # the rest: latent diagnostics
     assert set(first) == set(second) and len(scores) == 8  # 2 categories x 2 bandwidths x (si_snr, mel)
-    assert {"rank90", "rank99", "corr_none_0-0.5k", "corr_2_6-8k"} <= set(first)  # on the speech clips
+    assert {"rank90", "rank99", "read_rank99", "corr_none_0-0.5k", "corr_2_6-8k"} <= set(first)  # on the speech clips
     assert not any(k.endswith("visqol") for k in first)
     assert capsys.readouterr().out.count("visqol-python is not installed") == 1
     off = _solver(tmp_path, visqol_clips=0)
