@@ -18,7 +18,8 @@
 #   Adam, the MS-STFT discriminator, commitment averaged over codebooks, a latent of 128
 #   dimensions widened from INIT_RELEASE's), adversarially from the start (discriminator warm-up
 #   first), the quantizer bypassed for the first WARM steps (2000) and its codebooks k-means
-#   initialised afresh then. Extra `--set` overrides in the environment variable SET. Leaves OUT_DIR/recipe.json and
+#   initialised afresh then. WHITEN=1 whitens the widened latent first (same function, train/widen.py).
+#   Extra `--set` overrides in the environment variable SET. Leaves OUT_DIR/recipe.json and
 #   OUT_DIR/recipe.safetensors.part-a* (`cat` them back together), and OUT_DIR/checkpoint.pt.part-a*
 #   (optimizer and discriminator state, to resume).
 # All leave OUT_DIR/runs.tgz (release JSON files and logs).
@@ -52,7 +53,7 @@ run() {  # UNTIL NAME EXPORT ARGS...: train, once more in float32 if bf16 autoca
 if [ "$mode" = recipe ]; then
     dim=$(python3 -c "import json; print(json.load(open('configs/neucodec_24khz_v2.json'))['codec']['seanet']['dimension'])")
     # shellcheck disable=SC2086
-    run "$end" r r --config configs/neucodec_24khz_v2.json --latent-dim "$dim" \
+    run "$end" r r --config configs/neucodec_24khz_v2.json --latent-dim "$dim" ${WHITEN:+--whiten-latent} \
         --set "${gpu[@]}" adversarial_start="$step" disc_filters=32 \
         quantizer_start="$((step + ${WARM:-2000}))" reinit_codebooks="$((step + ${WARM:-2000}))" ${SET:-} \
         > "$work/r.log" 2>&1
