@@ -101,8 +101,8 @@ class CompressedComplexLoss(nn.Module):
 
     Waveform L1 spends its gradient where the amplitude is, below 1 kHz in speech; magnitude losses
     never ask for the phase. Compressing each bin's magnitude (p = 0.3) while keeping its phase makes
-    a quiet band's waveform count nearly as much as a loud one's: the loss a latent must carry the
-    upper bands' waveform, not only their level, to lower."""
+    a quiet band's waveform count nearly as much as a loud one's: to lower this loss, the latent must
+    carry the upper bands' waveform, not only their level."""
 
     def __init__(self, sizes: tp.Sequence[int] = (256, 512, 1024), power: float = 0.3, eps: float = 1e-8) -> None:
         super().__init__()
