@@ -18,7 +18,8 @@
 #   Adam, the MS-STFT discriminator, commitment averaged over codebooks, a latent of 128
 #   dimensions widened from INIT_RELEASE's), adversarially from the start (discriminator warm-up
 #   first), the quantizer bypassed for the first WARM steps (2000) and its codebooks k-means
-#   initialised afresh then. WHITEN=1 whitens the widened latent first (same function, train/widen.py).
+#   initialised afresh then. WHITEN=1 whitens the widened latent first (same function, train/widen.py)
+#   and again when the quantizer starts (TrainConfig.whiten_at).
 #   Extra `--set` overrides in the environment variable SET. Leaves OUT_DIR/recipe.json and
 #   OUT_DIR/recipe.safetensors.part-a* (`cat` them back together), and OUT_DIR/checkpoint.pt.part-a*
 #   (optimizer and discriminator state, to resume).
@@ -55,7 +56,8 @@ if [ "$mode" = recipe ]; then
     # shellcheck disable=SC2086
     run "$end" r r --config configs/neucodec_24khz_v2.json --latent-dim "$dim" ${WHITEN:+--whiten-latent} \
         --set "${gpu[@]}" adversarial_start="$step" disc_filters=32 \
-        quantizer_start="$((step + ${WARM:-2000}))" reinit_codebooks="$((step + ${WARM:-2000}))" ${SET:-} \
+        quantizer_start="$((step + ${WARM:-2000}))" reinit_codebooks="$((step + ${WARM:-2000}))" \
+        ${WHITEN:+whiten_at=$((step + ${WARM:-2000}))} ${SET:-} \
         > "$work/r.log" 2>&1
     cp "$work/r/neucodec_24khz.json" "$out/recipe.json"
     split -b 15m "$work/r/neucodec_24khz.safetensors" "$out/recipe.safetensors.part-"

@@ -77,6 +77,7 @@ class TrainConfig:
     bypass_prob: float = 0.0  # probability that a step bypasses the quantizer (the plain autoencoder)
     latent_noise: float = 0.0  # on bypassed steps, Gaussian noise of this times the latent's RMS is added (`_noisy`)
     reinit_codebooks: int = 0  # step at which the codebooks are k-means-initialised afresh (0: never)
+    whiten_at: int = 0  # step at which the latent is whitened and the codebooks initialised afresh (0: never)
     diag_clips: int = 4  # dev speech clips for the latent diagnostics at each evaluation (0: none)
     seed: int = 0
     log_every: int = 50
@@ -129,14 +130,12 @@ def _noisy(scale: float, quantizer: nn.Module, inputs: tuple[tp.Any, ...], out: 
     if not quantizer.training or out.n_q:
         return out
     z = out.quantized
-    rms = z.detach().pow(2).mean().sqrt()
-    return dataclasses.replace(out, quantized=z + scale * rms * torch.randn_like(z))
+    return dataclasses.replace(out, quantized=z + scale * z.detach().pow(2).mean().sqrt() * torch.randn_like(z))
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
 
 
 class Solver:
@@ -156,8 +155,7 @@ class Solver:
         self.disc = MultiScaleSTFTDiscriminator(config.codec.channels, config.disc_filters).to(self.device)
         if config.latent_noise:
             self.codec.quantizer.register_forward_hook(functools.partial(_noisy, config.latent_noise))
-        self.model: nn.Module = self.codec
-        self.disc_model: nn.Module = self.disc
+        self.model, self.disc_model = self.codec, self.disc  # or their DistributedDataParallel wrappers
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.codec, device_ids=ids)
@@ -257,6 +255,8 @@ class Solver:
         """Whiten the latent (`widen.whiten_latent`), initialise the codebooks afresh, restart the optimizer."""
         state = {k: v.cpu() for k, v in self.codec.state_dict().items()}
         self.codec.load_state_dict(whiten_latent(state, self.latent_frames().cpu()))
+        for t in self.codec.state_dict().values() if self.world > 1 else ():
+            dist.broadcast(t, 0)  # every replica takes rank 0's whitening
         self.opt = torch.optim.Adam(self.codec.parameters(), lr=self.cfg.lr, betas=self.cfg.betas)
         self.init_codebooks()
 
@@ -283,8 +283,10 @@ class Solver:
     def train_step(self, wav: Tensor) -> dict[str, float]:
         c = self.cfg
         quantize = self.step >= c.quantizer_start
-        if quantize and (not bool(self.codec.quantizer._codebook(0).inited.item())
-                         or (c.reinit_codebooks and self.step == c.reinit_codebooks)):
+        if c.whiten_at and self.step == c.whiten_at:
+            self.whiten_latent()
+        elif quantize and (not bool(self.codec.quantizer._codebook(0).inited.item())
+                           or (c.reinit_codebooks and self.step == c.reinit_codebooks)):
             self.init_codebooks()
         if quantize and c.bypass_prob and self.bw_rng.random() < c.bypass_prob:
             quantize = False

@@ -147,6 +147,18 @@ def test_codebooks_are_initialised_afresh_at_reinit_step(tmp_path: Path) -> None
     assert seen[3] > 5 * max(seen[1], seen[2], seen[4])
 
 
+def test_whiten_at_whitens_once_at_that_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    s = _solver(tmp_path, whiten_at=2)
+    optimizers = []
+    for step in range(4):
+        s.step = step
+        s.train_step(s.batches.next())
+        optimizers.append(s.opt)
+    assert optimizers[0] is optimizers[1] and optimizers[2] is optimizers[3]
+    assert optimizers[1] is not optimizers[2]  # whitening restarts Adam, after re-initialising the codebooks
+
+
 def test_solver_whitens_the_latent_and_trains_on(tmp_path: Path) -> None:
     torch.manual_seed(0)
     s = _solver(tmp_path)
