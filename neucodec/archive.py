@@ -59,8 +59,10 @@ def write_decode_side(package: Path, folder: Path) -> Path:
             if meta.get(key) is not None}
     meta.update(weights=f"{stem}.safetensors", decodes=fingerprint)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{stem}.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / f"{stem}.safetensors")
-    (folder / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    writers = {f"{stem}.safetensors": lambda tmp: save_file(tensors, str(tmp)),
+               f"{stem}.json": lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n")}
+    for name, write in writers.items():  # the weights first: a JSON names only complete weights
+        tmp = folder / f".{name}.tmp"
+        write(tmp)
+        os.replace(tmp, folder / name)
     return folder / f"{stem}.json"

@@ -388,8 +388,11 @@ def decode_calls(src: PathLike, dst: PathLike, *, model: PathLike | None = None,
         if lm is None and model is not None and (known is None or known.lm_id):
             lm = _optional_lm(model)
         try:
-            codec = get_codec(model, on) if model is not None else \
-                get_codec(tp.cast("StreamInfo", header).model_id, on, tp.cast("StreamInfo", header).model_fingerprint)
+            if model is not None:
+                codec = get_codec(model, on)
+            else:  # a file's or a pipe's header, read above
+                named_in = tp.cast("StreamInfo", header)
+                codec = get_codec(named_in.model_id, on, named_in.model_fingerprint)
             info, chunks = read_calls(fi, codec=codec, lm=lm, salvage=salvage, on_lost=lost)
         except (UnknownModel, WeightsUnavailable) as e:
             if model is not None:
