@@ -156,7 +156,7 @@ def test_whiten_at_whitens_once_at_that_step(tmp_path: Path) -> None:
         s.train_step(s.batches.next())
         optimizers.append(s.opt)
     assert optimizers[0] is optimizers[1] and optimizers[2] is optimizers[3]
-    assert optimizers[1] is not optimizers[2]  # whitening restarts Adam, after re-initialising the codebooks
+    assert optimizers[1] is not optimizers[2]  # whitening restarts Adam and initialises the codebooks afresh
 
 
 def test_solver_whitens_the_latent_and_trains_on(tmp_path: Path) -> None:
