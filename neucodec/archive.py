@@ -10,11 +10,10 @@ folder's `archive/` and in the package's `models/archive/`.
 from __future__ import annotations
 
 import json
-import os
 import typing as tp
 from pathlib import Path
 
-from .weights import PACKAGED_DIR, cache_dir, package_info, sha256
+from .weights import PACKAGED_DIR, cache_dir, package_info, sha256, write_package
 
 ARCHIVE_DIR = PACKAGED_DIR / "archive"
 #: What a decode side keeps of a release package's tensors.
@@ -48,7 +47,7 @@ def stand_in(model: tp.Any, name: str, fingerprint: str | None, part: str = "cod
 def write_decode_side(package: Path, folder: Path) -> Path:
     """Write the decode side of the release `package` into `folder` as `{name}-{fingerprint}.json` and
     `.safetensors`; its path."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     info = package_info(package)
     fingerprint = sha256(info.weights)[:16]
@@ -58,11 +57,4 @@ def write_decode_side(package: Path, folder: Path) -> Path:
     meta = {key: meta[key] for key in ("format", "version", "name", "codec", "lm", "compatible")
             if meta.get(key) is not None}
     meta.update(weights=f"{stem}.safetensors", decodes=fingerprint)
-    folder.mkdir(parents=True, exist_ok=True)
-    writers = {f"{stem}.safetensors": lambda tmp: save_file(tensors, str(tmp)),
-               f"{stem}.json": lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n")}
-    for name, write in writers.items():  # the weights first: a JSON names only complete weights
-        tmp = folder / f".{name}.tmp"
-        write(tmp)
-        os.replace(tmp, folder / name)
-    return folder / f"{stem}.json"
+    return write_package(Path(folder), stem, tensors, meta)

@@ -299,12 +299,10 @@ def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.Code
     `default_bandwidth`: the bandwidth they get when none is asked for. `dtype`: of the stored floats
     (None: float16)."""
     import torch
-    from safetensors.torch import save_file
 
     dtype = torch.float16 if dtype is None else dtype
     path = Path(path)
     folder = path.parent if path.suffix else path
-    folder.mkdir(parents=True, exist_ok=True)
     stem = path.stem if path.suffix else name
     tensors = {f"codec.{k}": _store(v, dtype) for k, v in codec.state_dict().items()
                if not k.endswith(_TRAINING_ONLY)}
@@ -320,6 +318,15 @@ def save_release(path: Path, name: str, codec: nn.Module, codec_config: cfg.Code
         meta["envelope"] = envelope
     if default_bandwidth is not None:
         meta["default_bandwidth"] = default_bandwidth
+    return write_package(folder, stem, tensors, meta)
+
+
+def write_package(folder: Path, stem: str, tensors: dict[str, tp.Any], meta: dict[str, tp.Any]) -> Path:
+    """Write `stem.safetensors` and `stem.json` into `folder`, each through a temporary file and the
+    weights first, so that a JSON never names incomplete weights; the JSON's path."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
     tmp_t = folder / f".{stem}.safetensors.tmp"
     save_file(tensors, str(tmp_t))
     tmp_j = folder / f".{stem}.json.tmp"
